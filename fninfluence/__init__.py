@@ -1,0 +1,22 @@
+"""fninfluence: influence functions for PyTorch models, built from pure functions.
+
+The native API::
+
+    factors = fninfluence.fit_factors(model, task, train_data, strategy="ekfac")
+    scores = fninfluence.pairwise_scores(model, task, factors, query_data, train_data)   # [Q, N]
+    self_influence = fninfluence.self_scores(model, task, factors, train_data)            # [N]
+"""
+
+from .curvature import CurvatureEstimator, FitPass, diagonal, ekfac, get_estimator, identity, kfac
+from .errors import InfluenceError
+from .factors import Factors
+from .pipeline import fit_factors, pairwise_scores, query_gradients, self_scores
+from .task import Task, classification_task, task_from_functions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Task", "task_from_functions", "classification_task", "fit_factors", "pairwise_scores", "self_scores",
+    "query_gradients", "Factors", "CurvatureEstimator", "FitPass", "get_estimator", "identity", "diagonal", "kfac",
+    "ekfac", "InfluenceError", "__version__",
+]

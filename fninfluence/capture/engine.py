@@ -1,0 +1,244 @@
+"""Running a model under the tap: discovery, probes, and per-batch layer statistics.
+
+:class:`ModelTap` is the imperative shell around the pure per-batch function
+:meth:`ModelTap.layer_stats`, which maps ``(params, buffers, batch, probes)`` to the loss and, per
+tracked layer, ``{"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}``. That function is what
+the pipeline composes with curvature updates and score contractions, and what ``torch.compile`` sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import InfluenceError
+from ..task import Task
+from .layers import LayerSpec, Target, resolve_targets, specs_from_calls
+from .ops import HANDLERS
+from .tap import Tap, TrackedWeight
+
+_HANDLERS_BY_NAME = {h.name: h for h in HANDLERS.values()}
+
+OBJECTIVES = ("train", "train_sampled", "measurement")
+
+
+class _Objective(nn.Module):
+    """Calls ``fn(batch, model)``; lets ``functional_call`` swap the user's parameters for one task call.
+
+    The user's model is held as a child so that ``functional_call`` sees its parameters under
+    ``"model."``; the user's model itself is not modified.
+    """
+
+    def __init__(self, model: nn.Module, fn: Callable[[Any, nn.Module], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch):
+        return self.fn(batch, self.model)
+
+
+def batch_examples(batch: Any) -> int:
+    """The number of examples in a batch: the leading dimension of its first tensor."""
+    leaves, _ = tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise InfluenceError("A batch holds no tensor with a batch dimension; batches must contain tensors.")
+
+
+def batch_signature(batch: Any) -> Tuple:
+    leaves, spec = tree_flatten(batch)
+    return (str(spec),) + tuple(
+        (tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor) else type(leaf).__name__ for leaf in leaves
+    )
+
+
+def check_model(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise InfluenceError(
+                f"{name or type(module).__name__} is a BatchNorm layer in training mode: its batch statistics "
+                "couple the examples of a batch, so per-example gradients would be wrong (and its running "
+                "statistics would change). Call model.eval() before computing influence."
+            )
+
+
+def _objective_fns(task: Task) -> Dict[str, Callable[[Any, nn.Module], torch.Tensor]]:
+    return {
+        "train": lambda batch, model: task.compute_train_loss(batch, model, sample=False),
+        "train_sampled": lambda batch, model: task.compute_train_loss(batch, model, sample=True),
+        "measurement": lambda batch, model: task.compute_measurement(batch, model),
+    }
+
+
+def _apply_mask(a_calls, g_calls, mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate calls along tokens; zero the tokens outside ``mask`` and count the rest."""
+    a_out, g_out, tokens = [], [], []
+    for a, g in zip(a_calls, g_calls):
+        if mask is not None and mask.dim() == 2 and a.shape[1] == mask.shape[1]:
+            weight = mask.to(a.dtype)[:, :, None, None]
+            a, g = a * weight, g * weight.to(g.dtype)
+            tokens.append(mask.to(a.dtype).sum())
+        else:
+            tokens.append(torch.full((), a.shape[0] * a.shape[1], dtype=a.dtype, device=a.device))
+        a_out.append(a)
+        g_out.append(g)
+    a = a_out[0] if len(a_out) == 1 else torch.cat(a_out, dim=1)
+    g = g_out[0] if len(g_out) == 1 else torch.cat(g_out, dim=1)
+    return a, g, sum(tokens[1:], tokens[0])
+
+
+class ModelTap:
+    """The user's model and task, ready to be run under the tap.
+
+    Holds detached views of the model's parameters (nothing is registered on the model, its
+    ``requires_grad`` flags and training mode are left alone), the tracked layers, and zero probes for
+    every batch shape seen so far. Discovery runs once per (objective, batch shapes).
+    """
+
+    def __init__(self, model: nn.Module, task: Task):
+        check_model(model)
+        self.model = model
+        self.task = task
+        self.targets: List[Target] = resolve_targets(model, task.tracked_modules())
+        self.params: Dict[str, torch.Tensor] = {n: p.detach() for n, p in model.named_parameters()}
+        self.buffers: Dict[str, torch.Tensor] = {n: b.detach() for n, b in model.named_buffers()}
+        self.specs: Optional[Dict[str, LayerSpec]] = None
+        self._callers = {k: _Objective(model, fn) for k, fn in _objective_fns(task).items()}
+        self._probes: Dict[Tuple, Dict[str, List[torch.Tensor]]] = {}
+        first = self.params[self.targets[0].weight]
+        self.device, self.dtype = first.device, first.dtype
+
+    # -- the pure part -------------------------------------------------------------------------
+
+    def _tracked(self, params: Dict[str, torch.Tensor]) -> List[TrackedWeight]:
+        return [TrackedWeight(t.layer, params[t.weight], params[t.bias] if t.bias else None) for t in self.targets]
+
+    def _call(self, objective: str, params, buffers, batch) -> torch.Tensor:
+        tensors = {"model." + k: v for k, v in params.items()}
+        tensors.update({"model." + k: v for k, v in buffers.items()})
+        return torch.func.functional_call(self._callers[objective], tensors, (batch,))
+
+    def layer_stats(self, objective: str, params, buffers, batch, probes) -> Tuple[torch.Tensor, Dict[str, Dict[str, torch.Tensor]]]:
+        """The loss of ``objective`` on ``batch`` and every tracked layer's inputs and output gradients.
+
+        A pure function of its arguments (given the model's code), so it can be compiled. ``g[b]`` is
+        example ``b``'s output gradient because the loss is a sum over examples that do not interact.
+        """
+
+        def loss_of_probes(probes):
+            tap = Tap(self._tracked(params), probes)
+            with tap:
+                loss = self._call(objective, params, buffers, batch)
+            return loss, (loss.detach(), tap.record.inputs)
+
+        probe_grads, (loss, inputs) = torch.func.grad(loss_of_probes, has_aux=True)(probes)
+        mask = self.task.get_attention_mask(batch)
+        stats = {}
+        for layer, spec in self.specs.items():
+            a_calls = inputs[layer]
+            if len(a_calls) != len(probes[layer]):
+                raise InfluenceError(
+                    f"Layer {layer!r} was called {len(a_calls)} times, but {len(probes[layer])} times in the "
+                    "discovery pass on a batch of the same shapes: the number of calls depends on the data."
+                )
+            handler = _HANDLERS_BY_NAME[spec.op]
+            g_calls = [handler.output_grad(grad, spec.groups) for grad in probe_grads[layer]]
+            layer_mask = mask.get(layer) if isinstance(mask, dict) else mask
+            a, g, tokens = _apply_mask(a_calls, g_calls, layer_mask)
+            stats[layer] = {"a": a, "g": g, "tokens": tokens}
+        return loss, stats
+
+    # -- the imperative shell ------------------------------------------------------------------
+
+    def probes_for(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
+        """Zero probes shaped like every tracked call's output on batches shaped like ``batch``."""
+        key = (objective, batch_signature(batch))
+        probes = self._probes.get(key)
+        if probes is None:
+            probes = self._discover(objective, batch)
+            self._probes[key] = probes
+        return probes
+
+    def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
+        examples = batch_examples(batch)
+        tap = Tap(self._tracked(self.params), None, discover=True)
+        with torch.no_grad(), tap:
+            loss = self._call(objective, self.params, self.buffers, batch)
+        _check_loss(loss, objective)
+        record = tap.record
+        missing = [t.layer for t in self.targets if t.layer not in record.calls]
+        if missing:
+            raise InfluenceError(
+                f"Tracked layers {missing} were not called with their own weight while computing the "
+                f"{_OBJECTIVE_NAMES[objective]}. Call them as modules (layer(x)) or through F.linear/F.conv with "
+                "their weight, or leave them out of Task.tracked_modules()."
+            )
+        if record.other_uses:
+            uses = "; ".join(f"{layer}: {sorted(set(fns))}" for layer, fns in record.other_uses.items())
+            raise InfluenceError(
+                f"Tracked weights are also used by functions the tap cannot follow ({uses}), so their "
+                "per-example gradients would miss those uses. Leave these layers out of Task.tracked_modules() "
+                "(e.g. a classifier tied to an embedding)."
+            )
+        for layer, calls in record.calls.items():
+            for call in calls:
+                if call.input_batch != examples or call.output_shape[0] != examples:
+                    raise InfluenceError(
+                        f"Layer {layer!r} received an input with leading dimension {call.input_batch} for a batch "
+                        f"of {examples} examples: the tap needs the batch dimension first at every tracked layer "
+                        "(e.g. use batch_first=True), since it reads example b's gradient at index b."
+                    )
+        for layer, tensor, version in record.versions:
+            if tensor._version != version:
+                raise InfluenceError(
+                    f"The input of layer {layer!r} is modified in place after the layer reads it (e.g. "
+                    "ReLU(inplace=True) on it): its recorded value would be wrong. Use out-of-place ops there."
+                )
+        specs = specs_from_calls(self.targets, record.calls)
+        if self.specs is None:
+            self.specs = specs
+        else:
+            for layer, spec in specs.items():
+                known = self.specs[layer]
+                if spec.shape != known.shape or spec.op != known.op:
+                    raise InfluenceError(
+                        f"Layer {layer!r} looks different on this batch ({spec.op} {spec.shape}) than before "
+                        f"({known.op} {known.shape}); tracked layers must not change with the data or the objective."
+                    )
+        return {
+            layer: [torch.zeros(c.output_shape, dtype=c.output_dtype, device=self.device) for c in calls]
+            for layer, calls in record.calls.items()
+        }
+
+
+_OBJECTIVE_NAMES = {
+    "train": "training loss (Task.compute_train_loss)",
+    "train_sampled": "training loss with sampled labels (Task.compute_train_loss, sample=True)",
+    "measurement": "measurement (Task.compute_measurement)",
+}
+
+
+def _check_loss(loss: Any, objective: str) -> None:
+    name = _OBJECTIVE_NAMES[objective]
+    if not isinstance(loss, torch.Tensor):
+        raise InfluenceError(f"The {name} returned {type(loss).__name__}, not a tensor.")
+    if loss.dim() != 0:
+        raise InfluenceError(
+            f"The {name} returned a tensor of shape {tuple(loss.shape)}; it must be a scalar: the sum over the "
+            "batch's examples (and tokens), e.g. reduction='sum'."
+        )
+    if not loss.is_floating_point():
+        raise InfluenceError(f"The {name} returned a {loss.dtype} tensor; it must be floating point.")
+
+
+def check_finite(loss: torch.Tensor, objective: str, batch_index: int) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise InfluenceError(
+            f"The {_OBJECTIVE_NAMES[objective]} is {loss.item()} on batch {batch_index}: influence needs finite "
+            "losses. Check that batch's inputs and the model's weights for NaN/Inf, or clamp the loss."
+        )

@@ -1,0 +1,109 @@
+"""Which layers are tracked, and what the discovery pass learns about them."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import InfluenceError
+from .tap import CallRecord
+
+SUPPORTED_MODULES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A tracked module and the names (as in ``model.named_parameters()``) of its parameters."""
+
+    layer: str
+    weight: str
+    bias: Optional[str]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A tracked layer as the discovery pass saw it."""
+
+    name: str
+    op: str  # "linear" | "conv1d" | "conv2d"
+    groups: int
+    out_features: int  # per group
+    in_features: int  # per group, with the bias column when the layer has a tracked bias
+    has_bias: bool
+    weight: str
+    bias: Optional[str]
+    weight_shape: Tuple[int, ...]
+    calls: int
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return (self.groups, self.out_features, self.in_features)
+
+
+def _supported_names(model: nn.Module) -> List[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES) and name]
+
+
+def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) -> List[Target]:
+    """The tracked modules of ``model``: the names given, or every supported layer when None."""
+    modules = dict(model.named_modules())
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    names = _supported_names(model) if tracked_modules is None else list(tracked_modules)
+    if not names:
+        raise InfluenceError(
+            "No layer to track: the model has no nn.Linear, nn.Conv1d or nn.Conv2d module"
+            + ("" if tracked_modules is None else " and Task.tracked_modules() returned an empty list")
+            + ". Return module names from Task.tracked_modules()."
+        )
+    targets, seen_weights = [], {}
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            close = difflib.get_close_matches(name, list(modules), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise InfluenceError(
+                f"Task.tracked_modules() names {name!r}, which is not a module of the model.{hint} "
+                f"Use names from model.named_modules(); supported layers here: {_supported_names(model)[:20]}."
+            )
+        if not isinstance(module, SUPPORTED_MODULES):
+            raise InfluenceError(
+                f"Tracked module {name!r} is a {type(module).__name__}; supported layers are "
+                f"{', '.join(t.__name__ for t in SUPPORTED_MODULES)}. Track its Linear/Conv submodules instead."
+            )
+        weight_name = canonical.get(id(module.weight))
+        if weight_name is None:
+            raise InfluenceError(f"The weight of {name!r} is not a parameter of the model (is it frozen as a buffer?).")
+        if weight_name in seen_weights:
+            raise InfluenceError(
+                f"Modules {seen_weights[weight_name]!r} and {name!r} share one weight ({weight_name}); "
+                "track only one of them in Task.tracked_modules()."
+            )
+        seen_weights[weight_name] = name
+        bias = getattr(module, "bias", None)
+        targets.append(Target(name, weight_name, canonical.get(id(bias)) if isinstance(bias, torch.Tensor) else None))
+    return targets
+
+
+def specs_from_calls(targets: Sequence[Target], calls: Dict[str, List[CallRecord]]) -> Dict[str, LayerSpec]:
+    specs = {}
+    for t in targets:
+        records = calls[t.layer]
+        first = records[0]
+        for r in records[1:]:
+            if (r.op, r.groups, r.has_bias) != (first.op, first.groups, first.has_bias):
+                raise InfluenceError(
+                    f"Layer {t.layer!r} is called in different ways within one forward pass "
+                    f"({first.op}, groups={first.groups}, bias={first.has_bias} vs {r.op}, groups={r.groups}, "
+                    f"bias={r.has_bias}); fninfluence needs every call of a tracked weight to be the same op."
+                )
+        groups, out, inp = first.weight_shape
+        specs[t.layer] = LayerSpec(
+            name=t.layer, op=first.op, groups=groups, out_features=out, in_features=inp + int(first.has_bias),
+            has_bias=first.has_bias, weight=t.weight, bias=t.bias if first.has_bias else None,
+            weight_shape=first.param_shape, calls=len(records),
+        )
+    return specs

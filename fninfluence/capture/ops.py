@@ -1,0 +1,161 @@
+"""Per-op handlers of the tap: how a tracked call's input becomes per-token layer inputs.
+
+Every tracked layer is seen through one lens: a weight of shape ``[groups, out, in]`` applied at
+``tokens`` positions of each example. A layer input becomes ``a: [batch, tokens, groups, in]`` (with a
+trailing column of ones when the call adds a tracked bias) and the output gradient becomes
+``g: [batch, tokens, groups, out]``, so that example ``b``'s weight gradient is
+``sum_t g[b, t] a[b, t]^T`` for every op:
+
+* ``linear``: tokens are all the dims between the batch dim and the feature dim, ``groups = 1``;
+* ``conv1d`` / ``conv2d``: tokens are output positions, ``in`` is a receptive-field patch of one
+  group's input channels. Stride, dilation, padding (integer, tuple, ``"same"``, ``"valid"``) and
+  groups are read from the intercepted call itself, so a module that pads with ``reflect`` /
+  ``replicate`` / ``circular`` before calling the op is handled exactly (the call sees padded input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InfluenceError
+
+
+@dataclass(frozen=True)
+class CallArgs:
+    """The arguments of one tracked call, normalised."""
+
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    settings: Tuple[Any, ...] = ()  # conv: (stride, padding, dilation, groups)
+
+
+def _bind(names: Sequence[str], defaults: Dict[str, Any], args: tuple, kwargs: dict) -> Dict[str, Any]:
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _parse_linear(args: tuple, kwargs: dict) -> CallArgs:
+    b = _bind(("input", "weight", "bias"), {"bias": None}, args, kwargs)
+    return CallArgs(b["input"], b["weight"], b["bias"])
+
+
+def _parse_conv(args: tuple, kwargs: dict) -> CallArgs:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    b = _bind(names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}, args, kwargs)
+    return CallArgs(b["input"], b["weight"], b["bias"], (b["stride"], b["padding"], b["dilation"], b["groups"]))
+
+
+def _expand(value: Any, n: int) -> Tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    return value * n if len(value) == 1 else value
+
+
+def _explicit_padding(padding: Any, kernel: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tuple[Tuple[int, int], ...]:
+    """Per spatial dim (before, after) zero padding of a conv call."""
+    n = len(kernel)
+    if padding == "valid":
+        return ((0, 0),) * n
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in _expand(padding, n))
+
+
+def _patches(x: torch.Tensor, weight: torch.Tensor, settings: Tuple[Any, ...]) -> torch.Tensor:
+    """Receptive-field patches of a conv call: ``[batch, positions, groups, in_per_group * kernel]``."""
+    stride, padding, dilation, groups = settings
+    spatial = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    dilation = _expand(dilation, spatial)
+    stride = _expand(stride, spatial)
+    pads = _explicit_padding(padding, kernel, dilation)
+    if any(p for pair in pads for p in pair):
+        flat_pads = [p for pair in reversed(pads) for p in pair]  # F.pad wants last dim first
+        x = F.pad(x, flat_pads)
+    if spatial == 1:  # view conv1d as conv2d over a height-1 image
+        x, kernel, dilation, stride = x.unsqueeze(-2), (1, *kernel), (1, *dilation), (1, *stride)
+    cols = F.unfold(x, kernel_size=kernel, dilation=dilation, stride=stride)  # [B, C*K, L]
+    batch, _, positions = cols.shape
+    cols = cols.reshape(batch, groups, -1, positions)
+    return cols.permute(0, 3, 1, 2)
+
+
+def _linear_input(call: CallArgs) -> torch.Tensor:
+    x = call.input
+    return x.reshape(x.shape[0], -1, 1, x.shape[-1])
+
+
+def _conv_input(call: CallArgs) -> torch.Tensor:
+    return _patches(call.input, call.weight, call.settings)
+
+
+def _linear_output(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    return grad.reshape(grad.shape[0], -1, 1, grad.shape[-1])
+
+
+def _conv_output(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, channels = grad.shape[:2]
+    grad = grad.reshape(batch, groups, channels // groups, -1)
+    return grad.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class OpHandler:
+    """How to read a tracked call: parse its arguments, lay out its input and its output gradient."""
+
+    name: str
+    parse: Callable[[tuple, dict], CallArgs]
+    layer_input: Callable[[CallArgs], torch.Tensor]  # -> [B, T, G, in]
+    output_grad: Callable[[torch.Tensor, int], torch.Tensor]  # (grad of output, groups) -> [B, T, G, out]
+    groups: Callable[[CallArgs], int]
+    weight_shape: Callable[[torch.Tensor, int], Tuple[int, int, int]]  # (weight, groups) -> (G, out, in)
+
+
+def _conv_weight_shape(weight: torch.Tensor, groups: int) -> Tuple[int, int, int]:
+    return groups, weight.shape[0] // groups, math.prod(weight.shape[1:])
+
+
+HANDLERS: Dict[Any, OpHandler] = {
+    F.linear: OpHandler("linear", _parse_linear, _linear_input, _linear_output, lambda c: 1,
+                        lambda w, g: (1, w.shape[0], w.shape[1])),
+    F.conv1d: OpHandler("conv1d", _parse_conv, _conv_input, _conv_output, lambda c: int(c.settings[3]),
+                        _conv_weight_shape),
+    F.conv2d: OpHandler("conv2d", _parse_conv, _conv_input, _conv_output, lambda c: int(c.settings[3]),
+                        _conv_weight_shape),
+}
+
+
+def with_bias_column(a: torch.Tensor) -> torch.Tensor:
+    """Append the constant input that multiplies the bias: ``[a; 1]``."""
+    return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+
+
+def weight_as_matrix(weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    """A layer's parameters in the tap's layout ``[groups, out, in (+1 for the bias)]``."""
+    w = weight.reshape(groups, weight.shape[0] // groups, -1)
+    if bias is not None:
+        w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)
+    return w
+
+
+def matrix_as_weight(matrix: torch.Tensor, weight_shape: torch.Size, has_bias: bool):
+    """Inverse of :func:`weight_as_matrix`: ``(weight, bias or None)`` in the module's own shapes."""
+    if has_bias:
+        w, b = matrix[..., :-1], matrix[..., -1]
+        return w.reshape(matrix.shape[:-3] + tuple(weight_shape)), b.reshape(matrix.shape[:-3] + (-1,))
+    return matrix.reshape(matrix.shape[:-3] + tuple(weight_shape)), None
+
+
+def unsupported_padding_check(call: CallArgs) -> None:
+    if isinstance(call.settings[1], str) and call.settings[1] not in ("same", "valid"):
+        raise InfluenceError(f"Unknown conv padding {call.settings[1]!r}: expected an int, a tuple, 'same' or 'valid'.")

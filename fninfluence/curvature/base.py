@@ -1,0 +1,70 @@
+"""Curvature estimators as values: records of pure functions over dicts of tensors.
+
+An estimator fits its factors in zero or more passes over the data. A pass is a triple of pure
+functions, applied layer by layer:
+
+* ``init(shape, dtype, device) -> state``: zeros of the right shapes,
+* ``update(state, stats, factors) -> state``: fold one batch's layer statistics into the state,
+* ``finalize(state, factors) -> factors``: turn the state into (more) factors,
+
+where ``stats = {"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}`` holds a batch's layer
+inputs (with the bias column) and output gradients, and ``factors`` holds what earlier passes produced.
+
+``precondition(factors, grads, damping)`` applies the damped inverse curvature to gradients laid out
+as ``[N, G, out, in]``; ``self_score(factors, stats, damping)`` returns ``<P(G_n), G_n>`` per example.
+Write your own estimator by building a :class:`CurvatureEstimator`; the pipeline and the property
+tests in :mod:`fninfluence.testing` take it as they take the built-in ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+Tensors = Dict[str, torch.Tensor]
+LayerShape = Tuple[int, int, int]  # (groups, out, in) with the bias column counted in ``in``
+Damping = Optional[float]
+
+
+class FitPass(NamedTuple):
+    name: str
+    init: Callable[[LayerShape, torch.dtype, torch.device], Tensors]
+    update: Callable[[Tensors, Tensors, Tensors], Tensors]
+    finalize: Callable[[Tensors, Tensors], Tensors]
+    sample_stats: str = "tokens"  # "tokens" (layer inputs and output grads) — reserved for other kinds
+
+
+class CurvatureEstimator(NamedTuple):
+    name: str
+    passes: Tuple[FitPass, ...]
+    precondition: Callable[[Tensors, torch.Tensor, Damping], torch.Tensor]
+    self_score: Callable[[Tensors, Tensors, Damping], torch.Tensor]
+
+
+def per_example_grads(stats: Tensors) -> torch.Tensor:
+    """``G_n = sum_t g_t a_t^T`` laid out as ``[N, G, out, in]``."""
+    return torch.einsum("btgo,btgi->bgoi", stats["g"], stats["a"])
+
+
+def default_self_score(precondition: Callable[[Tensors, torch.Tensor, Damping], torch.Tensor]):
+    """``<P(G_n), G_n>`` through per-example gradients; estimators with a closed form override it."""
+
+    def self_score(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
+        grads = per_example_grads(stats)
+        return (precondition(factors, grads, damping) * grads).flatten(1).sum(1)
+
+    return self_score
+
+
+def heuristic_damping(eigenvalues: torch.Tensor, damping: Damping) -> torch.Tensor:
+    """The damping actually used: ``damping`` itself, or ``0.1 * mean(eigenvalues)`` when it is None."""
+    if damping is None:
+        return 0.1 * eigenvalues.mean()
+    return torch.as_tensor(damping, dtype=eigenvalues.dtype, device=eigenvalues.device)
+
+
+def damped_reciprocal(eigenvalues: torch.Tensor, damping: Damping, dtype: torch.dtype) -> torch.Tensor:
+    """``1 / (eigenvalues + damping)`` computed in float64 (at least), cast to ``dtype``."""
+    wide = eigenvalues.to(torch.promote_types(eigenvalues.dtype, torch.float64))
+    return (1.0 / (wide + heuristic_damping(wide, damping))).to(dtype)

@@ -1,0 +1,79 @@
+"""Shared algebra of the diagonal, KFAC and EKFAC estimators: a diagonal scaling in a rotated basis.
+
+Each of them preconditions a layer gradient ``G`` (``[out, in]`` per group) as
+
+    P(G) = Q_S [ (Q_S^T G Q_A) / (Lambda + damping) ] Q_A^T
+
+with ``Q_S = I, Q_A = I`` for the diagonal estimator. ``Lambda`` is the second moment of per-example
+gradients in that basis (EKFAC, diagonal) or the outer product of Kronecker-factor eigenvalues (KFAC).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Damping, LayerShape, Tensors, damped_reciprocal
+
+
+def rotate_tokens(stats: Tensors, factors: Tensors):
+    """Layer inputs and output gradients in the eigenbasis: ``(Q_A^T a, Q_S^T g)``, or as they are."""
+    a, g = stats["a"], stats["g"]
+    qa, qs = factors.get("activation_eigenvectors"), factors.get("gradient_eigenvectors")
+    if qa is not None:
+        a = torch.einsum("btgi,gij->btgj", a, qa.to(a.dtype))
+        g = torch.einsum("btgo,gop->btgp", g, qs.to(g.dtype))
+    return a, g
+
+
+def squared_example_grads(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
+    """``sum_n (G'_n)^2`` over the batch, where ``G'_n = sum_t g'_t a'_t^T``: ``[G, out, in]``.
+
+    Without a token dimension ``G'_n`` is rank one and ``(G'_n)^2 = (g'_n)^2 (a'_n^2)^T``: no
+    ``[N, out, in]`` tensor is formed.
+    """
+    if a_rot.shape[1] == 1:
+        return torch.einsum("bgo,bgi->goi", g_rot[:, 0].square(), a_rot[:, 0].square())
+    return torch.einsum("btgo,btgi->bgoi", g_rot, a_rot).square().sum(0)
+
+
+def lambda_init(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> Tensors:
+    groups, out, inp = shape
+    return {
+        "lambda_sum": torch.zeros(groups, out, inp, dtype=dtype, device=device),
+        "examples": torch.zeros((), dtype=dtype, device=device),
+    }
+
+
+def lambda_update(state: Tensors, stats: Tensors, factors: Tensors) -> Tensors:
+    a, g = rotate_tokens(stats, factors)
+    return {
+        "lambda_sum": state["lambda_sum"] + squared_example_grads(a, g).to(state["lambda_sum"].dtype),
+        "examples": state["examples"] + a.shape[0],
+    }
+
+
+def lambda_finalize(state: Tensors, factors: Tensors) -> Tensors:
+    return {"lambda": state["lambda_sum"] / state["examples"], "num_lambda_examples": state["examples"]}
+
+
+def precondition_in_basis(factors: Tensors, grads: torch.Tensor, damping: Damping) -> torch.Tensor:
+    """``P(G)`` for ``grads`` of shape ``[N, G, out, in]``."""
+    inverse = damped_reciprocal(factors["lambda"], damping, grads.dtype)
+    qa, qs = factors.get("activation_eigenvectors"), factors.get("gradient_eigenvectors")
+    if qa is None:
+        return grads * inverse
+    qa, qs = qa.to(grads.dtype), qs.to(grads.dtype)
+    rotated = torch.einsum("gop,ngoi,gij->ngpj", qs, grads, qa)
+    return torch.einsum("gop,ngpj,gij->ngoi", qs, rotated * inverse, qa)
+
+
+def self_score_in_basis(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
+    """``<P(G_n), G_n> = sum (G'_n)^2 / (Lambda + damping)`` per example, rank-one closed form when T = 1."""
+    a, g = rotate_tokens(stats, factors)
+    inverse = damped_reciprocal(factors["lambda"], damping, a.dtype)
+    if a.shape[1] == 1:
+        return torch.einsum("bgo,bgi,goi->b", g[:, 0].square(), a[:, 0].square(), inverse)
+    rotated = torch.einsum("btgo,btgi->bgoi", g, a)
+    return (rotated.square() * inverse).flatten(1).sum(1)

@@ -1,0 +1,22 @@
+"""Identity curvature: scores are plain gradient inner products, ``P(G) = G``."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CurvatureEstimator, Damping, Tensors
+
+
+def _precondition(factors: Tensors, grads: torch.Tensor, damping: Damping) -> torch.Tensor:
+    return grads
+
+
+def _self_score(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
+    a, g = stats["a"], stats["g"]
+    if a.shape[1] == 1:  # rank one: |g a^T|^2 = |g|^2 |a|^2
+        return (g.square().sum(-1) * a.square().sum(-1)).sum((1, 2))
+    grads = torch.einsum("btgo,btgi->bgoi", g, a)
+    return grads.square().flatten(1).sum(1)
+
+
+identity = CurvatureEstimator("identity", (), _precondition, _self_score)

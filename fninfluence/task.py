@@ -1,0 +1,114 @@
+"""The Task protocol: how to compute the training loss and the measurement for a batch.
+
+It is shaped like Kronfluence's ``Task`` so that existing task code ports unchanged. The ``model``
+a task receives is the user's own module; while fninfluence runs it, its parameters are swapped
+for the ones being analysed through ``torch.func.functional_call`` (so ``model.config``, submodules
+and custom methods keep working) and nothing is registered on or changed in it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+Mask = Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+class Task:
+    """Base class for an influence task. Subclass it the way you would subclass Kronfluence's Task.
+
+    ``compute_train_loss`` must return the loss **summed** over the examples (and tokens) of the batch:
+    per-example gradients are read off the gradient of that sum, so a mean would scale every score by
+    the batch size. With ``sample=True`` it must draw the labels from the model's own predictive
+    distribution (this gives the true Fisher); with ``sample=False`` it uses the labels in the batch.
+    """
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        raise NotImplementedError("Task.compute_train_loss(batch, model, sample=False) must be implemented.")
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        raise NotImplementedError(
+            "Task.compute_measurement(batch, model) must be implemented to compute pairwise scores "
+            "(a common choice is the training loss itself)."
+        )
+
+    def tracked_modules(self) -> Optional[List[str]]:
+        """Names from ``model.named_modules()`` to analyse, or ``None`` for every supported layer."""
+        return None
+
+    def get_attention_mask(self, batch: Any) -> Mask:
+        """A ``[batch, tokens]`` mask of the tokens that count, or ``None``."""
+        return None
+
+
+class FunctionTask(Task):
+    """A Task assembled from plain functions; see :func:`task_from_functions`."""
+
+    def __init__(
+        self,
+        train_loss: Callable[..., torch.Tensor],
+        measurement: Optional[Callable[[Any, nn.Module], torch.Tensor]] = None,
+        tracked_modules: Optional[List[str]] = None,
+        attention_mask: Optional[Callable[[Any], Mask]] = None,
+    ):
+        self._train_loss = train_loss
+        self._measurement = measurement
+        self._tracked_modules = None if tracked_modules is None else list(tracked_modules)
+        self._attention_mask = attention_mask
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        return self._train_loss(batch, model, sample)
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        if self._measurement is None:
+            return self._train_loss(batch, model, False)
+        return self._measurement(batch, model)
+
+    def tracked_modules(self) -> Optional[List[str]]:
+        return self._tracked_modules
+
+    def get_attention_mask(self, batch: Any) -> Mask:
+        return None if self._attention_mask is None else self._attention_mask(batch)
+
+
+def task_from_functions(
+    train_loss: Callable[..., torch.Tensor],
+    measurement: Optional[Callable[[Any, nn.Module], torch.Tensor]] = None,
+    *,
+    tracked_modules: Optional[List[str]] = None,
+    attention_mask: Optional[Callable[[Any], Mask]] = None,
+) -> Task:
+    """Build a Task from functions.
+
+    ``train_loss(batch, model, sample)`` returns the summed loss; ``measurement(batch, model)``
+    returns the summed measurement and defaults to the training loss with the batch's labels.
+    """
+    return FunctionTask(train_loss, measurement, tracked_modules, attention_mask)
+
+
+def classification_task(tracked_modules: Optional[List[str]] = None) -> Task:
+    """A ready-made task for ``(inputs, labels)`` batches and a model returning class logits.
+
+    Training loss: summed cross-entropy (labels sampled from the softmax when ``sample=True``).
+    Measurement: minus the summed margin ``logit[y] - logsumexp(other logits)`` (a loss-like quantity, as in
+    Kronfluence's examples), so a positive score means the training example raises the query's margin.
+    """
+
+    def train_loss(batch, model, sample):
+        inputs, labels = batch
+        logits = model(inputs)
+        if sample:
+            with torch.no_grad():
+                labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).squeeze(-1)
+        return nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+    def margin(batch, model):
+        inputs, labels = batch
+        logits = model(inputs)
+        true_logit = logits.gather(-1, labels[:, None]).squeeze(-1)
+        others = logits.masked_fill(nn.functional.one_hot(labels, logits.shape[-1]).bool(), float("-inf"))
+        return -(true_logit - torch.logsumexp(others, dim=-1)).sum()
+
+    return FunctionTask(train_loss, margin, tracked_modules)
