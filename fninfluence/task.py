@@ -38,6 +38,10 @@ class Task:
         """Names from ``model.named_modules()`` to analyse, or ``None`` for every supported layer."""
         return None
 
+    def get_influence_tracked_modules(self) -> Optional[List[str]]:
+        """Kronfluence 1.0.1's name for :meth:`tracked_modules`; either may be overridden."""
+        return self.tracked_modules()
+
     def get_attention_mask(self, batch: Any) -> Mask:
         """A ``[batch, tokens]`` mask of the tokens that count, or ``None``."""
         return None
@@ -112,3 +116,12 @@ def classification_task(tracked_modules: Optional[List[str]] = None) -> Task:
         return -(true_logit - torch.logsumexp(others, dim=-1)).sum()
 
     return FunctionTask(train_loss, margin, tracked_modules)
+
+
+def tracked_module_names(task: Any) -> Optional[List[str]]:
+    """The task's tracked modules, asked by Kronfluence 1.0.1's name first and by the documented name next."""
+    if hasattr(task, "get_influence_tracked_modules"):
+        return task.get_influence_tracked_modules()
+    if hasattr(task, "tracked_modules"):
+        return task.tracked_modules()
+    return None

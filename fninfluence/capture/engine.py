@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InfluenceError
-from ..task import Task
+from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_targets, specs_from_calls
 from .ops import HANDLERS
 from .tap import Tap, TrackedWeight
@@ -104,7 +104,7 @@ class ModelTap:
         check_model(model)
         self.model = model
         self.task = task
-        self.targets: List[Target] = resolve_targets(model, task.tracked_modules())
+        self.targets: List[Target] = resolve_targets(model, tracked_module_names(task))
         self.params: Dict[str, torch.Tensor] = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers: Dict[str, torch.Tensor] = {n: b.detach() for n, b in model.named_buffers()}
         self.specs: Optional[Dict[str, LayerSpec]] = None
