@@ -45,7 +45,7 @@ class LayerSpec:
 
 
 def _supported_names(model: nn.Module) -> List[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES) and name]
+    return [name for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)]
 
 
 def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) -> List[Target]:
