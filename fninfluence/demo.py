@@ -20,6 +20,10 @@ EPOCHS = 400  # full-batch Adam steps: 1500 images of 64 pixels make one cheap b
 INFLUENCE_BATCH_SIZE = 250
 
 
+class DemoArgumentError(ValueError):
+    """An argument of :func:`run_demo` is out of range."""
+
+
 def _load_digits():
     try:
         from sklearn.datasets import load_digits
@@ -59,6 +63,17 @@ def run_demo(strategy: str = "ekfac", num_queries: int = 3, top_k: int = 5, seed
     (``[num_queries, top_k]`` training indices), ``accuracy`` (test accuracy) and ``timings`` (seconds
     per phase).
     """
+    # Every tensor here is tiny, so extra threads only add synchronisation; on small shared machines
+    # an OpenMP barrier can then stall for seconds. Run on one thread and restore the setting after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(strategy, num_queries, top_k, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(strategy: str, num_queries: int, top_k: int, seed: int, progress: bool) -> Dict[str, Any]:
     import fninfluence  # the package's own API, as a user would call it
 
     timings: Dict[str, float] = {}
@@ -67,9 +82,9 @@ def run_demo(strategy: str = "ekfac", num_queries: int = 3, top_k: int = 5, seed
     train_x, train_y = images[:NUM_TRAIN], labels[:NUM_TRAIN]
     test_x, test_y = images[NUM_TRAIN:], labels[NUM_TRAIN:]
     if not 1 <= num_queries <= len(test_x):
-        raise ValueError(f"num_queries must be between 1 and {len(test_x)}, got {num_queries}.")
+        raise DemoArgumentError(f"num_queries must be between 1 and {len(test_x)}, got {num_queries}.")
     if not 1 <= top_k <= len(train_x):
-        raise ValueError(f"top_k must be between 1 and {len(train_x)}, got {top_k}.")
+        raise DemoArgumentError(f"top_k must be between 1 and {len(train_x)}, got {top_k}.")
     train_ds = TensorDataset(train_x, train_y)
     query_ds = TensorDataset(test_x[:num_queries], test_y[:num_queries])
     timings["load data"] = time.perf_counter() - started
@@ -96,9 +111,10 @@ def run_demo(strategy: str = "ekfac", num_queries: int = 3, top_k: int = 5, seed
     scores = fninfluence.pairwise_scores(model, task, factors, query_ds, train_ds,
                                          batch_size=INFLUENCE_BATCH_SIZE, progress=progress)
     timings["pairwise scores"] = time.perf_counter() - started
-    print(f"Influence: {factors.strategy} factors on all {len(train_x)} training images; scores for "
-          f"{num_queries} test image(s). A positive score means upweighting that training image raises the "
-          "query's margin for its true label (it helps); a negative score means it hurts.")
+    print(f"Influence: {factors.strategy} curvature fitted on the {len(train_x)} training images, then the "
+          f"scores of {num_queries} test image{'s' if num_queries > 1 else ''} against all of them.\n"
+          "  score > 0: upweighting the training image raises the query's margin for its true label (it helps);\n"
+          "  score < 0: it lowers that margin (it hurts). Scores are not divided by the number of examples.")
 
     proponents = scores.topk(top_k, dim=1).indices
     opponents = (-scores).topk(top_k, dim=1).indices
