@@ -24,9 +24,13 @@ class Factors:
     strategy: str
     estimator: CurvatureEstimator = field(repr=False)
     layers: Dict[str, LayerSpec]
-    tensors: Dict[str, Dict[str, torch.Tensor]]
+    tensors: Dict[str, Dict[str, torch.Tensor]] = field(repr=False)
     num_examples: int
     use_empirical_fisher: bool = False
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{name}: {spec.op} {spec.shape}" for name, spec in self.layers.items())
+        return f"Factors(strategy={self.strategy!r}, examples={self.num_examples}, layers={{{layers}}})"
 
     def __getitem__(self, layer: str) -> Dict[str, torch.Tensor]:
         return self.tensors[layer]

@@ -8,6 +8,7 @@ the batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
@@ -44,6 +45,17 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _progress(data: Data, batch_size: Optional[int], desc: str, enabled: bool, argument: str):
     return tqdm(total=num_batches(data, batch_size, argument), desc=desc, unit="batch", disable=not enabled,
                 leave=False)
+
+
+@contextlib.contextmanager
+def _on_batch(what: str, index: int):
+    """Adds to any error raised while processing a batch which pass and which batch it was."""
+    try:
+        yield
+    except Exception as error:
+        if hasattr(error, "add_note"):
+            error.add_note(f"fninfluence: raised while computing {what} on batch {index}.")
+        raise
 
 
 def _check_damping(damping: Optional[float]) -> None:
@@ -90,11 +102,13 @@ def fit_factors(
         state, examples, started = None, 0, time.perf_counter()
         bar = _progress(data, batch_size, f"{estimator.name}: {fit_pass.name}", progress, "data")
         for index, batch in enumerate(batches(data, batch_size, engine.device)):
-            probes = engine.probes_for(objective, batch)
+            with _on_batch(f"{estimator.name} {fit_pass.name}", index):
+                probes = engine.probes_for(objective, batch)
             if state is None:
                 state = {layer: fit_pass.init(spec.shape, dtype, engine.device) for layer, spec in engine.specs.items()}
                 factors = {layer: factors.get(layer, {}) for layer in engine.specs}
-            loss, state = run(engine.params, engine.buffers, batch, probes, state, factors)
+            with _on_batch(f"{estimator.name} {fit_pass.name}", index):
+                loss, state = run(engine.params, engine.buffers, batch, probes, state, factors)
             check_finite(loss, objective, index)
             examples += next(iter(probes.values()))[0].shape[0]
             bar.update(1)
@@ -155,9 +169,10 @@ def query_gradients(
     chunks = []
     bar = _progress(query_data, batch_size, "query gradients", progress, "query_data")
     for index, batch in enumerate(batches(query_data, batch_size, engine.device, "query_data")):
-        probes = engine.probes_for("measurement", batch)
-        _check_layers(factors, engine)
-        loss, grads = run(engine.params, engine.buffers, batch, probes, on_device)
+        with _on_batch("query gradients", index):
+            probes = engine.probes_for("measurement", batch)
+            _check_layers(factors, engine)
+            loss, grads = run(engine.params, engine.buffers, batch, probes, on_device)
         check_finite(loss, "measurement", index)
         chunks.append(grads)
         bar.update(1)
@@ -203,9 +218,10 @@ def pairwise_scores(
     columns: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
     bar = _progress(train_data, batch_size, "pairwise scores", progress, "train_data")
     for index, batch in enumerate(batches(train_data, batch_size, engine.device, "train_data")):
-        probes = engine.probes_for("train", batch)
-        _check_layers(factors, engine)
-        loss, batch_columns = run(engine.params, engine.buffers, batch, probes, chunks)
+        with _on_batch("pairwise scores", index):
+            probes = engine.probes_for("train", batch)
+            _check_layers(factors, engine)
+            loss, batch_columns = run(engine.params, engine.buffers, batch, probes, chunks)
         check_finite(loss, "train", index)
         for layer, block in batch_columns.items():
             columns[layer].append(block)
@@ -243,24 +259,28 @@ def self_scores(
     def step(params, buffers, batch, probes, measurement_probes, layer_factors):
         loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
         if not use_measurement:
-            return loss, {layer: estimator.self_score(layer_factors[layer], s, damping) for layer, s in stats.items()}
+            return (loss, None), {layer: estimator.self_score(layer_factors[layer], s, damping)
+                                  for layer, s in stats.items()}
         measured, measured_stats = engine.layer_stats("measurement", params, buffers, batch, measurement_probes)
         scores = {
             layer: example_grad_dot(
                 estimator.precondition(layer_factors[layer], per_example_grads(measured_stats[layer]), damping), s)
             for layer, s in stats.items()
         }
-        return loss + 0 * measured, scores
+        return (loss, measured), scores
 
     run = _maybe_compile(step, compile)
     blocks: Dict[str, List[torch.Tensor]] = {}
     bar = _progress(data, batch_size, "self scores", progress, "data")
     for index, batch in enumerate(batches(data, batch_size, engine.device)):
-        probes = engine.probes_for("train", batch)
-        measurement_probes = engine.probes_for("measurement", batch) if use_measurement else None
-        _check_layers(factors, engine)
-        loss, scores = run(engine.params, engine.buffers, batch, probes, measurement_probes, on_device)
+        with _on_batch("self scores", index):
+            probes = engine.probes_for("train", batch)
+            measurement_probes = engine.probes_for("measurement", batch) if use_measurement else None
+            _check_layers(factors, engine)
+            (loss, measured), scores = run(engine.params, engine.buffers, batch, probes, measurement_probes, on_device)
         check_finite(loss, "train", index)
+        if measured is not None:
+            check_finite(measured, "measurement", index)
         for layer, block in scores.items():
             blocks.setdefault(layer, []).append(block)
         bar.update(1)

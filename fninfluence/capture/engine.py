@@ -75,11 +75,21 @@ def _objective_fns(task: Task) -> Dict[str, Callable[[Any, nn.Module], torch.Ten
     }
 
 
-def _apply_mask(a_calls, g_calls, mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate calls along tokens; zero the tokens outside ``mask`` and count the rest."""
+def _apply_mask(layer: str, a_calls, g_calls, mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate calls along tokens; zero the tokens outside ``mask`` and count the rest.
+
+    A ``[batch, tokens]`` mask applies to every call whose token count it matches; calls without a
+    token dimension (T = 1, e.g. a head on a pooled output) are not masked.
+    """
     a_out, g_out, tokens = [], [], []
     for a, g in zip(a_calls, g_calls):
-        if mask is not None and mask.dim() == 2 and a.shape[1] == mask.shape[1]:
+        if mask is not None and a.shape[1] != 1 and (mask.dim() != 2 or a.shape[1] != mask.shape[1]):
+            raise InfluenceError(
+                f"Layer {layer!r} has {a.shape[1]} tokens per example but the attention mask has shape "
+                f"{tuple(mask.shape)}. Return a [batch, tokens] mask that matches, or a dict of masks per layer "
+                "name from Task.get_attention_mask()."
+            )
+        if mask is not None and a.shape[1] != 1:
             weight = mask.to(a.dtype)[:, :, None, None]
             a, g = a * weight, g * weight.to(g.dtype)
             tokens.append(mask.to(a.dtype).sum())
@@ -149,7 +159,7 @@ class ModelTap:
             handler = _HANDLERS_BY_NAME[spec.op]
             g_calls = [handler.output_grad(grad, spec.groups) for grad in probe_grads[layer]]
             layer_mask = mask.get(layer) if isinstance(mask, dict) else mask
-            a, g, tokens = _apply_mask(a_calls, g_calls, layer_mask)
+            a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
             stats[layer] = {"a": a, "g": g, "tokens": tokens}
         return loss, stats
 

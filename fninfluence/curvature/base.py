@@ -58,9 +58,14 @@ def default_self_score(precondition: Callable[[Tensors, torch.Tensor, Damping], 
 
 
 def heuristic_damping(eigenvalues: torch.Tensor, damping: Damping) -> torch.Tensor:
-    """The damping actually used: ``damping`` itself, or ``0.1 * mean(eigenvalues)`` when it is None."""
+    """The damping actually used: ``damping`` itself, or ``0.1 * mean(eigenvalues)`` when it is None.
+
+    A layer that no training gradient reaches has all-zero eigenvalues; the heuristic then falls back
+    to 1 (any positive value gives the same, zero, scores against the fitted examples) instead of 0/0.
+    """
     if damping is None:
-        return 0.1 * eigenvalues.mean()
+        mean = eigenvalues.mean()
+        return torch.where(mean > 0, 0.1 * mean, torch.ones_like(mean))
     return torch.as_tensor(damping, dtype=eigenvalues.dtype, device=eigenvalues.device)
 
 

@@ -7,8 +7,9 @@ output gradient of the summed loss, over all (unmasked) tokens of all examples:
 
 Both are symmetrised and eigendecomposed in float64: ``A = Q_A diag(l_A) Q_A^T``, ``S = Q_S diag(l_S) Q_S^T``.
 
-* KFAC: ``Lambda = l_S l_A^T``. On sequences this is about #tokens-per-example times EKFAC's Lambda
-  (Lambda is per token here and per example there), as in Kronfluence.
+* KFAC: ``Lambda = l_S l_A^T``, a per-token second moment. EKFAC's Lambda is per example, i.e. the
+  moment of a sum over T tokens, so on sequences it is roughly T times KFAC's and KFAC scores come out
+  roughly T times EKFAC scores. This is Kronfluence's convention too; normalise if you compare them.
 * EKFAC: a second pass sets ``Lambda = mean_n (Q_S^T G_n Q_A)^2`` with ``G_n = sum_t g_t a_t^T``
   (George et al. 2018), the exact second moment of per-example gradients in the Kronecker eigenbasis.
 """

@@ -1,0 +1,53 @@
+"""``compile=True`` runs every per-batch step as one graph (fullgraph: a break is an error) with eager's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fninfluence as fi
+from models import (ClassificationTask, LMTask, SmallCNN, TinyTransformerLM, classification_data, float64,
+                    image_data, mlp, sequence_data)
+
+WORKLOADS = {
+    "mlp": lambda: (float64(mlp()), classification_data(n=12), ClassificationTask()),
+    "cnn": lambda: (float64(SmallCNN(padding=1, padding_mode="circular")), image_data(n=8), ClassificationTask()),
+    "transformer": lambda: (float64(TinyTransformerLM()), sequence_data(n=8), LMTask()),
+}
+
+
+def _run(model, task, data, strategy, compile):
+    factors = fi.fit_factors(model, task, data, strategy=strategy, use_empirical_fisher=True, batch_size=4,
+                             compile=compile, progress=False)
+    pairwise = fi.pairwise_scores(model, task, factors, data, data, batch_size=4, compile=compile, progress=False)
+    self_scores = fi.self_scores(model, task, factors, data, batch_size=4, compile=compile, progress=False)
+    measured = fi.self_scores(model, task, factors, data, batch_size=4, use_measurement=True, compile=compile,
+                              progress=False)
+    return pairwise, self_scores, measured
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_compiled_equals_eager_with_one_graph_per_step(workload):
+    model, data, task = WORKLOADS[workload]()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _run(model, task, data, "ekfac", {"backend": "aot_eager"})
+    eager = _run(model, task, data, "ekfac", False)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
+    # covariance, lambda, query gradients, pairwise train pass, self, self with measurement: six steps,
+    # each one graph (all batches have the same shapes here); fullgraph=True makes any break an error.
+    assert counters["stats"]["unique_graphs"] == 6
+    assert not counters["graph_break"]
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_diagonal_pipeline():
+    model, data, task = WORKLOADS["mlp"]()
+    torch._dynamo.reset()
+    compiled = _run(model, task, data, "diagonal", True)
+    eager = _run(model, task, data, "diagonal", False)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-9, atol=1e-12)
