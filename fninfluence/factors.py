@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -27,6 +28,33 @@ class Factors:
     tensors: Dict[str, Dict[str, torch.Tensor]] = field(repr=False)
     num_examples: int
     use_empirical_fisher: bool = False
+    passes_done: Tuple[str, ...] = None
+
+    def __post_init__(self):
+        if self.passes_done is None:
+            self.passes_done = tuple(p.name for p in self.estimator.passes)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every pass of the estimator has been fitted."""
+        return all(p.name in self.passes_done for p in self.estimator.passes)
+
+    def save(self, path: Union[str, Path], *, overwrite: bool = False) -> None:
+        """Write the factors to a Zarr v3 store at ``path`` (see docs/storage.md)."""
+        from .store.factors_store import save_factors
+
+        save_factors(self, Path(path), overwrite=overwrite)
+
+    @staticmethod
+    def load(path: Union[str, Path], estimator: Optional[CurvatureEstimator] = None) -> "Factors":
+        """Read factors from a store written by :meth:`save` or ``fit_factors(store=...)``.
+
+        Only JSON attributes and numeric arrays are read: nothing is unpickled or executed. A custom
+        estimator is not stored by value: pass it as ``estimator``.
+        """
+        from .store.factors_store import load_factors
+
+        return load_factors(Path(path), estimator)
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{name}: {spec.op} {spec.shape}" for name, spec in self.layers.items())
@@ -43,4 +71,4 @@ class Factors:
             for layer, tensors in self.tensors.items()
         }
         return Factors(self.strategy, self.estimator, dict(self.layers), moved, self.num_examples,
-                       self.use_empirical_fisher)
+                       self.use_empirical_fisher, self.passes_done)

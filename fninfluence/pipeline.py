@@ -1,9 +1,10 @@
-"""The imperative shell: loops over data, discovery, compilation, progress.
+"""The imperative shell: loops over data, cells (data x module partitions), stores, compilation, progress.
 
 Each public function composes the pure per-batch pieces — :meth:`ModelTap.layer_stats`, an
 estimator's ``update`` / ``precondition`` / ``self_score``, the contractions in :mod:`.scores` — into one
 step function per pass, optionally compiled with ``torch.compile(fullgraph=True)``, and runs it over
-the batches.
+the batches of each cell. With a ``store`` every finished cell is written to Zarr and marked complete,
+so a killed run loses at most the cells in progress and a rerun computes only the missing ones.
 """
 
 from __future__ import annotations
@@ -11,24 +12,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .capture import ModelTap, check_finite
+from . import partitions as parts
+from .capture import LayerSpec, ModelTap, check_finite
 from .curvature import CurvatureEstimator, get_estimator, per_example_grads
 from .data import Data, batches, num_batches
 from .errors import InfluenceError
 from .factors import Factors
-from .scores import example_grad_dot, pairwise_layer_scores, total
+from .precision import Precision
+from .scores import (Query, example_grad_dot, low_rank, pairwise_layer_scores, spread_to_tokens,
+                     summed_train_scores, total)
+from .store import factors_store, scores_store
 from .task import Task
 
 logger = logging.getLogger("fninfluence")
 
 CompileOption = Union[bool, Mapping[str, Any]]
+PerPass = Union[int, None, Mapping[str, Optional[int]]]
+Targets = Optional[Sequence[int]]
 
+
+# -- small helpers ---------------------------------------------------------------------------------
 
 def _maybe_compile(fn: Callable, compile: CompileOption) -> Callable:
     """``fn`` itself, or ``torch.compile(fn, fullgraph=True, **options)``: a graph break is an error."""
@@ -36,10 +47,6 @@ def _maybe_compile(fn: Callable, compile: CompileOption) -> Callable:
         return fn
     options = {} if compile is True else dict(compile)
     return torch.compile(fn, fullgraph=True, **options)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _progress(data: Data, batch_size: Optional[int], desc: str, enabled: bool, argument: str):
@@ -59,8 +66,84 @@ def _on_batch(what: str, index: int):
 
 
 def _check_damping(damping: Optional[float]) -> None:
-    if damping is not None and (not isinstance(damping, (int, float)) or damping < 0):
+    if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0):
         raise InfluenceError(f"damping must be a non-negative number or None (heuristic), got {damping!r}.")
+
+
+def _length(data: Data, argument: str) -> int:
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if not hasattr(dataset, "__len__"):
+        raise InfluenceError(f"{argument} has no length; partitions, max_examples and stores need a sized Dataset.")
+    return len(dataset)
+
+
+def _subset(data: Data, indices: range) -> Data:
+    """The examples ``indices`` of ``data``, keeping a DataLoader's batching and collation."""
+    if isinstance(data, DataLoader):
+        return DataLoader(Subset(data.dataset, indices), batch_size=data.batch_size, collate_fn=data.collate_fn,
+                          num_workers=data.num_workers, pin_memory=data.pin_memory, drop_last=data.drop_last)
+    return Subset(data, indices)
+
+
+def _per_pass(value: PerPass, name: str, default):
+    if isinstance(value, Mapping):
+        return value.get(name, default)
+    return default if value is None else value
+
+
+def _cast_stats(stats: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if k in ("a", "g") else v for k, v in stats.items()}
+
+
+def _first_batch(data: Data, batch_size: Optional[int], device: torch.device, argument: str):
+    first = next(iter(batches(data, batch_size, device, argument)), None)
+    if first is None:
+        raise InfluenceError(f"{argument} is empty: there is nothing to compute on.")
+    return first
+
+
+def _discover(model, task, data, batch_size, objective, amp_dtype, argument="data") -> ModelTap:
+    engine = ModelTap(model, task, amp_dtype=amp_dtype)
+    engine.probes_for(objective, _first_batch(data, batch_size, engine.device, argument))
+    return engine
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+
+def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype) -> torch.dtype:
+    requested = precision.covariance_dtype if pass_name == "covariance" else precision.lambda_dtype
+    return precision.accumulator(requested, model_dtype)
+
+
+def _fit_cell(engine: ModelTap, fit_pass, objective: str, data: Data, batch_size, earlier, precision: Precision,
+              compile: CompileOption, progress: bool, label: str):
+    """Sum of ``fit_pass`` states over ``data`` for the engine's layers: ``(states, examples)``."""
+    model_dtype = engine.dtype
+    state_dtype = _state_dtype(precision, fit_pass.name, model_dtype)
+    compute_dtype = precision.compute(precision.per_sample_gradient_dtype, model_dtype) \
+        if fit_pass.name != "covariance" else state_dtype
+
+    def step(params, buffers, batch, probes, state, earlier):
+        loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
+        return loss, {layer: fit_pass.update(state[layer], _cast_stats(stats[layer], compute_dtype), earlier[layer])
+                      for layer in state}
+
+    run = _maybe_compile(step, compile)
+    state, examples = None, 0
+    bar = _progress(data, batch_size, label, progress, "data")
+    for index, batch in enumerate(batches(data, batch_size, engine.device)):
+        with _on_batch(label, index):
+            probes = engine.probes_for(objective, batch)
+            if state is None:
+                state = {layer: fit_pass.init(spec.shape, state_dtype, engine.device)
+                         for layer, spec in engine.specs.items()}
+            loss, state = run(engine.params, engine.buffers, batch, probes, state,
+                              {layer: earlier.get(layer, {}) for layer in engine.specs})
+        check_finite(loss, objective, index)
+        examples += next(iter(probes.values()))[0].shape[0]
+        bar.update(1)
+    bar.close()
+    return state, examples
 
 
 def fit_factors(
@@ -73,100 +156,177 @@ def fit_factors(
     batch_size: Optional[int] = None,
     compile: CompileOption = False,
     progress: bool = True,
-) -> Factors:
+    store: Optional[Union[str, Path]] = None,
+    overwrite: bool = False,
+    passes: Optional[Sequence[str]] = None,
+    max_examples: PerPass = None,
+    data_partitions: PerPass = 1,
+    module_partitions: PerPass = 1,
+    target_data_partitions: Targets = None,
+    target_module_partitions: Targets = None,
+    precision: Optional[Precision] = None,
+) -> Optional[Factors]:
     """Fit the curvature factors of ``strategy`` on ``data``.
 
     With ``use_empirical_fisher=False`` (the default) the task is asked for labels sampled from the
     model (``sample=True``), which gives the true Fisher; with True the batch's own labels are used.
     ``compile`` may be True or a dict of ``torch.compile`` options (``fullgraph=True`` is always set).
+
+    Partitions and persistence: each pass over the data (``covariance`` and ``lambda`` for EKFAC) is split
+    into ``data_partitions`` x ``module_partitions`` cells (an int, or a dict per pass name); with
+    ``store`` (a directory) each finished cell is written there, so several processes can fill disjoint
+    cells (``target_data_partitions`` / ``target_module_partitions``) and a rerun computes only what is
+    missing. ``passes`` restricts the run to some passes (later passes read earlier ones from the store).
+    ``max_examples`` (an int or a dict per pass) uses only the first examples of ``data``.
+
+    Returns the factors once every cell of every pass is complete, else None.
     """
     estimator = get_estimator(strategy)
-    engine = ModelTap(model, task)
+    precision = precision or Precision()
     objective = "train" if use_empirical_fisher else "train_sampled"
-    dtype = _accumulation_dtype(engine.dtype)
-    factors: Dict[str, Dict[str, torch.Tensor]] = {}
-    examples = 0
+    engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype)
+    specs = dict(engine.specs)
+    pass_names = [p.name for p in estimator.passes]
+    wanted = pass_names if passes is None else list(passes)
+    unknown = [p for p in wanted if p not in pass_names]
+    if unknown:
+        raise InfluenceError(f"Unknown passes {unknown} for strategy {estimator.name!r}: it has {pass_names}.")
 
-    if not estimator.passes:  # identity: only the layer structure is needed
-        first = next(iter(batches(data, batch_size, engine.device)), None)
-        if first is None:
-            raise InfluenceError("data is empty: there is nothing to fit factors on.")
-        engine.probes_for(objective, first)
-
+    total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1) else None
+    plan = {}
     for fit_pass in estimator.passes:
-        def step(params, buffers, batch, probes, state, earlier, fit_pass=fit_pass):
-            loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
-            return loss, {layer: fit_pass.update(state[layer], stats[layer], earlier[layer]) for layer in state}
+        limit = _per_pass(max_examples, fit_pass.name, None)
+        examples = total_examples if limit is None or total_examples is None else min(limit, total_examples)
+        plan[fit_pass.name] = (
+            examples,
+            _per_pass(data_partitions, fit_pass.name, 1),
+            _per_pass(module_partitions, fit_pass.name, 1),
+        )
+        parts.check_count(plan[fit_pass.name][1], "data partitions")
+        parts.check_count(plan[fit_pass.name][2], "module partitions")
 
-        run = _maybe_compile(step, compile)
-        state, examples, started = None, 0, time.perf_counter()
-        bar = _progress(data, batch_size, f"{estimator.name}: {fit_pass.name}", progress, "data")
-        for index, batch in enumerate(batches(data, batch_size, engine.device)):
-            with _on_batch(f"{estimator.name} {fit_pass.name}", index):
-                probes = engine.probes_for(objective, batch)
-            if state is None:
-                state = {layer: fit_pass.init(spec.shape, dtype, engine.device) for layer, spec in engine.specs.items()}
-                factors = {layer: factors.get(layer, {}) for layer in engine.specs}
-            with _on_batch(f"{estimator.name} {fit_pass.name}", index):
-                loss, state = run(engine.params, engine.buffers, batch, probes, state, factors)
-            check_finite(loss, objective, index)
-            examples += next(iter(probes.values()))[0].shape[0]
-            bar.update(1)
-        bar.close()
-        if state is None:
-            raise InfluenceError("data is empty: there is nothing to fit factors on.")
-        factors = {layer: {**factors[layer], **fit_pass.finalize(state[layer], factors[layer])} for layer in state}
-        logger.info("%s %s pass: %d examples in %.2fs", estimator.name, fit_pass.name, examples,
+    saved = None
+    if store is not None:
+        saved = factors_store.open_fit(
+            Path(store), model=model, data=data, estimator=estimator, specs=specs, plan=plan,
+            arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict()},
+            state_dtypes={p.name: _state_dtype(precision, p.name, engine.dtype) for p in estimator.passes},
+            overwrite=overwrite,
+        )
+
+    factors: Dict[str, Dict[str, torch.Tensor]] = {layer: {} for layer in specs}
+    done_passes: List[str] = []
+    examples_seen = 0
+    for fit_pass in estimator.passes:
+        if saved is not None and saved.pass_complete(fit_pass.name):
+            factors = saved.merge_pass_outputs(fit_pass.name, factors)
+            done_passes.append(fit_pass.name)
+            continue
+        if fit_pass.name not in wanted:
+            if any(p in wanted for p in pass_names[pass_names.index(fit_pass.name) + 1:]):
+                raise InfluenceError(
+                    f"Pass {fit_pass.name!r} must be complete before the later passes {wanted}: run it first "
+                    "(with the same store)."
+                )
+            continue
+        examples, data_parts, module_parts = plan[fit_pass.name]
+        pass_data = data if examples is None or examples == total_examples else _subset(data, range(examples))
+        ranges = parts.data_ranges(examples, data_parts) if examples is not None else [None]
+        groups = parts.module_groups(list(specs), module_parts)
+        targets_d = parts.targets(target_data_partitions, len(ranges), "data partitions")
+        targets_m = parts.targets(target_module_partitions, len(groups), "module partitions")
+        started = time.perf_counter()
+        summed: Dict[str, Dict[str, torch.Tensor]] = {}
+        for m in targets_m:
+            cell_engine = engine if module_parts == 1 else ModelTap(model, task, layers=groups[m],
+                                                                    amp_dtype=precision.amp_dtype)
+            for d in targets_d:
+                cell = parts.cell_name(fit_pass.name, d, m)
+                if saved is not None and saved.cell_done(cell):
+                    continue
+                cell_data = pass_data if ranges[d] is None or len(ranges) == 1 else _subset(pass_data, ranges[d])
+                if ranges[d] is not None and len(ranges[d]) == 0:
+                    states, n = {layer: fit_pass.init(specs[layer].shape, torch.float64, engine.device)
+                                 for layer in groups[m]}, 0
+                else:
+                    states, n = _fit_cell(cell_engine, fit_pass, objective, cell_data, batch_size, factors, precision,
+                                          compile, progress, f"{estimator.name} {fit_pass.name} [{cell}]")
+                examples_seen += n
+                if saved is not None:
+                    saved.write_cell(fit_pass.name, d, states, cell, n)
+                else:
+                    for layer, state in states.items():
+                        summed[layer] = state if layer not in summed else {
+                            k: summed[layer][k] + v.to(summed[layer][k].dtype) for k, v in state.items()}
+        if saved is not None:
+            if not saved.all_cells_done(fit_pass.name, len(ranges), len(groups)):
+                logger.info("%s: pass %s has missing cells %s; rerun to complete it.", store, fit_pass.name,
+                            saved.missing_cells(fit_pass.name, len(ranges), len(groups)))
+                return None
+            summed = saved.sum_partials(fit_pass.name)
+        elif sorted(targets_d) != list(range(len(ranges))) or sorted(targets_m) != list(range(len(groups))):
+            raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
+        outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer in specs}
+        factors = {layer: {**factors[layer], **outputs[layer]} for layer in specs}
+        if saved is not None:
+            saved.write_pass_outputs(fit_pass.name, outputs)
+        done_passes.append(fit_pass.name)
+        logger.info("%s %s pass: %d examples in %.2fs", estimator.name, fit_pass.name, examples_seen,
                     time.perf_counter() - started)
 
-    return Factors(
-        strategy=estimator.name, estimator=estimator, layers=dict(engine.specs),
-        tensors={layer: factors.get(layer, {}) for layer in engine.specs}, num_examples=examples,
-        use_empirical_fisher=use_empirical_fisher,
-    )
+    complete = len(done_passes) == len(pass_names)
+    result = Factors(strategy=estimator.name, estimator=estimator, layers=specs, tensors=factors,
+                     num_examples=saved.num_examples() if saved is not None else examples_seen,
+                     use_empirical_fisher=use_empirical_fisher, passes_done=tuple(done_passes))
+    if saved is not None and complete:
+        saved.mark_complete()
+    if passes is None and not complete:
+        return None
+    return result
 
+
+# -- scoring ---------------------------------------------------------------------------------------
 
 def _check_layers(factors: Factors, engine: ModelTap) -> None:
-    fitted = {name: spec.shape for name, spec in factors.layers.items()}
+    fitted = {name: spec.shape for name, spec in factors.layers.items() if name in engine.specs}
     here = {name: spec.shape for name, spec in engine.specs.items()}
-    if fitted != here:
+    if fitted != here or not set(engine.specs) <= set(factors.layers):
         raise InfluenceError(
-            f"The factors were fitted on layers {fitted}, but this model and task track {here}. Fit factors "
-            "with the same model and Task.tracked_modules()."
+            f"The factors were fitted on layers { {n: s.shape for n, s in factors.layers.items()} }, but this model "
+            f"and task track {here}. Fit factors with the same model and Task.tracked_modules()."
         )
+    if not factors.complete:
+        missing = [p.name for p in factors.estimator.passes if p.name not in factors.passes_done]
+        raise InfluenceError(f"The factors are incomplete (passes {missing} missing): finish fit_factors first.")
 
 
 def _factors_on(factors: Factors, engine: ModelTap) -> Dict[str, Dict[str, torch.Tensor]]:
     """Factors on the model's device, fetched once per call rather than per batch."""
-    return {layer: {k: v.to(engine.device) for k, v in t.items()} for layer, t in factors.tensors.items()}
+    return {layer: {k: v.to(engine.device) for k, v in factors.tensors[layer].items()} for layer in engine.specs}
 
 
-def query_gradients(
-    model: nn.Module,
-    task: Task,
-    factors: Factors,
-    query_data: Data,
-    *,
-    damping: Optional[float] = None,
-    batch_size: Optional[int] = None,
-    compile: CompileOption = False,
-    progress: bool = True,
-    _engine: Optional[ModelTap] = None,
-) -> List[Dict[str, torch.Tensor]]:
-    """Preconditioned measurement gradients ``P(grad f(query))``, one dict ``{layer: [Q_b, G, out, in]}`` per batch."""
-    _check_damping(damping)
-    engine = _engine or ModelTap(model, task)
+def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, damping, batch_size, compile,
+                     progress, precision: Precision, aggregate: bool) -> List[Dict[str, torch.Tensor]]:
+    """Preconditioned measurement gradients ``{layer: [Q_b, G, out, in]}`` per query batch (one if aggregated)."""
     estimator = factors.estimator
+    if engine.specs is None:
+        engine.probes_for("measurement", _first_batch(query_data, batch_size, engine.device, "query_data"))
     on_device = _factors_on(factors, engine)
+    grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
+    precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
+
+    def precondition(layer_factors, grads):
+        return estimator.precondition(layer_factors, grads.to(precondition_dtype), damping)
 
     def step(params, buffers, batch, probes, layer_factors):
         loss, stats = engine.layer_stats("measurement", params, buffers, batch, probes)
-        grads = {layer: estimator.precondition(layer_factors[layer], per_example_grads(s), damping)
-                 for layer, s in stats.items()}
-        return loss, grads
+        grads = {layer: per_example_grads(_cast_stats(s, grad_dtype)) for layer, s in stats.items()}
+        if aggregate:
+            return loss, {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
+        return loss, {layer: precondition(layer_factors[layer], g) for layer, g in grads.items()}
 
     run = _maybe_compile(step, compile)
-    chunks = []
+    chunks: List[Dict[str, torch.Tensor]] = []
     bar = _progress(query_data, batch_size, "query gradients", progress, "query_data")
     for index, batch in enumerate(batches(query_data, batch_size, engine.device, "query_data")):
         with _on_batch("query gradients", index):
@@ -179,7 +339,125 @@ def query_gradients(
     bar.close()
     if not chunks:
         raise InfluenceError("query_data is empty: there is no query to score.")
+    if aggregate:
+        summed = {layer: sum(c[layer] for c in chunks) for layer in chunks[0]}
+        chunks = [{layer: precondition(on_device[layer], g) for layer, g in summed.items()}]
     return chunks
+
+
+def query_gradients(
+    model: nn.Module,
+    task: Task,
+    factors: Factors,
+    query_data: Data,
+    *,
+    damping: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    compile: CompileOption = False,
+    progress: bool = True,
+    aggregate: bool = False,
+    precision: Optional[Precision] = None,
+) -> Dict[str, torch.Tensor]:
+    """Preconditioned measurement gradients ``P(grad f(query))``: ``{layer: [Q, G, out, in]}``.
+
+    With ``aggregate=True`` the gradients are summed over all queries first: ``{layer: [1, G, out, in]}``.
+    """
+    _check_damping(damping)
+    precision = precision or Precision()
+    engine = ModelTap(model, task, amp_dtype=precision.amp_dtype)
+    chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=batch_size, compile=compile,
+                              progress=progress, precision=precision, aggregate=aggregate)
+    return {layer: torch.cat([c[layer] for c in chunks]) for layer in chunks[0]}
+
+
+def _compress(chunks: List[Dict[str, torch.Tensor]], rank, full_svd, precision: Precision, dtype) -> List[Dict[str, Query]]:
+    svd_dtype = precision.compute(precision.svd_dtype, dtype)
+    score_dtype = precision.compute(precision.score_dtype, dtype)
+    return [{layer: low_rank(g, rank, full_svd, svd_dtype, score_dtype) for layer, g in c.items()} for c in chunks]
+
+
+def _group_queries(chunks: List[Dict[str, Query]], per_pass: Optional[int]) -> List[List[Dict[str, Query]]]:
+    """Query batches grouped so that each group holds at most ``per_pass`` queries (None: one group)."""
+    if per_pass is None:
+        return [chunks]
+    groups, current, count = [], [], 0
+    for chunk in chunks:
+        size = _rows(next(iter(chunk.values())))
+        if current and count + size > per_pass:
+            groups.append(current)
+            current, count = [], 0
+        current.append(chunk)
+        count += size
+    return groups + [current]
+
+
+def _rows(query: Query) -> int:
+    return (query[0] if isinstance(query, tuple) else query).shape[0]
+
+
+def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_data: Data, *, damping, batch_size,
+                   query_batch_size, compile, progress, precision, per_token, rank, full_svd, aggregate_queries,
+                   aggregate_train, queries_per_pass, label) -> Dict[str, torch.Tensor]:
+    """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``)."""
+    chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=query_batch_size,
+                              compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries)
+    queries = _compress(chunks, rank, full_svd, precision, engine.dtype)
+    score_dtype = precision.compute(precision.score_dtype, engine.dtype)
+    specs = engine.specs
+
+    def step(params, buffers, batch, probes, group):
+        loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
+        columns = {}
+        for layer, s in stats.items():
+            s = _cast_stats(s, score_dtype)
+            if aggregate_train:
+                columns[layer] = torch.cat([summed_train_scores(q[layer], s) for q in group])[:, None]
+            else:
+                columns[layer] = torch.cat([pairwise_layer_scores(q[layer], s, per_token, specs[layer].calls)
+                                            for q in group], dim=0)
+        return loss, columns
+
+    run = _maybe_compile(step, compile)
+    results: Dict[str, List[torch.Tensor]] = {}
+    for group in _group_queries(queries, queries_per_pass):
+        columns: Dict[str, List[torch.Tensor]] = {layer: [] for layer in specs}
+        bar = _progress(train_data, batch_size, label, progress, "train_data")
+        for index, batch in enumerate(batches(train_data, batch_size, engine.device, "train_data")):
+            with _on_batch(label, index):
+                probes = engine.probes_for("train", batch)
+                loss, block = run(engine.params, engine.buffers, batch, probes, group)
+            check_finite(loss, "train", index)
+            for layer, value in block.items():
+                columns[layer].append(value)
+            bar.update(1)
+        bar.close()
+        for layer, blocks in columns.items():
+            if not blocks:
+                continue
+            joined = sum(blocks) if aggregate_train else torch.cat(blocks, dim=1)
+            results.setdefault(layer, []).append(joined)
+    if not results:
+        rows = sum(_rows(next(iter(c.values()))) for c in queries)
+        return {layer: torch.zeros(rows, 1 if aggregate_train else 0, dtype=score_dtype, device=engine.device)
+                for layer in specs}
+    per_layer = {layer: torch.cat(blocks, dim=0) for layer, blocks in results.items()}
+    if per_token:
+        per_layer = _align_tokens(per_layer)
+    return per_layer
+
+
+def _align_tokens(per_layer: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Layers without a token dimension (T = 1) spread their scores evenly over the others' tokens."""
+    lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1}
+    if len(lengths) > 1:
+        raise InfluenceError(
+            f"Per-token scores need one token count across layers, but the tracked layers have {sorted(lengths)} "
+            "tokens per example. Track layers that share a sequence length, or use per_module=True."
+        )
+    if not lengths:
+        return per_layer
+    tokens = lengths.pop()
+    return {layer: spread_to_tokens(v[..., 0], tokens) if v.shape[-1] == 1 else v for layer, v in per_layer.items()}
 
 
 def pairwise_scores(
@@ -195,42 +473,102 @@ def pairwise_scores(
     per_module: bool = False,
     compile: CompileOption = False,
     progress: bool = True,
-) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+    per_token: bool = False,
+    query_rank: Optional[int] = None,
+    full_svd: bool = False,
+    aggregate_queries: bool = False,
+    aggregate_train: bool = False,
+    queries_per_pass: Optional[int] = None,
+    store: Optional[Union[str, Path]] = None,
+    overwrite: bool = False,
+    data_partitions: int = 1,
+    module_partitions: int = 1,
+    target_data_partitions: Targets = None,
+    target_module_partitions: Targets = None,
+    precision: Optional[Precision] = None,
+) -> Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Influence of every training example on every query: a ``[Q, N]`` tensor (per layer if ``per_module``).
 
     ``score[q, n] = sum_layers <P(grad f(query_q)), grad L(train_n)>`` where ``P`` is the damped inverse
     curvature of ``factors`` (damping ``None`` = 0.1 x mean eigenvalue per layer). The queries are
     preconditioned once, in batches of ``query_batch_size`` (default ``batch_size``), and kept; then one
-    pass over the training data scores every query batch against each training batch.
-    """
-    engine = ModelTap(model, task)
-    chunks = query_gradients(model, task, factors, query_data, damping=damping,
-                             batch_size=query_batch_size or batch_size, compile=compile, progress=progress,
-                             _engine=engine)
+    pass over the training data scores them all (``queries_per_pass`` bounds how many are kept per pass).
 
-    def step(params, buffers, batch, probes, chunks):
+    Options: ``per_token`` gives ``[Q, N, T]`` (layers without tokens spread evenly over them);
+    ``query_rank`` keeps a rank-r SVD of each preconditioned query gradient (``full_svd`` for an exact
+    SVD instead of the randomised one); ``aggregate_queries`` / ``aggregate_train`` sum the gradients of
+    all queries / all training examples (``[1, N]`` / ``[Q, 1]``). ``store``, partitions and targets work
+    as in :func:`fit_factors`; the result is None while cells are missing.
+    """
+    _check_damping(damping)
+    precision = precision or Precision()
+    if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
+        raise InfluenceError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
+    if per_token and aggregate_train:
+        raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
+    engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data")
+    specs = dict(engine.specs)
+    options = dict(damping=damping, batch_size=batch_size, query_batch_size=query_batch_size or batch_size,
+                   compile=compile, progress=progress, precision=precision, per_token=per_token, rank=query_rank,
+                   full_svd=full_svd, aggregate_queries=aggregate_queries, aggregate_train=aggregate_train,
+                   queries_per_pass=queries_per_pass)
+    if store is None and data_partitions == 1 and module_partitions == 1:
+        if target_data_partitions is not None or target_module_partitions is not None:
+            raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
+        _check_layers(factors, engine)
+        per_layer = _pairwise_cell(engine, factors, query_data, train_data, label="pairwise scores", **options)
+        return per_layer if per_module else total(per_layer)
+    return _partitioned_scores(
+        "pairwise", model, task, factors, engine, specs, train_data, query_data, store, overwrite, data_partitions,
+        module_partitions, target_data_partitions, target_module_partitions, per_module, options,
+        lambda cell_engine, cell_data, label: _pairwise_cell(cell_engine, factors, query_data, cell_data,
+                                                             label=label, **options),
+    )
+
+
+def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch_size, compile, progress,
+               precision: Precision, use_measurement: bool, label: str) -> Dict[str, torch.Tensor]:
+    estimator = factors.estimator
+    if engine.specs is None:
+        engine.probes_for("train", _first_batch(data, batch_size, engine.device, "data"))
+    on_device = _factors_on(factors, engine)
+    grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
+    precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
+    score_dtype = precision.compute(precision.score_dtype, engine.dtype)
+
+    def step(params, buffers, batch, probes, measurement_probes, layer_factors):
         loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
-        columns = {layer: torch.cat([pairwise_layer_scores(chunk[layer], s) for chunk in chunks], dim=0)
-                   for layer, s in stats.items()}
-        return loss, columns
+        stats = {layer: _cast_stats(s, grad_dtype) for layer, s in stats.items()}
+        if not use_measurement:
+            scores = {layer: estimator.self_score(layer_factors[layer], _cast_stats(s, precondition_dtype), damping)
+                      for layer, s in stats.items()}
+            return (loss, None), {layer: v.to(score_dtype) for layer, v in scores.items()}
+        measured, measured_stats = engine.layer_stats("measurement", params, buffers, batch, measurement_probes)
+        scores = {}
+        for layer, s in stats.items():
+            grads = per_example_grads(_cast_stats(measured_stats[layer], grad_dtype)).to(precondition_dtype)
+            preconditioned = estimator.precondition(layer_factors[layer], grads, damping).to(score_dtype)
+            scores[layer] = example_grad_dot(preconditioned, _cast_stats(s, score_dtype))
+        return (loss, measured), scores
 
     run = _maybe_compile(step, compile)
-    columns: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
-    bar = _progress(train_data, batch_size, "pairwise scores", progress, "train_data")
-    for index, batch in enumerate(batches(train_data, batch_size, engine.device, "train_data")):
-        with _on_batch("pairwise scores", index):
+    blocks: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
+    bar = _progress(data, batch_size, label, progress, "data")
+    for index, batch in enumerate(batches(data, batch_size, engine.device)):
+        with _on_batch(label, index):
             probes = engine.probes_for("train", batch)
+            measurement_probes = engine.probes_for("measurement", batch) if use_measurement else None
             _check_layers(factors, engine)
-            loss, batch_columns = run(engine.params, engine.buffers, batch, probes, chunks)
+            (loss, measured), scores = run(engine.params, engine.buffers, batch, probes, measurement_probes, on_device)
         check_finite(loss, "train", index)
-        for layer, block in batch_columns.items():
-            columns[layer].append(block)
+        if measured is not None:
+            check_finite(measured, "measurement", index)
+        for layer, block in scores.items():
+            blocks[layer].append(block)
         bar.update(1)
     bar.close()
-    if not any(columns.values()):
-        raise InfluenceError("train_data is empty: there is nothing to score.")
-    per_layer = {layer: torch.cat(blocks, dim=1) for layer, blocks in columns.items()}
-    return per_layer if per_module else total(per_layer)
+    return {layer: torch.cat(b) if b else torch.zeros(0, dtype=score_dtype, device=engine.device)
+            for layer, b in blocks.items()}
 
 
 def self_scores(
@@ -245,47 +583,106 @@ def self_scores(
     per_module: bool = False,
     compile: CompileOption = False,
     progress: bool = True,
-) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+    store: Optional[Union[str, Path]] = None,
+    overwrite: bool = False,
+    data_partitions: int = 1,
+    module_partitions: int = 1,
+    target_data_partitions: Targets = None,
+    target_module_partitions: Targets = None,
+    precision: Optional[Precision] = None,
+) -> Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Self-influence ``<P(grad L(z_n)), grad L(z_n)>`` of every example: a ``[N]`` tensor.
 
     With ``use_measurement=True`` the preconditioned side is the measurement's gradient:
-    ``<P(grad f(z_n)), grad L(z_n)>``.
+    ``<P(grad f(z_n)), grad L(z_n)>``. ``store``, partitions and targets work as in :func:`fit_factors`.
     """
     _check_damping(damping)
-    engine = ModelTap(model, task)
-    estimator = factors.estimator
-    on_device = _factors_on(factors, engine)
+    precision = precision or Precision()
+    engine = _discover(model, task, data, batch_size, "train", precision.amp_dtype)
+    specs = dict(engine.specs)
+    options = dict(damping=damping, batch_size=batch_size, compile=compile, progress=progress, precision=precision,
+                   use_measurement=use_measurement)
+    if store is None and data_partitions == 1 and module_partitions == 1:
+        if target_data_partitions is not None or target_module_partitions is not None:
+            raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
+        _check_layers(factors, engine)
+        per_layer = _self_cell(engine, factors, data, label="self scores", **options)
+        return per_layer if per_module else total(per_layer)
+    return _partitioned_scores(
+        "self", model, task, factors, engine, specs, data, None, store, overwrite, data_partitions, module_partitions,
+        target_data_partitions, target_module_partitions, per_module, options,
+        lambda cell_engine, cell_data, label: _self_cell(cell_engine, factors, cell_data, label=label, **options),
+    )
 
-    def step(params, buffers, batch, probes, measurement_probes, layer_factors):
-        loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
-        if not use_measurement:
-            return (loss, None), {layer: estimator.self_score(layer_factors[layer], s, damping)
-                                  for layer, s in stats.items()}
-        measured, measured_stats = engine.layer_stats("measurement", params, buffers, batch, measurement_probes)
-        scores = {
-            layer: example_grad_dot(
-                estimator.precondition(layer_factors[layer], per_example_grads(measured_stats[layer]), damping), s)
-            for layer, s in stats.items()
-        }
-        return (loss, measured), scores
 
-    run = _maybe_compile(step, compile)
-    blocks: Dict[str, List[torch.Tensor]] = {}
-    bar = _progress(data, batch_size, "self scores", progress, "data")
-    for index, batch in enumerate(batches(data, batch_size, engine.device)):
-        with _on_batch("self scores", index):
-            probes = engine.probes_for("train", batch)
-            measurement_probes = engine.probes_for("measurement", batch) if use_measurement else None
-            _check_layers(factors, engine)
-            (loss, measured), scores = run(engine.params, engine.buffers, batch, probes, measurement_probes, on_device)
-        check_finite(loss, "train", index)
-        if measured is not None:
-            check_finite(measured, "measurement", index)
-        for layer, block in scores.items():
-            blocks.setdefault(layer, []).append(block)
-        bar.update(1)
-    bar.close()
-    if not blocks:
-        raise InfluenceError("data is empty: there is nothing to score.")
-    per_layer = {layer: torch.cat(b) for layer, b in blocks.items()}
+def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, query_data, store, overwrite,
+                        data_partitions, module_partitions, target_data_partitions, target_module_partitions,
+                        per_module, options, compute_cell):
+    """Scores cell by cell (data x module partitions), in memory or through a store."""
+    _check_layers(factors, engine)
+    examples = _length(train_data, "train_data" if kind == "pairwise" else "data")
+    ranges = parts.data_ranges(examples, data_partitions)
+    groups = parts.module_groups(list(specs), module_partitions)
+    targets_d = parts.targets(target_data_partitions, len(ranges), "data partitions")
+    targets_m = parts.targets(target_module_partitions, len(groups), "module partitions")
+    amp_dtype = options["precision"].amp_dtype
+    saved = None
+    if store is not None:
+        saved = scores_store.open_scores(
+            Path(store), kind=kind, model=model, factors=factors, specs=specs, train_data=train_data,
+            query_data=query_data, ranges=ranges, groups=groups, per_module=per_module,
+            shape=_score_shape(kind, model, task, factors, engine, query_data, train_data, options),
+            arguments={k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile",
+                                                                     "progress", "queries_per_pass", "precision")}
+            | {"precision": options["precision"].as_dict()},
+            overwrite=overwrite, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
+        )
+    elif sorted(targets_d) != list(range(len(ranges))) or sorted(targets_m) != list(range(len(groups))):
+        raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
+    cells: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+    for m in targets_m:
+        cell_engine = engine if len(groups) == 1 else ModelTap(model, task, layers=groups[m], amp_dtype=amp_dtype)
+        for d in targets_d:
+            cell = parts.cell_name(kind, d, m)
+            if saved is not None and saved.cell_done(cell):
+                continue
+            per_layer = compute_cell(cell_engine, _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
+            if saved is not None:
+                saved.write_cell(d, m, per_layer, cell)
+            else:
+                cells[(d, m)] = per_layer
+    if saved is not None:
+        if not saved.all_cells_done():
+            logger.info("%s: cells %s are missing; rerun to complete the scores.", store, saved.missing_cells())
+            return None
+        result = saved.aggregate()
+        if per_module:
+            return {layer: result[layer] for layer in specs}
+        return result["all_modules"]
+    aggregate_train = options.get("aggregate_train", False)
+    per_layer = {}
+    for layer in specs:
+        m = next(i for i, g in enumerate(groups) if layer in g)
+        blocks = [cells[(d, m)][layer] for d in range(len(ranges))]
+        if kind == "pairwise":
+            per_layer[layer] = sum(blocks) if aggregate_train else torch.cat(blocks, dim=1)
+        else:
+            per_layer[layer] = torch.cat(blocks)
     return per_layer if per_module else total(per_layer)
+
+
+def _score_shape(kind, model, task, factors, engine, query_data, train_data, options) -> Tuple[int, ...]:
+    """The shape of the full score array, known before any cell is computed."""
+    examples = _length(train_data, "train_data" if kind == "pairwise" else "data")
+    if kind == "self":
+        return (examples,)
+    queries = 1 if options["aggregate_queries"] else _length(query_data, "query_data")
+    if options["aggregate_train"]:
+        return (queries, 1)
+    if options["per_token"]:
+        first = _first_batch(train_data, options["batch_size"], engine.device, "train_data")
+        lengths = {length for length in engine.tokens_per_call("train", first).values() if length != 1}
+        if len(lengths) > 1:
+            raise InfluenceError(f"Per-token scores need one token count across layers; tracked layers have {sorted(lengths)}.")
+        return (queries, examples, lengths.pop() if lengths else 1)
+    return (queries, examples)

@@ -6,22 +6,51 @@ example ``n``'s inputs ``a_{n,t}`` and output gradients ``g_{n,t}``:
     score[q, n] = <P_q, G_n> = sum_t g_{n,t}^T P_q a_{n,t}
 
 The per-example training gradient ``G_n = sum_t g_{n,t} a_{n,t}^T`` is not formed unless opt_einsum
-finds that cheapest for the shapes at hand. Scores add up over layers; a positive score means that
-upweighting the training example lowers the query's measurement. Scores are not divided by N.
+finds that cheapest for the shapes at hand. A low-rank query ``P_q ~ L_q R_q`` (``L: [G, out, r]``,
+``R: [G, r, in]``) is contracted as ``sum_t (g^T L)(R a)``. Per-token scores keep ``t``; a layer called
+several times per forward contributes its calls to the same token positions. Scores add up over
+layers; a positive score means that upweighting the training example lowers the query's measurement.
+Scores are not divided by N.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from .contract import contract
+from .errors import InfluenceError
+
+Query = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # dense [Q, G, out, in] or low rank (L, R)
 
 
-def pairwise_layer_scores(preconditioned: torch.Tensor, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[Q, N]`` scores of one layer from ``preconditioned: [Q, G, out, in]`` and a training batch's stats."""
-    return contract("qgoi,ntgo,ntgi->qn", preconditioned, stats["g"], stats["a"])
+def _fold_calls(per_token: torch.Tensor, calls: int) -> torch.Tensor:
+    """``[Q, N, calls * T] -> [Q, N, T]``: a reused layer's calls share token positions."""
+    if calls == 1:
+        return per_token
+    q, n, total = per_token.shape
+    return per_token.reshape(q, n, calls, total // calls).sum(2)
+
+
+def pairwise_layer_scores(query: Query, stats: Dict[str, torch.Tensor], per_token: bool = False,
+                          calls: int = 1) -> torch.Tensor:
+    """``[Q, N]`` (or ``[Q, N, T]``) scores of one layer against a training batch's stats."""
+    out = "qnt" if per_token else "qn"
+    if isinstance(query, tuple):
+        left, right = query
+        scores = contract(f"qgor,qgri,ntgo,ntgi->{out}", left, right, stats["g"], stats["a"])
+    else:
+        scores = contract(f"qgoi,ntgo,ntgi->{out}", query, stats["g"], stats["a"])
+    return _fold_calls(scores, calls) if per_token else scores
+
+
+def summed_train_scores(query: Query, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[Q]``: the scores against the sum of the batch's training gradients."""
+    if isinstance(query, tuple):
+        left, right = query
+        return contract("qgor,qgri,ntgo,ntgi->q", left, right, stats["g"], stats["a"])
+    return contract("qgoi,ntgo,ntgi->q", query, stats["g"], stats["a"])
 
 
 def example_grad_dot(preconditioned: torch.Tensor, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -29,6 +58,34 @@ def example_grad_dot(preconditioned: torch.Tensor, stats: Dict[str, torch.Tensor
     return contract("ngoi,ntgo,ntgi->n", preconditioned, stats["g"], stats["a"])
 
 
+def low_rank(preconditioned: torch.Tensor, rank: Optional[int], full_svd: bool, svd_dtype: torch.dtype,
+             out_dtype: torch.dtype) -> Query:
+    """``P ~ L R`` by a rank-``rank`` SVD per query and group, when the rank is below both matrix sides.
+
+    With ``full_svd=False`` the randomised ``torch.svd_lowrank`` is used (as in Kronfluence); its result
+    varies with the random state.
+    """
+    out, inp = preconditioned.shape[-2:]
+    if rank is None or min(out, inp) <= rank:
+        return preconditioned.to(out_dtype)
+    matrix = preconditioned.to(svd_dtype).contiguous()
+    if full_svd:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        left, right = u[..., :rank] * s[..., None, :rank], vh[..., :rank, :]
+    else:
+        u, s, v = torch.svd_lowrank(matrix.flatten(0, 1), q=rank)
+        left = (u * s[..., None, :]).reshape(*matrix.shape[:2], out, rank)
+        right = v.transpose(-1, -2).reshape(*matrix.shape[:2], rank, inp)
+    return left.to(out_dtype), right.to(out_dtype)
+
+
+def spread_to_tokens(scores: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per-token scores of a layer without a token dimension: its ``[Q, N]`` scores spread evenly over tokens."""
+    return (scores / tokens).unsqueeze(-1).expand(*scores.shape, tokens)
+
+
 def total(per_layer: Dict[str, torch.Tensor]) -> torch.Tensor:
     values = list(per_layer.values())
+    if len({tuple(v.shape) for v in values}) > 1:
+        raise InfluenceError(f"Per-layer scores of different shapes cannot be added: { {k: tuple(v.shape) for k, v in per_layer.items()} }.")
     return sum(values[1:], values[0])

@@ -8,7 +8,8 @@ the pipeline composes with curvature updates and score contractions, and what ``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import contextlib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -110,11 +111,16 @@ class ModelTap:
     every batch shape seen so far. Discovery runs once per (objective, batch shapes).
     """
 
-    def __init__(self, model: nn.Module, task: Task):
+    def __init__(self, model: nn.Module, task: Task, layers: Optional[Sequence[str]] = None,
+                 amp_dtype: Optional[torch.dtype] = None):
         check_model(model)
         self.model = model
         self.task = task
+        self.amp_dtype = amp_dtype
         self.targets: List[Target] = resolve_targets(model, tracked_module_names(task))
+        if layers is not None:
+            wanted = set(layers)
+            self.targets = [t for t in self.targets if t.layer in wanted]
         self.params: Dict[str, torch.Tensor] = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers: Dict[str, torch.Tensor] = {n: b.detach() for n, b in model.named_buffers()}
         self.specs: Optional[Dict[str, LayerSpec]] = None
@@ -131,7 +137,13 @@ class ModelTap:
     def _call(self, objective: str, params, buffers, batch) -> torch.Tensor:
         tensors = {"model." + k: v for k, v in params.items()}
         tensors.update({"model." + k: v for k, v in buffers.items()})
-        return torch.func.functional_call(self._callers[objective], tensors, (batch,))
+        with self._autocast():
+            return torch.func.functional_call(self._callers[objective], tensors, (batch,))
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def layer_stats(self, objective: str, params, buffers, batch, probes) -> Tuple[torch.Tensor, Dict[str, Dict[str, torch.Tensor]]]:
         """The loss of ``objective`` on ``batch`` and every tracked layer's inputs and output gradients.
@@ -173,6 +185,12 @@ class ModelTap:
             probes = self._discover(objective, batch)
             self._probes[key] = probes
         return probes
+
+    def tokens_per_call(self, objective: str, batch: Any) -> Dict[str, int]:
+        """Tokens per call of every tracked layer on batches shaped like ``batch`` (1 without a token dimension)."""
+        probes = self.probes_for(objective, batch)
+        return {layer: _HANDLERS_BY_NAME[self.specs[layer].op].output_grad(calls[0], self.specs[layer].groups).shape[1]
+                for layer, calls in probes.items()}
 
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)

@@ -1,0 +1,1 @@
+"""Zarr v3 persistence: factors and scores stores, partitions, completion markers, argument checks."""

@@ -1,0 +1,152 @@
+"""Zarr v3 on a local directory: layouts created once, chunks written by many, completion markers.
+
+Concurrency model (several processes filling one store):
+
+* the layout (groups, arrays, attributes) is written once, by whichever process wins an exclusive
+  lock file; the others wait for its ``.fninfluence-ready`` file and then only check the attributes;
+* after that, processes write only array chunks that belong to their own cells (data partitions are
+  chunk-aligned) and one marker file per finished cell, so no two processes write the same file;
+* zarr's LocalStore and the markers write to a temporary file and rename it, so a reader (or a process
+  killed at any moment) never sees half a file. A cell whose marker is missing is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Set, Tuple
+
+import numpy as np
+import torch
+import zarr
+
+from ..errors import InfluenceError
+from .fingerprint import differences
+
+FORMAT_VERSION = 1
+_READY = ".fninfluence-ready"
+_LOCK = ".fninfluence-create.lock"
+_DONE = "_done"
+LOCK_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: Tuple[int, ...]
+    chunks: Tuple[int, ...]
+    dtype: str
+    fill_value: float = 0.0
+
+
+def numpy_dtype(dtype: torch.dtype) -> str:
+    """The numpy dtype that holds ``dtype`` (bfloat16 is stored as float32)."""
+    return {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16"}.get(dtype, "float32")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _create(path: Path, header: Dict[str, Any], arrays: Dict[str, ArraySpec]) -> None:
+    root = zarr.open_group(str(path), mode="w")
+    for name, spec in arrays.items():
+        root.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
+                          overwrite=True)
+    root.attrs["fninfluence"] = header
+    _atomic_write_text(path / _READY, json.dumps({"created": time.time()}))
+
+
+def _check_header(path: Path, stored: Dict[str, Any], header: Dict[str, Any], identity_keys: Iterable[str]) -> None:
+    if stored.get("kind") != header.get("kind"):
+        raise InfluenceError(
+            f"{path} holds {stored.get('kind')!r} results, not {header.get('kind')!r}. Use another name, or "
+            "overwrite=True to replace it."
+        )
+    lines = differences({k: stored.get(k) for k in identity_keys}, {k: header.get(k) for k in identity_keys})
+    if lines:
+        raise InfluenceError(
+            f"{path} was computed with different arguments or data:\n  " + "\n  ".join(lines)
+            + "\nPass overwrite=True (Kronfluence API: overwrite_output_dir=True) to recompute it, or use another name."
+        )
+
+
+def open_store(path: Path, header: Dict[str, Any], arrays: Dict[str, ArraySpec], *, overwrite: bool,
+               identity_keys: Iterable[str]) -> zarr.Group:
+    """Open the store at ``path``, creating its layout if it does not exist yet.
+
+    An existing store must have been made with the same ``identity_keys`` of ``header`` (arguments,
+    data and model fingerprints), or this raises an error that lists what differs.
+    """
+    path = Path(path)
+    if overwrite and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / _READY).exists():
+        lock = path / _LOCK
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            _wait_for_layout(path, lock)
+        else:
+            try:
+                os.write(descriptor, json.dumps({"pid": os.getpid(), "time": time.time()}).encode())
+                os.close(descriptor)
+                _create(path, header, arrays)
+                return zarr.open_group(str(path), mode="r+")
+            finally:
+                lock.unlink(missing_ok=True)
+    group = zarr.open_group(str(path), mode="r+")
+    _check_header(path, dict(group.attrs.get("fninfluence", {})), header, identity_keys)
+    return group
+
+
+def _wait_for_layout(path: Path, lock: Path) -> None:
+    started = time.monotonic()
+    while not (path / _READY).exists():
+        if not lock.exists() and not (path / _READY).exists():
+            raise InfluenceError(f"Another process started creating {path} and stopped before finishing; rerun.")
+        if time.monotonic() - started > LOCK_TIMEOUT_S:
+            raise InfluenceError(
+                f"Waited {LOCK_TIMEOUT_S:.0f} s for another process to create the layout of {path}. If no other "
+                f"process is creating it, delete {lock} and rerun."
+            )
+        time.sleep(0.05)
+
+
+def read_header(path: Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not (path / _READY).exists():
+        raise InfluenceError(f"{path} is not a fninfluence store (or its creation did not finish).")
+    return dict(zarr.open_group(str(path), mode="r").attrs.get("fninfluence", {}))
+
+
+def write_array(group: zarr.Group, name: str, value: torch.Tensor, region: Optional[Tuple[slice, ...]] = None) -> None:
+    data = value.detach().to("cpu")
+    if data.dtype == torch.bfloat16:
+        data = data.float()
+    array = group[name]
+    array[region if region is not None else ...] = data.numpy()
+
+
+def read_array(group: zarr.Group, name: str, region=None) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(group[name][region if region is not None else ...]))
+
+
+def mark_done(path: Path, cell: str, info: Optional[Dict[str, Any]] = None) -> None:
+    """Record that ``cell`` is complete. Written after the cell's arrays, and atomically."""
+    _atomic_write_text(Path(path) / _DONE / f"{cell}.json", json.dumps({"time": time.time(), **(info or {})}))
+
+
+def done_cells(path: Path) -> Set[str]:
+    folder = Path(path) / _DONE
+    if not folder.exists():
+        return set()
+    return {p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and not p.name.startswith(".")}
