@@ -235,8 +235,10 @@ def fit_factors(
         groups = parts.module_groups(list(specs), module_parts)
         targets_d = parts.targets(target_data_partitions, len(ranges), "data partitions")
         targets_m = parts.targets(target_module_partitions, len(groups), "module partitions")
+        if saved is None and (len(targets_d) < len(ranges) or len(targets_m) < len(groups)):
+            raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
         started = time.perf_counter()
-        summed: Dict[str, Dict[str, torch.Tensor]] = {}
+        pending: Dict[str, List[Dict[str, torch.Tensor]]] = {}
         for m in targets_m:
             cell_engine = engine if module_parts == 1 else ModelTap(model, task, layers=groups[m],
                                                                     amp_dtype=precision.amp_dtype)
@@ -256,16 +258,17 @@ def fit_factors(
                     saved.write_cell(fit_pass.name, d, states, cell, n)
                 else:
                     for layer, state in states.items():
-                        summed[layer] = state if layer not in summed else {
-                            k: summed[layer][k] + v.to(summed[layer][k].dtype) for k, v in state.items()}
+                        pending.setdefault(layer, []).append(state)
         if saved is not None:
             if not saved.all_cells_done(fit_pass.name, len(ranges), len(groups)):
                 logger.info("%s: pass %s has missing cells %s; rerun to complete it.", store, fit_pass.name,
                             saved.missing_cells(fit_pass.name, len(ranges), len(groups)))
                 return None
             summed = saved.sum_partials(fit_pass.name)
-        elif sorted(targets_d) != list(range(len(ranges))) or sorted(targets_m) != list(range(len(groups))):
-            raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
+        else:
+            # the same reduction as the store's (stack, then sum), so both give identical bits
+            summed = {layer: {k: torch.stack([s[k].to(states[0][k].dtype) for s in states]).sum(0) for k in states[0]}
+                      for layer, states in pending.items()}
         outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer in specs}
         factors = {layer: {**factors[layer], **outputs[layer]} for layer in specs}
         if saved is not None:
