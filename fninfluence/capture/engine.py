@@ -18,10 +18,9 @@ from torch.utils._pytree import tree_flatten
 from ..errors import InfluenceError
 from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_targets, specs_from_calls
-from .ops import HANDLERS
+from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
 from .tap import Tap, TrackedWeight
 
-_HANDLERS_BY_NAME = {h.name: h for h in HANDLERS.values()}
 
 OBJECTIVES = ("train", "train_sampled", "measurement")
 
@@ -152,8 +151,10 @@ class ModelTap:
         example ``b``'s output gradient because the loss is a sum over examples that do not interact.
         """
 
+        examples = batch_examples(batch)
+
         def loss_of_probes(probes):
-            tap = Tap(self._tracked(params), probes)
+            tap = Tap(self._tracked(params), probes, examples=examples)
             with tap:
                 loss = self._call(objective, params, buffers, batch)
             return loss, (loss.detach(), tap.record.inputs)
@@ -169,7 +170,7 @@ class ModelTap:
                     "discovery pass on a batch of the same shapes: the number of calls depends on the data."
                 )
             handler = _HANDLERS_BY_NAME[spec.op]
-            g_calls = [handler.output_grad(grad, spec.groups) for grad in probe_grads[layer]]
+            g_calls = [handler.output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
             layer_mask = mask.get(layer) if isinstance(mask, dict) else mask
             a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
             stats[layer] = {"a": a, "g": g, "tokens": tokens}
@@ -189,12 +190,14 @@ class ModelTap:
     def tokens_per_call(self, objective: str, batch: Any) -> Dict[str, int]:
         """Tokens per call of every tracked layer on batches shaped like ``batch`` (1 without a token dimension)."""
         probes = self.probes_for(objective, batch)
-        return {layer: _HANDLERS_BY_NAME[self.specs[layer].op].output_grad(calls[0], self.specs[layer].groups).shape[1]
+        examples = batch_examples(batch)
+        return {layer: _HANDLERS_BY_NAME[self.specs[layer].op].output_grad(calls[0], self.specs[layer].groups,
+                                                                           examples).shape[1]
                 for layer, calls in probes.items()}
 
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)
-        tap = Tap(self._tracked(self.params), None, discover=True)
+        tap = Tap(self._tracked(self.params), None, discover=True, examples=examples)
         with torch.no_grad(), tap:
             loss = self._call(objective, self.params, self.buffers, batch)
         _check_loss(loss, objective)
@@ -215,7 +218,7 @@ class ModelTap:
             )
         for layer, calls in record.calls.items():
             for call in calls:
-                if call.input_batch != examples or call.output_shape[0] != examples:
+                if call.input_batch != examples:
                     raise InfluenceError(
                         f"Layer {layer!r} received an input with leading dimension {call.input_batch} for a batch "
                         f"of {examples} examples: the tap needs the batch dimension first at every tracked layer "

@@ -13,6 +13,18 @@ from ..errors import InfluenceError
 from .tap import CallRecord
 
 SUPPORTED_MODULES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face's Conv1D"
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Linear and convolution layers, and Hugging Face's GPT-2-style ``Conv1D`` (``addmm`` with a [in, out] weight).
+
+    Conv1D is recognised by its shape rather than imported, so transformers stays optional.
+    """
+    if isinstance(module, SUPPORTED_MODULES):
+        return True
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,7 @@ class LayerSpec:
 
 
 def _supported_names(model: nn.Module) -> List[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)]
+    return [name for name, m in model.named_modules() if is_supported(m)]
 
 
 def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) -> List[Target]:
@@ -55,7 +67,7 @@ def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) 
     names = _supported_names(model) if tracked_modules is None else list(tracked_modules)
     if not names:
         raise InfluenceError(
-            "No layer to track: the model has no nn.Linear, nn.Conv1d or nn.Conv2d module"
+            f"No layer to track: the model has no {SUPPORTED_NAMES} module"
             + ("" if tracked_modules is None else " and Task.tracked_modules() returned an empty list")
             + ". Return module names from Task.tracked_modules()."
         )
@@ -69,10 +81,10 @@ def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) 
                 f"Task.tracked_modules() names {name!r}, which is not a module of the model.{hint} "
                 f"Use names from model.named_modules(); supported layers here: {_supported_names(model)[:20]}."
             )
-        if not isinstance(module, SUPPORTED_MODULES):
+        if not is_supported(module):
             raise InfluenceError(
-                f"Tracked module {name!r} is a {type(module).__name__}; supported layers are "
-                f"{', '.join(t.__name__ for t in SUPPORTED_MODULES)}. Track its Linear/Conv submodules instead."
+                f"Tracked module {name!r} is a {type(module).__name__}; supported layers are {SUPPORTED_NAMES}. "
+                "Track its Linear/Conv submodules instead."
             )
         weight_name = canonical.get(id(module.weight))
         if weight_name is None:

@@ -90,20 +90,37 @@ def _patches(x: torch.Tensor, weight: torch.Tensor, settings: Tuple[Any, ...]) -
     return cols.permute(0, 3, 1, 2)
 
 
-def _linear_input(call: CallArgs) -> torch.Tensor:
+def _parse_addmm(args: tuple, kwargs: dict) -> CallArgs:
+    b = _bind(("input", "mat1", "mat2"), {"beta": 1, "alpha": 1}, args, kwargs)
+    if b["beta"] != 1 or b["alpha"] != 1:
+        raise InfluenceError("torch.addmm on a tracked weight with beta or alpha other than 1 is not supported.")
+    return CallArgs(b["mat1"], b["mat2"], b["input"])
+
+
+def _linear_input(call: CallArgs, examples: int) -> torch.Tensor:
     x = call.input
     return x.reshape(x.shape[0], -1, 1, x.shape[-1])
 
 
-def _conv_input(call: CallArgs) -> torch.Tensor:
+def _flat_rows_input(call: CallArgs, examples: int) -> torch.Tensor:
+    """``addmm(bias, x.view(-1, d), W)`` (Hugging Face Conv1D): rows are (example, token) pairs, example-major."""
+    x = call.input
+    return x.reshape(examples, -1, 1, x.shape[-1])
+
+
+def _conv_input(call: CallArgs, examples: int) -> torch.Tensor:
     return _patches(call.input, call.weight, call.settings)
 
 
-def _linear_output(grad: torch.Tensor, groups: int) -> torch.Tensor:
+def _linear_output(grad: torch.Tensor, groups: int, examples: int) -> torch.Tensor:
     return grad.reshape(grad.shape[0], -1, 1, grad.shape[-1])
 
 
-def _conv_output(grad: torch.Tensor, groups: int) -> torch.Tensor:
+def _flat_rows_output(grad: torch.Tensor, groups: int, examples: int) -> torch.Tensor:
+    return grad.reshape(examples, -1, 1, grad.shape[-1])
+
+
+def _conv_output(grad: torch.Tensor, groups: int, examples: int) -> torch.Tensor:
     batch, channels = grad.shape[:2]
     grad = grad.reshape(batch, groups, channels // groups, -1)
     return grad.permute(0, 3, 1, 2)
@@ -115,10 +132,12 @@ class OpHandler:
 
     name: str
     parse: Callable[[tuple, dict], CallArgs]
-    layer_input: Callable[[CallArgs], torch.Tensor]  # -> [B, T, G, in]
-    output_grad: Callable[[torch.Tensor, int], torch.Tensor]  # (grad of output, groups) -> [B, T, G, out]
+    layer_input: Callable[[CallArgs, int], torch.Tensor]  # (call, examples) -> [B, T, G, in]
+    output_grad: Callable[[torch.Tensor, int, int], torch.Tensor]  # (grad of output, groups, examples) -> [B, T, G, out]
     groups: Callable[[CallArgs], int]
     weight_shape: Callable[[torch.Tensor, int], Tuple[int, int, int]]  # (weight, groups) -> (G, out, in)
+    flat_rows: bool = False  # the call's rows are (example, token) pairs, not examples
+    transposed: bool = False  # the weight is stored as [in, out]
 
 
 def _conv_weight_shape(weight: torch.Tensor, groups: int) -> Tuple[int, int, int]:
@@ -132,7 +151,11 @@ HANDLERS: Dict[Any, OpHandler] = {
                         _conv_weight_shape),
     F.conv2d: OpHandler("conv2d", _parse_conv, _conv_input, _conv_output, lambda c: int(c.settings[3]),
                         _conv_weight_shape),
+    torch.addmm: OpHandler("addmm", _parse_addmm, _flat_rows_input, _flat_rows_output, lambda c: 1,
+                           lambda w, g: (1, w.shape[1], w.shape[0]), flat_rows=True, transposed=True),
 }
+
+HANDLERS_BY_NAME: Dict[str, OpHandler] = {h.name: h for h in HANDLERS.values()}
 
 
 def with_bias_column(a: torch.Tensor) -> torch.Tensor:
@@ -140,8 +163,10 @@ def with_bias_column(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
 
-def weight_as_matrix(weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+def weight_as_matrix(weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int, op: str = "linear") -> torch.Tensor:
     """A layer's parameters in the tap's layout ``[groups, out, in (+1 for the bias)]``."""
+    if HANDLERS_BY_NAME[op].transposed:
+        weight = weight.T
     w = weight.reshape(groups, weight.shape[0] // groups, -1)
     if bias is not None:
         w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)

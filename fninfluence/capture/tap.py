@@ -71,8 +71,9 @@ class Tap(TorchFunctionMode):
     """
 
     def __init__(self, tracked: Sequence[TrackedWeight], probes: Optional[Dict[str, List[torch.Tensor]]] = None,
-                 discover: bool = False):
+                 discover: bool = False, examples: int = 0):
         super().__init__()
+        self.examples = examples
         self.tracked = tuple(tracked)
         self.probes = probes
         self.discover = discover
@@ -102,7 +103,12 @@ class Tap(TorchFunctionMode):
         has_bias = call.bias is not None and call.bias is tracked.bias
         if self.discover and call.bias is not None and not has_bias:
             self.record.other_uses.setdefault(layer, []).append(f"{handler.name} with a bias that is not {layer}'s own")
-        a = handler.layer_input(call)
+        if handler.flat_rows and call.input.shape[0] % self.examples:
+            raise InfluenceError(
+                f"Layer {layer!r} ({handler.name}) received {call.input.shape[0]} rows for a batch of {self.examples} "
+                "examples; its rows must be (example, token) pairs with the example first."
+            )
+        a = handler.layer_input(call, self.examples)
         if has_bias:
             a = with_bias_column(a)
         calls_so_far = len(self.record.inputs.setdefault(layer, []))
@@ -113,7 +119,7 @@ class Tap(TorchFunctionMode):
             self.record.calls.setdefault(layer, []).append(CallRecord(
                 op=handler.name, groups=groups, weight_shape=handler.weight_shape(call.weight, groups),
                 param_shape=tuple(call.weight.shape),
-                has_bias=has_bias, input_batch=int(call.input.shape[0]), output_shape=tuple(out.shape),
+                has_bias=has_bias, input_batch=self.examples if handler.flat_rows else int(call.input.shape[0]), output_shape=tuple(out.shape),
                 output_dtype=out.dtype, input_tokens=int(a.shape[1]),
             ))
             self.record.versions.append((layer, call.input, call.input._version))
@@ -136,11 +142,3 @@ class Tap(TorchFunctionMode):
             for t in self.tracked:
                 if value is t.weight or (t.bias is not None and value is t.bias):
                     self.record.other_uses.setdefault(t.layer, []).append(name)
-
-
-def output_grads(record: TapRecord, probe_grads: Dict[str, List[torch.Tensor]], groups: Dict[str, int]) -> Dict[str, List[torch.Tensor]]:
-    """Lay out each call's output gradient as ``[B, T, G, out]``."""
-    return {
-        layer: [h.output_grad(grad, groups[layer]) for h, grad in zip(record.handlers[layer], probe_grads[layer])]
-        for layer in probe_grads
-    }

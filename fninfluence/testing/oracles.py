@@ -52,7 +52,8 @@ def layer_gradients(grads: Dict[str, torch.Tensor], specs: Dict[str, LayerSpec])
     for layer, spec in specs.items():
         w = grads[spec.weight]
         b = grads[spec.bias] if spec.has_bias else None
-        out[layer] = torch.stack([weight_as_matrix(w[n], None if b is None else b[n], spec.groups) for n in range(w.shape[0])])
+        out[layer] = torch.stack([weight_as_matrix(w[n], None if b is None else b[n], spec.groups, spec.op)
+                                  for n in range(w.shape[0])])
     return out
 
 
