@@ -123,3 +123,56 @@ def test_gpt2_compiles_as_one_graph_per_step_with_eager_results():
                                           progress=False))
     torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
     assert counters["stats"]["unique_graphs"] == 4 and not counters["graph_break"]
+
+
+class MaskedCausalLM(CausalLM):
+    """Right-padded batches ``(ids, mask)``: padding is excluded from the loss, the attention and the statistics."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        ids, mask = batch
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        return (losses * mask[:, 1:].flatten().to(losses.dtype)).sum()
+
+    def get_attention_mask(self, batch):
+        return batch[1]
+
+
+@pytest.mark.parametrize("strategy", ["identity", "ekfac"])
+def test_padded_queries_score_like_the_same_queries_alone(strategy):
+    model = tiny_gpt2()
+    names = conv1d_names(model)
+    train = sequences(n=8)
+    train_masked = TensorDataset(train.tensors[0], torch.ones_like(train.tensors[0]))
+    task = MaskedCausalLM(names)
+    factors = fi.fit_factors(model, task, train_masked, strategy=strategy, use_empirical_fisher=True, batch_size=4,
+                             progress=False)
+    lengths = [4, 7, SEQ]
+    raw = sequences(n=3, seed=5).tensors[0]
+    padded = torch.zeros(3, SEQ, dtype=torch.long)
+    mask = torch.zeros(3, SEQ, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        padded[i, :n], mask[i, :n] = raw[i, :n], 1
+    together = fi.pairwise_scores(model, task, factors, TensorDataset(padded, mask), train_masked, batch_size=4,
+                                  progress=False)
+    for i, n in enumerate(lengths):
+        alone = TensorDataset(raw[i:i + 1, :n], torch.ones(1, n, dtype=torch.long))
+        expected = fi.pairwise_scores(model, task, factors, alone, train_masked, batch_size=4, progress=False)
+        torch.testing.assert_close(together[i:i + 1], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_padding_does_not_change_the_fitted_statistics():
+    """Factors fitted on padded sequences equal factors fitted on the same sequences without padding."""
+    model = tiny_gpt2()
+    names = conv1d_names(model)
+    raw = sequences(n=4, seed=3).tensors[0]
+    padded = torch.cat([raw, torch.zeros(4, 3, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(raw), torch.zeros(4, 3, dtype=torch.long)], dim=1)
+    task = MaskedCausalLM(names)
+    plain = fi.fit_factors(model, task, TensorDataset(raw, torch.ones_like(raw)), strategy="ekfac",
+                           use_empirical_fisher=True, progress=False)
+    padded_factors = fi.fit_factors(model, task, TensorDataset(padded, mask), strategy="ekfac",
+                                    use_empirical_fisher=True, progress=False)
+    for layer in plain.tensors:
+        for name in ("activation_covariance", "gradient_covariance", "lambda", "num_tokens"):
+            torch.testing.assert_close(padded_factors[layer][name], plain[layer][name], rtol=1e-9, atol=1e-12)
