@@ -521,6 +521,11 @@ class Analyzer:
         self.logger = logger
         self.analysis_name = check_name(analysis_name, "analysis_name")
         _check_task(model, task)
+        if model.training:
+            self.logger.warning(
+                "The model is in training mode (dropout on): call prepare_model(model, task) first, which puts it "
+                "in eval mode as Kronfluence's does."
+            )
         self.model = model
         self.task = task
         self.device = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
