@@ -12,12 +12,10 @@ import dataclasses
 import inspect
 import logging
 import re
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset
 
 from fninfluence.compat import kronfluence as compat
 from fninfluence.errors import InfluenceError
@@ -405,7 +403,6 @@ DOCUMENTED_SCRIPT = '''
 from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
-import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from kronfluence.task import Task
 from kronfluence.analyzer import prepare_model
@@ -696,6 +693,14 @@ def test_loaders_files_summary_and_dataloader_kwargs(analyzer, caplog):
     assert "query_gradient_low_rank" in caplog.text
     plain = analyzer.compute_self_scores("s", "id", train, score_args=compat.ScoreArguments(**WIDE_SCORES))
     assert relative_error(via_dicts["all_modules"], plain["all_modules"]) <= 1e-12
+
+    # a task written against Kronfluence's own Task class works too
+    kron_style = Adapter(ClassificationTask())
+    kron_analyzer = compat.Analyzer("kron-task", compat.prepare_model(analyzer.model, kron_style), kron_style, cpu=True,
+                                    disable_tqdm=True, output_dir=str(analyzer.output_dir.parent))
+    kron_analyzer.fit_all_factors("id", train, factor_args=compat.FactorArguments(strategy="identity"))
+    assert torch.equal(kron_analyzer.compute_self_scores("s", "id", train, score_args=compat.ScoreArguments(
+        **WIDE_SCORES))["all_modules"], plain["all_modules"])
 
     assert compat.Analyzer.get_module_summary(analyzer.model) == kf_analyzer.Analyzer.get_module_summary(analyzer.model)
     scores_dir = analyzer.scores_output_dir("s")
