@@ -403,6 +403,7 @@ DOCUMENTED_SCRIPT = '''
 from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from kronfluence.task import Task
 from kronfluence.analyzer import prepare_model
