@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import partitions as parts
-from .capture import LayerSpec, ModelTap, check_finite
+from .capture import LayerSpec, ModelTap, check_finite, unfused
 from .curvature import CurvatureEstimator, get_estimator, per_example_grads
 from .data import Data, batches, num_batches
 from .errors import InfluenceError
@@ -42,11 +42,17 @@ Targets = Optional[Sequence[int]]
 # -- small helpers ---------------------------------------------------------------------------------
 
 def _maybe_compile(fn: Callable, compile: CompileOption) -> Callable:
-    """``fn`` itself, or ``torch.compile(fn, fullgraph=True, **options)``: a graph break is an error."""
-    if not compile:
-        return fn
-    options = {} if compile is True else dict(compile)
-    return torch.compile(fn, fullgraph=True, **options)
+    """``fn``, or ``torch.compile(fn, fullgraph=True, **options)`` (a graph break is an error), run with
+    PyTorch's fused attention fast paths off so that the tap sees the layers inside them."""
+    if compile:
+        options = {} if compile is True else dict(compile)
+        fn = torch.compile(fn, fullgraph=True, **options)
+
+    def run(*args):
+        with unfused():
+            return fn(*args)
+
+    return run
 
 
 def _progress(data: Data, batch_size: Optional[int], desc: str, enabled: bool, argument: str):

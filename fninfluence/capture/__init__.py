@@ -1,11 +1,11 @@
 """The tap: hook-free capture of layer inputs and output gradients (see :mod:`.tap`)."""
 
-from .engine import ModelTap, batch_examples, check_finite
+from .engine import ModelTap, batch_examples, check_finite, unfused
 from .layers import SUPPORTED_MODULES, LayerSpec, Target, resolve_targets
 from .ops import matrix_as_weight, weight_as_matrix
 from .tap import Tap, TrackedWeight
 
 __all__ = [
-    "ModelTap", "batch_examples", "check_finite", "SUPPORTED_MODULES", "LayerSpec", "Target", "resolve_targets",
+    "ModelTap", "batch_examples", "check_finite", "unfused", "SUPPORTED_MODULES", "LayerSpec", "Target", "resolve_targets",
     "Tap", "TrackedWeight", "weight_as_matrix", "matrix_as_weight",
 ]

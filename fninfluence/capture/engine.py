@@ -41,6 +41,22 @@ class _Objective(nn.Module):
         return self.fn(batch, self.model)
 
 
+@contextlib.contextmanager
+def unfused():
+    """Turn off PyTorch's fused fast paths of nn.MultiheadAttention / nn.TransformerEncoderLayer.
+
+    Those run a whole attention block as one opaque kernel in eval mode when no tensor requires grad,
+    which hides the layers inside from the tap. Eager calls under the tap already avoid them (a torch
+    function mode is active), but ``torch.compile`` does not see the mode when it evaluates the check.
+    """
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 def batch_examples(batch: Any) -> int:
     """The number of examples in a batch: the leading dimension of its first tensor."""
     leaves, _ = tree_flatten(batch)
@@ -198,7 +214,7 @@ class ModelTap:
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)
         tap = Tap(self._tracked(self.params), None, discover=True, examples=examples)
-        with torch.no_grad(), tap:
+        with torch.no_grad(), unfused(), tap:
             loss = self._call(objective, self.params, self.buffers, batch)
         _check_loss(loss, objective)
         record = tap.record

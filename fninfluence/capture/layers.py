@@ -13,7 +13,7 @@ from ..errors import InfluenceError
 from .tap import CallRecord
 
 SUPPORTED_MODULES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face's Conv1D"
+SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention and Hugging Face's Conv1D"
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -56,15 +56,55 @@ class LayerSpec:
         return (self.groups, self.out_features, self.in_features)
 
 
+def _catalog(model: nn.Module) -> Dict[str, Tuple[nn.Module, str, str]]:
+    """Every trackable layer in model order: ``{layer name: (module, weight attribute, bias attribute)}``.
+
+    ``nn.MultiheadAttention`` contributes its fused input projection as the layer ``"<name>.in_proj"``
+    (its ``out_proj`` is an ``nn.Linear`` and is listed as itself).
+    """
+    catalog = {}
+    for name, module in model.named_modules():
+        if is_supported(module):
+            catalog[name] = (module, "weight", "bias")
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            catalog[f"{name}.in_proj" if name else "in_proj"] = (module, "in_proj_weight", "in_proj_bias")
+    return catalog
+
+
 def _supported_names(model: nn.Module) -> List[str]:
-    return [name for name, m in model.named_modules() if is_supported(m)]
+    return list(_catalog(model))
+
+
+def _requested(model: nn.Module, catalog, names: Sequence[str]) -> List[str]:
+    modules = dict(model.named_modules())
+    chosen: List[str] = []
+    for name in names:
+        if name in catalog:
+            chosen.append(name)
+            continue
+        module = modules.get(name)
+        if isinstance(module, nn.MultiheadAttention):  # both of its projections
+            chosen += [n for n in (f"{name}.in_proj", f"{name}.out_proj") if n in catalog]
+            continue
+        if module is None:
+            close = difflib.get_close_matches(name, list(modules) + list(catalog), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise InfluenceError(
+                f"Task.tracked_modules() names {name!r}, which is not a module of the model.{hint} "
+                f"Use names from model.named_modules(); supported layers here: {list(catalog)[:20]}."
+            )
+        raise InfluenceError(
+            f"Tracked module {name!r} is a {type(module).__name__}; supported layers are {SUPPORTED_NAMES}. "
+            "Track its Linear/Conv submodules instead."
+        )
+    return chosen
 
 
 def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) -> List[Target]:
-    """The tracked modules of ``model``: the names given, or every supported layer when None."""
-    modules = dict(model.named_modules())
+    """The tracked layers of ``model``: the names given, or every supported layer when None."""
+    catalog = _catalog(model)
     canonical = {id(p): name for name, p in model.named_parameters()}
-    names = _supported_names(model) if tracked_modules is None else list(tracked_modules)
+    names = list(catalog) if tracked_modules is None else _requested(model, catalog, tracked_modules)
     if not names:
         raise InfluenceError(
             f"No layer to track: the model has no {SUPPORTED_NAMES} module"
@@ -73,20 +113,8 @@ def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) 
         )
     targets, seen_weights = [], {}
     for name in names:
-        module = modules.get(name)
-        if module is None:
-            close = difflib.get_close_matches(name, list(modules), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise InfluenceError(
-                f"Task.tracked_modules() names {name!r}, which is not a module of the model.{hint} "
-                f"Use names from model.named_modules(); supported layers here: {_supported_names(model)[:20]}."
-            )
-        if not is_supported(module):
-            raise InfluenceError(
-                f"Tracked module {name!r} is a {type(module).__name__}; supported layers are {SUPPORTED_NAMES}. "
-                "Track its Linear/Conv submodules instead."
-            )
-        weight_name = canonical.get(id(module.weight))
+        module, weight_attr, bias_attr = catalog[name]
+        weight_name = canonical.get(id(getattr(module, weight_attr)))
         if weight_name is None:
             raise InfluenceError(f"The weight of {name!r} is not a parameter of the model (is it frozen as a buffer?).")
         if weight_name in seen_weights:
@@ -95,7 +123,7 @@ def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) 
                 "track only one of them in Task.tracked_modules()."
             )
         seen_weights[weight_name] = name
-        bias = getattr(module, "bias", None)
+        bias = getattr(module, bias_attr, None)
         targets.append(Target(name, weight_name, canonical.get(id(bias)) if isinstance(bias, torch.Tensor) else None))
     return targets
 

@@ -20,6 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+import torch.nn.functional as F
+
+from . import attention
 from ..errors import InfluenceError
 from .ops import HANDLERS, OpHandler, with_bias_column
 
@@ -87,6 +90,13 @@ class Tap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            bound = attention.bind(args, kwargs)
+            in_proj = self._layer_of(bound["in_proj_weight"])
+            tracked = in_proj or self._layer_of(bound["out_proj_weight"])
+            if tracked is not None:
+                with self:  # re-enter the mode so that the projections inside are tapped
+                    return attention.attention_forward(tracked.layer, bound, in_proj is not None)
         handler = HANDLERS.get(func)
         if handler is not None:
             call = handler.parse(args, kwargs)
