@@ -754,6 +754,12 @@ class Analyzer:
                     _drop_passes_after_covariance(directory, estimator)  # recompute Lambda only
                     native_overwrite = False
                 else:
+                    if target_data is not None or target_modules is not None:
+                        raise ValueError(
+                            f"Factors {factors_name!r}: the new arguments change the covariance pass too, which "
+                            "target partitions of the Lambda pass cannot redo. Run fit_covariance_matrices(..., "
+                            "overwrite_output_dir=True) with the new arguments first."
+                        )
                     wanted = list(all_passes)  # the covariance pass was fitted with other arguments: redo it too
                     self.logger.info("Factors %r: refitting the covariance pass too, since the arguments changed.",
                                      factors_name)
