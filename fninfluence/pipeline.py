@@ -65,6 +65,18 @@ def _on_batch(what: str, index: int):
     """Adds to any error raised while processing a batch which pass and which batch it was."""
     try:
         yield
+    except RuntimeError as error:
+        message = str(error)
+        if "setup_context staticmethod" in message or "saved tensor hooks" in message:
+            raise InfluenceError(
+                "The model uses activation checkpointing (torch.utils.checkpoint) or another autograd.Function / "
+                "saved-tensor hook that torch.func.grad cannot run. Turn it off while computing influence (e.g. "
+                "model.gradient_checkpointing_disable() for Hugging Face models, or call the checkpointed blocks "
+                f"directly); checkpointing only trades memory for time, the results do not change. [{what}, batch {index}]"
+            ) from error
+        if hasattr(error, "add_note"):
+            error.add_note(f"fninfluence: raised while computing {what} on batch {index}.")
+        raise
     except Exception as error:
         if hasattr(error, "add_note"):
             error.add_note(f"fninfluence: raised while computing {what} on batch {index}.")
