@@ -120,8 +120,8 @@ def _first_batch(data: Data, batch_size: Optional[int], device: torch.device, ar
     return first
 
 
-def _discover(model, task, data, batch_size, objective, amp_dtype, argument="data") -> ModelTap:
-    engine = ModelTap(model, task, amp_dtype=amp_dtype)
+def _discover(model, task, data, batch_size, objective, amp_dtype, argument="data", per_example=False) -> ModelTap:
+    engine = ModelTap(model, task, amp_dtype=amp_dtype, per_example=per_example)
     engine.probes_for(objective, _first_batch(data, batch_size, engine.device, argument))
     return engine
 
@@ -183,6 +183,7 @@ def fit_factors(
     target_data_partitions: Targets = None,
     target_module_partitions: Targets = None,
     precision: Optional[Precision] = None,
+    per_example_vmap: bool = False,
 ) -> Optional[Factors]:
     """Fit the curvature factors of ``strategy`` on ``data``.
 
@@ -197,12 +198,15 @@ def fit_factors(
     missing. ``passes`` restricts the run to some passes (later passes read earlier ones from the store).
     ``max_examples`` (an int or a dict per pass) uses only the first examples of ``data``.
 
+    ``per_example_vmap=True`` runs each example alone under ``torch.func.vmap`` (batches of one): for
+    models whose tracked layers do not see the batch in dimension 0 (sequence-first layouts). Slower.
+
     Returns the factors once every cell of every pass is complete, else None.
     """
     estimator = get_estimator(strategy)
     precision = precision or Precision()
     objective = "train" if use_empirical_fisher else "train_sampled"
-    engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype)
+    engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     pass_names = [p.name for p in estimator.passes]
     wanted = pass_names if passes is None else list(passes)
@@ -259,7 +263,8 @@ def fit_factors(
         pending: Dict[str, List[Dict[str, torch.Tensor]]] = {}
         for m in targets_m:
             cell_engine = engine if module_parts == 1 else ModelTap(model, task, layers=groups[m],
-                                                                    amp_dtype=precision.amp_dtype)
+                                                                    amp_dtype=precision.amp_dtype,
+                                                                    per_example=per_example_vmap)
             for d in targets_d:
                 cell = parts.cell_name(fit_pass.name, d, m)
                 if saved is not None and saved.cell_done(cell):
@@ -378,6 +383,7 @@ def query_gradients(
     progress: bool = True,
     aggregate: bool = False,
     precision: Optional[Precision] = None,
+    per_example_vmap: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Preconditioned measurement gradients ``P(grad f(query))``: ``{layer: [Q, G, out, in]}``.
 
@@ -385,7 +391,7 @@ def query_gradients(
     """
     _check_damping(damping)
     precision = precision or Precision()
-    engine = ModelTap(model, task, amp_dtype=precision.amp_dtype)
+    engine = ModelTap(model, task, amp_dtype=precision.amp_dtype, per_example=per_example_vmap)
     chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=batch_size, compile=compile,
                               progress=progress, precision=precision, aggregate=aggregate)
     return {layer: torch.cat([c[layer] for c in chunks]) for layer in chunks[0]}
@@ -507,6 +513,7 @@ def pairwise_scores(
     target_data_partitions: Targets = None,
     target_module_partitions: Targets = None,
     precision: Optional[Precision] = None,
+    per_example_vmap: bool = False,
 ) -> Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Influence of every training example on every query: a ``[Q, N]`` tensor (per layer if ``per_module``).
 
@@ -527,7 +534,8 @@ def pairwise_scores(
         raise InfluenceError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
     if per_token and aggregate_train:
         raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
-    engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data")
+    engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data",
+                       per_example_vmap)
     specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, query_batch_size=query_batch_size or batch_size,
                    compile=compile, progress=progress, precision=precision, per_token=per_token, rank=query_rank,
@@ -611,6 +619,7 @@ def self_scores(
     target_data_partitions: Targets = None,
     target_module_partitions: Targets = None,
     precision: Optional[Precision] = None,
+    per_example_vmap: bool = False,
 ) -> Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Self-influence ``<P(grad L(z_n)), grad L(z_n)>`` of every example: a ``[N]`` tensor.
 
@@ -619,7 +628,7 @@ def self_scores(
     """
     _check_damping(damping)
     precision = precision or Precision()
-    engine = _discover(model, task, data, batch_size, "train", precision.amp_dtype)
+    engine = _discover(model, task, data, batch_size, "train", precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, compile=compile, progress=progress, precision=precision,
                    use_measurement=use_measurement)
@@ -662,7 +671,8 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
         raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
     cells: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
     for m in targets_m:
-        cell_engine = engine if len(groups) == 1 else ModelTap(model, task, layers=groups[m], amp_dtype=amp_dtype)
+        cell_engine = engine if len(groups) == 1 else ModelTap(model, task, layers=groups[m], amp_dtype=amp_dtype,
+                                                               per_example=engine.per_example)
         for d in targets_d:
             cell = parts.cell_name(kind, d, m)
             if saved is not None and saved.cell_done(cell):

@@ -124,7 +124,7 @@ def test_sequence_first_layers_are_refused_with_a_fix():
         def forward(self, x, padding=None):
             return self.head(self.layer(x.transpose(0, 1))[0])
 
-    with pytest.raises(fi.InfluenceError, match="batch dimension first.*batch_first=True"):
+    with pytest.raises(fi.InfluenceError, match="batch dimension first.*batch_first=True.*per_example_vmap=True"):
         fi.fit_factors(SeqFirst().double().eval(), EncoderTask(), _data(), progress=False)
 
 
@@ -146,3 +146,40 @@ def test_encoder_compiles_as_one_graph_per_step_with_eager_results():
     torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
     assert counters["stats"]["unique_graphs"] == 4 and not counters["graph_break"]
     assert torch.backends.mha.get_fastpath_enabled()  # the global switch is restored
+
+
+class SequenceFirst(nn.Module):
+    """A batch_first=False encoder layer: its linear layers see [sequence, batch, features]."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d_model=D, nhead=2, dim_feedforward=12, dropout=0.0,
+                                                batch_first=False)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, padding=None):
+        return self.head(self.layer(x.transpose(0, 1), src_key_padding_mask=padding)[0])
+
+
+def test_per_example_vmap_mode_handles_sequence_first_layers_exactly():
+    torch.manual_seed(0)
+    model, task, data = SequenceFirst().double().eval(), EncoderTask(), _data(padded=True)
+    factors = fi.fit_factors(model, task, data, strategy="identity", per_example_vmap=True, progress=False)
+    grads = layer_gradients(per_example_gradients(model, task, data), factors.layers)
+    expected = sum(torch.einsum("qgoi,ngoi->qn", g, g) for g in grads.values())
+    scores = fi.pairwise_scores(model, task, factors, data, data, per_example_vmap=True, progress=False)
+    torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
+def test_per_example_vmap_mode_equals_the_batched_tap(strategy):
+    torch.manual_seed(0)
+    model, task, data = Encoder().double().eval(), EncoderTask(), _data(padded=True)
+    results = []
+    for vmap in (False, True):
+        factors = fi.fit_factors(model, task, data, strategy=strategy, use_empirical_fisher=True, batch_size=4,
+                                 per_example_vmap=vmap, progress=False)
+        results.append((fi.pairwise_scores(model, task, factors, data, data, per_example_vmap=vmap, progress=False),
+                        fi.self_scores(model, task, factors, data, per_example_vmap=vmap, progress=False)))
+    for batched, vmapped in zip(*results):
+        torch.testing.assert_close(vmapped, batched, rtol=1e-9, atol=1e-12)

@@ -13,12 +13,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InfluenceError
 from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_targets, specs_from_calls
 from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
+from .ops import layout
 from .tap import Tap, TrackedWeight
 
 
@@ -127,9 +128,10 @@ class ModelTap:
     """
 
     def __init__(self, model: nn.Module, task: Task, layers: Optional[Sequence[str]] = None,
-                 amp_dtype: Optional[torch.dtype] = None):
+                 amp_dtype: Optional[torch.dtype] = None, per_example: bool = False):
         check_model(model)
         self.model = model
+        self.per_example = per_example
         self.task = task
         self.amp_dtype = amp_dtype
         self.targets: List[Target] = resolve_targets(model, tracked_module_names(task))
@@ -165,12 +167,26 @@ class ModelTap:
 
         A pure function of its arguments (given the model's code), so it can be compiled. ``g[b]`` is
         example ``b``'s output gradient because the loss is a sum over examples that do not interact.
+        In per-example mode the same computation runs under ``torch.func.vmap`` on batches of one.
         """
+        if not self.per_example:
+            return self._batch_stats(objective, params, buffers, batch, probes)
 
+        def one(example):
+            single = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, example)
+            return self._batch_stats(objective, params, buffers, single, probes)
+
+        in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
+        losses, stats = torch.func.vmap(one, in_dims=(in_dims,), randomness="different")(batch)
+        stats = {layer: {"a": s["a"].squeeze(1), "g": s["g"].squeeze(1), "tokens": s["tokens"].sum()}
+                 for layer, s in stats.items()}
+        return losses.sum(), stats
+
+    def _batch_stats(self, objective: str, params, buffers, batch, probes):
         examples = batch_examples(batch)
 
         def loss_of_probes(probes):
-            tap = Tap(self._tracked(params), probes, examples=examples)
+            tap = Tap(self._tracked(params), probes, examples=examples, per_example=self.per_example)
             with tap:
                 loss = self._call(objective, params, buffers, batch)
             return loss, (loss.detach(), tap.record.inputs)
@@ -185,8 +201,8 @@ class ModelTap:
                     f"Layer {layer!r} was called {len(a_calls)} times, but {len(probes[layer])} times in the "
                     "discovery pass on a batch of the same shapes: the number of calls depends on the data."
                 )
-            handler = _HANDLERS_BY_NAME[spec.op]
-            g_calls = [handler.output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
+            _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
+            g_calls = [output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
             layer_mask = mask.get(layer) if isinstance(mask, dict) else mask
             a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
             stats[layer] = {"a": a, "g": g, "tokens": tokens}
@@ -195,7 +211,12 @@ class ModelTap:
     # -- the imperative shell ------------------------------------------------------------------
 
     def probes_for(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
-        """Zero probes shaped like every tracked call's output on batches shaped like ``batch``."""
+        """Zero probes shaped like every tracked call's output on batches shaped like ``batch``.
+
+        In per-example mode the probes are those of a batch of one (the first example).
+        """
+        if self.per_example:
+            batch = tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x, batch)
         key = (objective, batch_signature(batch))
         probes = self._probes.get(key)
         if probes is None:
@@ -206,14 +227,14 @@ class ModelTap:
     def tokens_per_call(self, objective: str, batch: Any) -> Dict[str, int]:
         """Tokens per call of every tracked layer on batches shaped like ``batch`` (1 without a token dimension)."""
         probes = self.probes_for(objective, batch)
-        examples = batch_examples(batch)
-        return {layer: _HANDLERS_BY_NAME[self.specs[layer].op].output_grad(calls[0], self.specs[layer].groups,
-                                                                           examples).shape[1]
+        examples = 1 if self.per_example else batch_examples(batch)
+        return {layer: layout(_HANDLERS_BY_NAME[self.specs[layer].op], self.per_example)[1](
+                    calls[0], self.specs[layer].groups, examples).shape[1]
                 for layer, calls in probes.items()}
 
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)
-        tap = Tap(self._tracked(self.params), None, discover=True, examples=examples)
+        tap = Tap(self._tracked(self.params), None, discover=True, examples=examples, per_example=self.per_example)
         with torch.no_grad(), unfused(), tap:
             loss = self._call(objective, self.params, self.buffers, batch)
         _check_loss(loss, objective)
@@ -238,7 +259,9 @@ class ModelTap:
                     raise InfluenceError(
                         f"Layer {layer!r} received an input with leading dimension {call.input_batch} for a batch "
                         f"of {examples} examples: the tap needs the batch dimension first at every tracked layer "
-                        "(e.g. use batch_first=True), since it reads example b's gradient at index b."
+                        "(e.g. use batch_first=True), since it reads example b's gradient at index b. Or pass "
+                        "per_example_vmap=True: each example then runs alone under torch.func.vmap, and any "
+                        "layout works (slower)."
                     )
         for layer, tensor, version in record.versions:
             if tensor._version != version:

@@ -184,3 +184,14 @@ def matrix_as_weight(matrix: torch.Tensor, weight_shape: torch.Size, has_bias: b
 def unsupported_padding_check(call: CallArgs) -> None:
     if isinstance(call.settings[1], str) and call.settings[1] not in ("same", "valid"):
         raise InfluenceError(f"Unknown conv padding {call.settings[1]!r}: expected an int, a tuple, 'same' or 'valid'.")
+
+
+def layout(handler: OpHandler, per_example: bool):
+    """The (input, output gradient) layout functions of a handler.
+
+    In per-example mode (one example per call, under ``vmap``) a linear layer's leading dimensions are
+    all tokens of that one example, whatever their order: sequence-first layouts work there.
+    """
+    if per_example and handler.name == "linear":
+        return _flat_rows_input, _flat_rows_output
+    return handler.layer_input, handler.output_grad

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import attention
 from ..errors import InfluenceError
-from .ops import HANDLERS, OpHandler, with_bias_column
+from .ops import HANDLERS, OpHandler, layout, with_bias_column
 
 # Functions that only read a tensor's metadata; a tracked weight passing through them is harmless.
 _METADATA_FUNCS = frozenset({
@@ -74,9 +74,10 @@ class Tap(TorchFunctionMode):
     """
 
     def __init__(self, tracked: Sequence[TrackedWeight], probes: Optional[Dict[str, List[torch.Tensor]]] = None,
-                 discover: bool = False, examples: int = 0):
+                 discover: bool = False, examples: int = 0, per_example: bool = False):
         super().__init__()
         self.examples = examples
+        self.per_example = per_example
         self.tracked = tuple(tracked)
         self.probes = probes
         self.discover = discover
@@ -113,12 +114,14 @@ class Tap(TorchFunctionMode):
         has_bias = call.bias is not None and call.bias is tracked.bias
         if self.discover and call.bias is not None and not has_bias:
             self.record.other_uses.setdefault(layer, []).append(f"{handler.name} with a bias that is not {layer}'s own")
-        if handler.flat_rows and call.input.shape[0] % self.examples:
+        layer_input, _ = layout(handler, self.per_example)
+        flat_rows = handler.flat_rows or layer_input is not handler.layer_input
+        if flat_rows and call.input.shape[0] % self.examples:
             raise InfluenceError(
                 f"Layer {layer!r} ({handler.name}) received {call.input.shape[0]} rows for a batch of {self.examples} "
                 "examples; its rows must be (example, token) pairs with the example first."
             )
-        a = handler.layer_input(call, self.examples)
+        a = layer_input(call, self.examples)
         if has_bias:
             a = with_bias_column(a)
         calls_so_far = len(self.record.inputs.setdefault(layer, []))
@@ -129,7 +132,7 @@ class Tap(TorchFunctionMode):
             self.record.calls.setdefault(layer, []).append(CallRecord(
                 op=handler.name, groups=groups, weight_shape=handler.weight_shape(call.weight, groups),
                 param_shape=tuple(call.weight.shape),
-                has_bias=has_bias, input_batch=self.examples if handler.flat_rows else int(call.input.shape[0]), output_shape=tuple(out.shape),
+                has_bias=has_bias, input_batch=self.examples if flat_rows else int(call.input.shape[0]), output_shape=tuple(out.shape),
                 output_dtype=out.dtype, input_tokens=int(a.shape[1]),
             ))
             self.record.versions.append((layer, call.input, call.input._version))
