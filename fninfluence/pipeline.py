@@ -98,8 +98,12 @@ def _length(data: Data, argument: str) -> int:
 def _subset(data: Data, indices: range) -> Data:
     """The examples ``indices`` of ``data``, keeping a DataLoader's batching and collation."""
     if isinstance(data, DataLoader):
-        return DataLoader(Subset(data.dataset, indices), batch_size=data.batch_size, collate_fn=data.collate_fn,
-                          num_workers=data.num_workers, pin_memory=data.pin_memory, drop_last=data.drop_last)
+        settings = {name: getattr(data, name) for name in (
+            "batch_size", "collate_fn", "num_workers", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+            "generator", "persistent_workers", "pin_memory_device", "multiprocessing_context")}
+        if data.num_workers > 0:
+            settings["prefetch_factor"] = data.prefetch_factor
+        return DataLoader(Subset(data.dataset, indices), **settings)
     return Subset(data, indices)
 
 

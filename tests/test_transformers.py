@@ -176,3 +176,15 @@ def test_padding_does_not_change_the_fitted_statistics():
     for layer in plain.tensors:
         for name in ("activation_covariance", "gradient_covariance", "lambda", "num_tokens"):
             torch.testing.assert_close(padded_factors[layer][name], plain[layer][name], rtol=1e-9, atol=1e-12)
+
+
+def test_language_model_example_runs():
+    """docs/examples/language_model.py, smaller: it asserts that per-token scores add up to pairwise ones."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "docs" / "examples" / "language_model.py"
+    spec = importlib.util.spec_from_file_location("language_model_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(train_size=120)
