@@ -18,7 +18,9 @@ class Factors:
 
     ``tensors[layer]`` holds the estimator's factors for one layer, in the tap's ``[groups, out, in]``
     layout (``in`` counts the bias column). For KFAC/EKFAC: ``activation_covariance``,
-    ``gradient_covariance``, their eigenvalues and eigenvectors, and ``lambda``; for diagonal:
+    ``gradient_covariance``, their eigenvalues and eigenvectors, and ``lambda`` (an embedding has
+    ``activation_diagonal`` ``[1, V]``, the token frequencies, instead of ``activation_covariance`` and no
+    ``activation_eigenvectors``: its ``Q_A`` is the identity); for diagonal:
     ``lambda``; for identity: nothing.
     """
 

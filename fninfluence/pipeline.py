@@ -114,7 +114,7 @@ def _per_pass(value: PerPass, name: str, default):
 
 
 def _cast_stats(stats: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if k in ("a", "g") else v for k, v in stats.items()}
+    return {k: v.to(dtype) if k in ("a", "g", "id_values") else v for k, v in stats.items()}
 
 
 def _first_batch(data: Data, batch_size: Optional[int], device: torch.device, argument: str):
@@ -350,7 +350,8 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
 
     def step(params, buffers, batch, probes, layer_factors):
         loss, stats = engine.layer_stats("measurement", params, buffers, batch, probes)
-        grads = {layer: per_example_grads(_cast_stats(s, grad_dtype)) for layer, s in stats.items()}
+        grads = {layer: per_example_grads(_cast_stats(s, grad_dtype), engine.specs[layer].in_features)
+                 for layer, s in stats.items()}
         if aggregate:
             return loss, {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
         return loss, {layer: precondition(layer_factors[layer], g) for layer, g in grads.items()}
@@ -579,7 +580,8 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         measured, measured_stats = engine.layer_stats("measurement", params, buffers, batch, measurement_probes)
         scores = {}
         for layer, s in stats.items():
-            grads = per_example_grads(_cast_stats(measured_stats[layer], grad_dtype)).to(precondition_dtype)
+            grads = per_example_grads(_cast_stats(measured_stats[layer], grad_dtype),
+                                      engine.specs[layer].in_features).to(precondition_dtype)
             preconditioned = estimator.precondition(layer_factors[layer], grads, damping).to(score_dtype)
             scores[layer] = example_grad_dot(preconditioned, _cast_stats(s, score_dtype))
         return (loss, measured), scores

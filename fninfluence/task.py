@@ -35,7 +35,12 @@ class Task:
         )
 
     def tracked_modules(self) -> Optional[List[str]]:
-        """Names from ``model.named_modules()`` to analyse, or ``None`` for every supported layer."""
+        """Names from ``model.named_modules()`` to analyse, or ``None`` for every supported layer.
+
+        ``None`` leaves ``nn.Embedding`` layers out (their factors and query gradients are as large as the
+        vocabulary); name an embedding here to track it. An embedding tied to an output layer (an LM head
+        sharing its weight) cannot be tracked.
+        """
         return None
 
     def get_influence_tracked_modules(self) -> Optional[List[str]]:

@@ -2,7 +2,8 @@
 
 :class:`ModelTap` is the imperative shell around the pure per-batch function
 :meth:`ModelTap.layer_stats`, which maps ``(params, buffers, batch, probes)`` to the loss and, per
-tracked layer, ``{"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}``. That function is what
+tracked layer, ``{"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}`` (for an embedding
+``{"ids": [B, T], "id_values": [B, T], "g": [B, T, 1, D], "tokens"}``: see :mod:`.ops`). That function is what
 the pipeline composes with curvature updates and score contractions, and what ``torch.compile`` sees.
 """
 
@@ -119,6 +120,19 @@ def _apply_mask(layer: str, a_calls, g_calls, mask) -> Tuple[torch.Tensor, torch
     return a, g, sum(tokens[1:], tokens[0])
 
 
+def _one_hot_stats(layer: str, id_calls, g_calls, mask) -> Dict[str, torch.Tensor]:
+    """An embedding's stats: ``{"ids", "id_values", "g", "tokens"}``, masked like dense layers.
+
+    The ``[B, T]`` ids and values of every call go through :func:`_apply_mask` as a ``[B, T, 1, 1]``
+    stand-in for ``a`` (masked tokens get value 0 and a zero ``g``); the ids ride along unchanged.
+    """
+    values = [c["id_values"][:, :, None, None] for c in id_calls]
+    values, g, tokens = _apply_mask(layer, values, g_calls, mask)
+    ids = [c["ids"] for c in id_calls]
+    ids = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
+    return {"ids": ids, "id_values": values[:, :, 0, 0], "g": g, "tokens": tokens}
+
+
 class ModelTap:
     """The user's model and task, ready to be run under the tap.
 
@@ -149,7 +163,8 @@ class ModelTap:
     # -- the pure part -------------------------------------------------------------------------
 
     def _tracked(self, params: Dict[str, torch.Tensor]) -> List[TrackedWeight]:
-        return [TrackedWeight(t.layer, params[t.weight], params[t.bias] if t.bias else None) for t in self.targets]
+        return [TrackedWeight(t.layer, params[t.weight], params[t.bias] if t.bias else None, t.one_hot)
+                for t in self.targets]
 
     def _call(self, objective: str, params, buffers, batch) -> torch.Tensor:
         tensors = {"model." + k: v for k, v in params.items()}
@@ -178,7 +193,7 @@ class ModelTap:
 
         in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
         losses, stats = torch.func.vmap(one, in_dims=(in_dims,), randomness="different")(batch)
-        stats = {layer: {"a": s["a"].squeeze(1), "g": s["g"].squeeze(1), "tokens": s["tokens"].sum()}
+        stats = {layer: {k: v.sum() if k == "tokens" else v.squeeze(1) for k, v in s.items()}
                  for layer, s in stats.items()}
         return losses.sum(), stats
 
@@ -204,8 +219,11 @@ class ModelTap:
             _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
             g_calls = [output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
             layer_mask = mask.get(layer) if isinstance(mask, dict) else mask
-            a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
-            stats[layer] = {"a": a, "g": g, "tokens": tokens}
+            if spec.one_hot:
+                stats[layer] = _one_hot_stats(layer, a_calls, g_calls, layer_mask)
+            else:
+                a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
+                stats[layer] = {"a": a, "g": g, "tokens": tokens}
         return loss, stats
 
     # -- the imperative shell ------------------------------------------------------------------
@@ -251,7 +269,8 @@ class ModelTap:
             raise InfluenceError(
                 f"Tracked weights are also used by functions the tap cannot follow ({uses}), so their "
                 "per-example gradients would miss those uses. Leave these layers out of Task.tracked_modules() "
-                "(e.g. a classifier tied to an embedding)."
+                "(e.g. a classifier tied to an embedding: an nn.Embedding whose weight is tied to an LM head cannot be "
+                "tracked, nor can that head)."
             )
         for layer, calls in record.calls.items():
             for call in calls:

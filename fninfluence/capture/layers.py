@@ -9,11 +9,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..curvature.base import OneHotShape
 from ..errors import InfluenceError
 from .tap import CallRecord
 
 SUPPORTED_MODULES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention and Hugging Face's Conv1D"
+SUPPORTED_NAMES = ("nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, Hugging Face's Conv1D and nn.Embedding "
+                   "(when named)")
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -34,6 +36,8 @@ class Target:
     layer: str
     weight: str
     bias: Optional[str]
+    one_hot: bool = False  # an nn.Embedding
+
 
 
 @dataclass(frozen=True)
@@ -52,19 +56,27 @@ class LayerSpec:
     calls: int
 
     @property
+    def one_hot(self) -> bool:
+        """Whether the layer's inputs are one-hot rows (an embedding: ``in`` is the vocabulary)."""
+        return self.op == "embedding"
+
+    @property
     def shape(self) -> Tuple[int, int, int]:
-        return (self.groups, self.out_features, self.in_features)
+        """``(groups, out, in)``; a :class:`~fninfluence.curvature.base.OneHotShape` for an embedding."""
+        shape = (self.groups, self.out_features, self.in_features)
+        return OneHotShape(shape) if self.one_hot else shape
 
 
 def _catalog(model: nn.Module) -> Dict[str, Tuple[nn.Module, str, str]]:
     """Every trackable layer in model order: ``{layer name: (module, weight attribute, bias attribute)}``.
 
     ``nn.MultiheadAttention`` contributes its fused input projection as the layer ``"<name>.in_proj"``
-    (its ``out_proj`` is an ``nn.Linear`` and is listed as itself).
+    (its ``out_proj`` is an ``nn.Linear`` and is listed as itself). ``nn.Embedding`` layers are listed
+    too, but only tracked when named (see :func:`default_layers`).
     """
     catalog = {}
     for name, module in model.named_modules():
-        if is_supported(module):
+        if is_supported(module) or isinstance(module, nn.Embedding):
             catalog[name] = (module, "weight", "bias")
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             catalog[f"{name}.in_proj" if name else "in_proj"] = (module, "in_proj_weight", "in_proj_bias")
@@ -73,6 +85,16 @@ def _catalog(model: nn.Module) -> Dict[str, Tuple[nn.Module, str, str]]:
 
 def _supported_names(model: nn.Module) -> List[str]:
     return list(_catalog(model))
+
+
+def default_layers(catalog) -> List[str]:
+    """The layers tracked when ``Task.tracked_modules()`` is None: every supported layer but embeddings.
+
+    Embeddings are left out because their factors are as large as the vocabulary (``[D, V]`` for
+    EKFAC's Lambda, e.g. 768 x 50257 for GPT-2) and their dense query gradients are too; name them in
+    ``Task.tracked_modules()`` to opt in.
+    """
+    return [name for name, (module, _, _) in catalog.items() if not isinstance(module, nn.Embedding)]
 
 
 def _requested(model: nn.Module, catalog, names: Sequence[str]) -> List[str]:
@@ -104,7 +126,7 @@ def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) 
     """The tracked layers of ``model``: the names given, or every supported layer when None."""
     catalog = _catalog(model)
     canonical = {id(p): name for name, p in model.named_parameters()}
-    names = list(catalog) if tracked_modules is None else _requested(model, catalog, tracked_modules)
+    names = default_layers(catalog) if tracked_modules is None else _requested(model, catalog, tracked_modules)
     if not names:
         raise InfluenceError(
             f"No layer to track: the model has no {SUPPORTED_NAMES} module"
@@ -124,7 +146,8 @@ def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) 
             )
         seen_weights[weight_name] = name
         bias = getattr(module, bias_attr, None)
-        targets.append(Target(name, weight_name, canonical.get(id(bias)) if isinstance(bias, torch.Tensor) else None))
+        targets.append(Target(name, weight_name, canonical.get(id(bias)) if isinstance(bias, torch.Tensor) else None,
+                              one_hot=isinstance(module, nn.Embedding)))
     return targets
 
 

@@ -90,6 +90,57 @@ def _patches(x: torch.Tensor, weight: torch.Tensor, settings: Tuple[Any, ...]) -
     return cols.permute(0, 3, 1, 2)
 
 
+def _parse_embedding(args: tuple, kwargs: dict) -> CallArgs:
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    defaults = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
+    b = _bind(names, defaults, args, kwargs)
+    return CallArgs(b["input"], b["weight"], None, (b["padding_idx"], b["max_norm"], b["scale_grad_by_freq"]))
+
+
+def _check_embedding(call: CallArgs, layer: str) -> None:
+    _, max_norm, scale_grad_by_freq = call.settings
+    if max_norm is not None:
+        raise InfluenceError(
+            f"Embedding {layer!r} has max_norm={max_norm}: it renormalises its weight rows in place during the forward "
+            "pass, so the gradients would not be those of a lookup. Use max_norm=None or leave it out of "
+            "Task.tracked_modules()."
+        )
+    if scale_grad_by_freq:
+        raise InfluenceError(
+            f"Embedding {layer!r} has scale_grad_by_freq=True, which rescales gradients by in-batch token counts (the "
+            "examples' gradients are then coupled). Use scale_grad_by_freq=False or leave it out of "
+            "Task.tracked_modules()."
+        )
+
+
+def _padding_row(padding_idx: Optional[int], vocabulary: int) -> Optional[int]:
+    if padding_idx is None:
+        return None
+    return padding_idx + vocabulary if padding_idx < 0 else padding_idx
+
+
+def _one_hot_input(ids: torch.Tensor, call: CallArgs, rows: int) -> Dict[str, torch.Tensor]:
+    """``{"ids": [rows, T], "id_values": [rows, T]}``: token ids and the value of their one-hot entry.
+
+    The value is 0 at ``padding_idx``: PyTorch gives the padding row no gradient, as if that token's
+    one-hot input were the zero vector.
+    """
+    ids = ids.reshape(rows, -1)
+    pad = _padding_row(call.settings[0], call.weight.shape[0])
+    values = torch.ones(ids.shape, dtype=call.weight.dtype, device=ids.device)
+    if pad is not None:
+        values = values * (ids != pad).to(values.dtype)
+    return {"ids": ids, "id_values": values}
+
+
+def _embedding_input(call: CallArgs, examples: int):
+    return _one_hot_input(call.input, call, call.input.shape[0] if call.input.dim() else 1)
+
+
+def _flat_embedding_input(call: CallArgs, examples: int):
+    return _one_hot_input(call.input, call, examples)
+
+
 def _parse_addmm(args: tuple, kwargs: dict) -> CallArgs:
     b = _bind(("input", "mat1", "mat2"), {"beta": 1, "alpha": 1}, args, kwargs)
     if b["beta"] != 1 or b["alpha"] != 1:
@@ -138,6 +189,8 @@ class OpHandler:
     weight_shape: Callable[[torch.Tensor, int], Tuple[int, int, int]]  # (weight, groups) -> (G, out, in)
     flat_rows: bool = False  # the call's rows are (example, token) pairs, not examples
     transposed: bool = False  # the weight is stored as [in, out]
+    one_hot: bool = False  # the layer input is {"ids", "id_values"} (one-hot rows), not a dense [B, T, G, in]
+    check: Callable[[CallArgs, str], None] = lambda call, layer: None  # (call, layer) -> raise if unsupported
 
 
 def _conv_weight_shape(weight: torch.Tensor, groups: int) -> Tuple[int, int, int]:
@@ -153,6 +206,9 @@ HANDLERS: Dict[Any, OpHandler] = {
                         _conv_weight_shape),
     torch.addmm: OpHandler("addmm", _parse_addmm, _flat_rows_input, _flat_rows_output, lambda c: 1,
                            lambda w, g: (1, w.shape[1], w.shape[0]), flat_rows=True, transposed=True),
+    F.embedding: OpHandler("embedding", _parse_embedding, _embedding_input, _linear_output, lambda c: 1,
+                           lambda w, g: (1, w.shape[1], w.shape[0]), transposed=True, one_hot=True,
+                           check=_check_embedding),
 }
 
 HANDLERS_BY_NAME: Dict[str, OpHandler] = {h.name: h for h in HANDLERS.values()}
@@ -194,4 +250,6 @@ def layout(handler: OpHandler, per_example: bool):
     """
     if per_example and handler.name == "linear":
         return _flat_rows_input, _flat_rows_output
+    if per_example and handler.name == "embedding":
+        return _flat_embedding_input, _flat_rows_output
     return handler.layer_input, handler.output_grad

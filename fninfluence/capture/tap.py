@@ -1,7 +1,7 @@
 """The tap: a ``TorchFunctionMode`` that sees every tracked layer call while the model runs.
 
-While active it intercepts ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` calls whose weight is a tracked
-parameter. For each such call it records the layer input (as per-token patches, see :mod:`.ops`) and
+While active it intercepts ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` / ``torch.addmm`` / ``F.embedding``
+calls whose weight is a tracked parameter. For each such call it records the layer input (as per-token patches, see :mod:`.ops`) and
 returns ``output + probe``, where ``probe`` is a zero tensor passed in from outside. The gradient of
 the summed loss with respect to that probe is the gradient with respect to the layer's output, so one
 ``torch.func.grad`` over the probes yields every layer's output gradient, and nothing is registered
@@ -39,6 +39,7 @@ class TrackedWeight:
     layer: str
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
+    one_hot: bool = False  # an embedding: only F.embedding calls are its own; a tied F.linear is another use
 
 
 @dataclass
@@ -60,7 +61,7 @@ class CallRecord:
 class TapRecord:
     """What one run of the model under the tap produced."""
 
-    inputs: Dict[str, List[torch.Tensor]] = field(default_factory=dict)  # per layer, per call: [B, T, G, in]
+    inputs: Dict[str, List] = field(default_factory=dict)  # per layer, per call: [B, T, G, in] or {"ids", "id_values"}
     handlers: Dict[str, List[OpHandler]] = field(default_factory=dict)
     calls: Dict[str, List[CallRecord]] = field(default_factory=dict)
     other_uses: Dict[str, List[str]] = field(default_factory=dict)  # layer -> functions it cannot handle
@@ -102,15 +103,17 @@ class Tap(TorchFunctionMode):
         if handler is not None:
             call = handler.parse(args, kwargs)
             tracked = self._layer_of(call.weight)
-            if tracked is not None:
+            # an embedding's weight in F.linear (or a linear weight in F.embedding) is a tied weight: another use
+            if tracked is not None and handler.one_hot == tracked.one_hot:
                 return self._tracked_call(func, handler, tracked, call, args, kwargs)
         if self.discover:
             self._note_other_uses(func, args, kwargs)
         return func(*args, **kwargs)
 
     def _tracked_call(self, func, handler: OpHandler, tracked: TrackedWeight, call, args, kwargs):
-        out = func(*args, **kwargs)
         layer = tracked.layer
+        handler.check(call, layer)
+        out = func(*args, **kwargs)
         has_bias = call.bias is not None and call.bias is tracked.bias
         if self.discover and call.bias is not None and not has_bias:
             self.record.other_uses.setdefault(layer, []).append(f"{handler.name} with a bias that is not {layer}'s own")
@@ -121,7 +124,7 @@ class Tap(TorchFunctionMode):
                 f"Layer {layer!r} ({handler.name}) received {call.input.shape[0]} rows for a batch of {self.examples} "
                 "examples; its rows must be (example, token) pairs with the example first."
             )
-        a = layer_input(call, self.examples)
+        a = layer_input(call, self.examples)  # [B, T, G, in], or {"ids", "id_values"} for one-hot layers
         if has_bias:
             a = with_bias_column(a)
         calls_so_far = len(self.record.inputs.setdefault(layer, []))
@@ -133,7 +136,7 @@ class Tap(TorchFunctionMode):
                 op=handler.name, groups=groups, weight_shape=handler.weight_shape(call.weight, groups),
                 param_shape=tuple(call.weight.shape),
                 has_bias=has_bias, input_batch=self.examples if flat_rows else int(call.input.shape[0]), output_shape=tuple(out.shape),
-                output_dtype=out.dtype, input_tokens=int(a.shape[1]),
+                output_dtype=out.dtype, input_tokens=int((a["ids"] if handler.one_hot else a).shape[1]),
             ))
             self.record.versions.append((layer, call.input, call.input._version))
         if self.probes is not None:

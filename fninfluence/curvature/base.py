@@ -10,6 +10,11 @@ functions, applied layer by layer:
 where ``stats = {"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}`` holds a batch's layer
 inputs (with the bias column) and output gradients, and ``factors`` holds what earlier passes produced.
 
+One-hot layers (``nn.Embedding``, ``in`` = the vocabulary V) never form ``a``: their stats hold
+``"ids": [B, T]`` and ``"id_values": [B, T]`` instead, meaning ``a_t = id_values[t] e_{ids[t]}`` (G = 1;
+the value is 0 for padding and masked tokens), and their ``shape`` is a :class:`OneHotShape`. Code
+branches on that statically (:func:`is_one_hot`, ``"ids" in stats``), so a compiled step stays one graph.
+
 ``precondition(factors, grads, damping)`` applies the damped inverse curvature to gradients laid out
 as ``[N, G, out, in]``; ``self_score(factors, stats, damping)`` returns ``<P(G_n), G_n>`` per example.
 Write your own estimator by building a :class:`CurvatureEstimator`; the pipeline and the property
@@ -27,6 +32,16 @@ LayerShape = Tuple[int, int, int]  # (groups, out, in) with the bias column coun
 Damping = Optional[float]
 
 
+class OneHotShape(tuple):
+    """``(groups, out, in)`` of a layer whose inputs are one-hot rows: an embedding, ``in`` = vocabulary."""
+
+    one_hot = True
+
+
+def is_one_hot(shape: LayerShape) -> bool:
+    return getattr(shape, "one_hot", False)
+
+
 class FitPass(NamedTuple):
     name: str
     init: Callable[[LayerShape, torch.dtype, torch.device], Tensors]
@@ -42,9 +57,20 @@ class CurvatureEstimator(NamedTuple):
     self_score: Callable[[Tensors, Tensors, Damping], torch.Tensor]
 
 
-def per_example_grads(stats: Tensors) -> torch.Tensor:
-    """``G_n = sum_t g_t a_t^T`` laid out as ``[N, G, out, in]``."""
-    return torch.einsum("btgo,btgi->bgoi", stats["g"], stats["a"])
+def per_example_grads(stats: Tensors, in_features: Optional[int] = None) -> torch.Tensor:
+    """``G_n = sum_t g_t a_t^T`` laid out as ``[N, G, out, in]``.
+
+    One-hot stats need ``in_features`` (the vocabulary V): column ``v`` of ``G_n`` is
+    ``sum_{t: ids_t = v} id_values_t g_t``, scattered into a dense ``[N, 1, D, V]`` (query side only).
+    """
+    if "ids" not in stats:
+        return torch.einsum("btgo,btgi->bgoi", stats["g"], stats["a"])
+    if in_features is None:
+        raise ValueError("per_example_grads of an embedding (one-hot stats) needs in_features, the vocabulary size.")
+    g = stats["g"] * stats["id_values"][:, :, None, None].to(stats["g"].dtype)  # [N, T, 1, D]
+    n, t, groups, out = g.shape
+    index = stats["ids"][:, None, None, :].expand(n, groups, out, t)
+    return g.new_zeros(n, groups, out, in_features).scatter_add(-1, index, g.permute(0, 2, 3, 1))
 
 
 def default_self_score(precondition: Callable[[Tensors, torch.Tensor, Damping], torch.Tensor]):

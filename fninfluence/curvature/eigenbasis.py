@@ -6,6 +6,10 @@ Each of them preconditions a layer gradient ``G`` (``[out, in]`` per group) as
 
 with ``Q_S = I, Q_A = I`` for the diagonal estimator. ``Lambda`` is the second moment of per-example
 gradients in that basis (EKFAC, diagonal) or the outer product of Kronecker-factor eigenvalues (KFAC).
+
+For an embedding (one-hot stats, see :mod:`.one_hot`) ``Q_A = I`` always (A is diagonal), so there is
+no ``activation_eigenvectors`` factor; only ``g`` is rotated, and ``Lambda[d, v] = mean_n (G'_n[d, v])^2``
+is accumulated from same-token sums without a ``[B, D, V]`` tensor.
 """
 
 from __future__ import annotations
@@ -14,7 +18,19 @@ from typing import Optional
 
 import torch
 
+from . import one_hot
 from .base import Damping, LayerShape, Tensors, damped_reciprocal
+
+
+def rotate_gradients(stats: Tensors, factors: Tensors) -> torch.Tensor:
+    """Output gradients in the eigenbasis: ``Q_S^T g``, or as they are."""
+    g, qs = stats["g"], factors.get("gradient_eigenvectors")
+    return g if qs is None else torch.einsum("btgo,gop->btgp", g, qs.to(g.dtype))
+
+
+def rotated_one_hot_grads(stats: Tensors, factors: Tensors) -> torch.Tensor:
+    """``x'_t = w_t Q_S^T g_t`` of an embedding (``Q_A = I``): ``[B, T, 1, D]``."""
+    return one_hot.scaled_grads(stats, rotate_gradients(stats, factors))
 
 
 def rotate_tokens(stats: Tensors, factors: Tensors):
@@ -47,10 +63,15 @@ def lambda_init(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> 
 
 
 def lambda_update(state: Tensors, stats: Tensors, factors: Tensors) -> Tensors:
-    a, g = rotate_tokens(stats, factors)
+    if "ids" in stats:  # embedding: sum_n (G'_n)^2 from same-token sums, Q_A = I
+        x = rotated_one_hot_grads(stats, factors)
+        squared = one_hot.squared_column_sums(stats["ids"], x, state["lambda_sum"].shape[-1])
+    else:
+        a, g = rotate_tokens(stats, factors)
+        squared = squared_example_grads(a, g)
     return {
-        "lambda_sum": state["lambda_sum"] + squared_example_grads(a, g).to(state["lambda_sum"].dtype),
-        "examples": state["examples"] + a.shape[0],
+        "lambda_sum": state["lambda_sum"] + squared.to(state["lambda_sum"].dtype),
+        "examples": state["examples"] + stats["g"].shape[0],
     }
 
 
@@ -62,15 +83,26 @@ def precondition_in_basis(factors: Tensors, grads: torch.Tensor, damping: Dampin
     """``P(G)`` for ``grads`` of shape ``[N, G, out, in]``."""
     inverse = damped_reciprocal(factors["lambda"], damping, grads.dtype)
     qa, qs = factors.get("activation_eigenvectors"), factors.get("gradient_eigenvectors")
-    if qa is None:
+    if qa is None and qs is None:
         return grads * inverse
+    if qa is None:  # an embedding: Q_A = I
+        qs = qs.to(grads.dtype)
+        rotated = torch.einsum("gop,ngoi->ngpi", qs, grads)
+        return torch.einsum("gop,ngpi->ngoi", qs, rotated * inverse)
     qa, qs = qa.to(grads.dtype), qs.to(grads.dtype)
     rotated = torch.einsum("gop,ngoi,gij->ngpj", qs, grads, qa)
     return torch.einsum("gop,ngpj,gij->ngoi", qs, rotated * inverse, qa)
 
 
 def self_score_in_basis(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
-    """``<P(G_n), G_n> = sum (G'_n)^2 / (Lambda + damping)`` per example, rank-one closed form when T = 1."""
+    """``<P(G_n), G_n> = sum (G'_n)^2 / (Lambda + damping)`` per example, rank-one closed form when T = 1.
+
+    For an embedding: ``sum_t x'_t . P_t / (Lambda + damping)[:, i_t]`` (see :mod:`.one_hot`).
+    """
+    if "ids" in stats:
+        x = rotated_one_hot_grads(stats, factors)
+        inverse = damped_reciprocal(factors["lambda"], damping, x.dtype)
+        return one_hot.weighted_self_products(stats["ids"], x, inverse)
     a, g = rotate_tokens(stats, factors)
     inverse = damped_reciprocal(factors["lambda"], damping, a.dtype)
     if a.shape[1] == 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import one_hot
 from .base import CurvatureEstimator, Damping, Tensors
 
 
@@ -12,6 +13,9 @@ def _precondition(factors: Tensors, grads: torch.Tensor, damping: Damping) -> to
 
 
 def _self_score(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
+    """``|G_n|^2``; for an embedding ``sum_t x_t . P_t`` with same-token sums (no ``[N, D, V]``)."""
+    if "ids" in stats:
+        return one_hot.weighted_self_products(stats["ids"], one_hot.scaled_grads(stats, stats["g"]))
     a, g = stats["a"], stats["g"]
     if a.shape[1] == 1:  # rank one: |g a^T|^2 = |g|^2 |a|^2
         return (g.square().sum(-1) * a.square().sum(-1)).sum((1, 2))

@@ -12,30 +12,50 @@ Both are symmetrised and eigendecomposed in float64: ``A = Q_A diag(l_A) Q_A^T``
   roughly T times EKFAC scores. This is Kronfluence's convention too; normalise if you compare them.
 * EKFAC: a second pass sets ``Lambda = mean_n (Q_S^T G_n Q_A)^2`` with ``G_n = sum_t g_t a_t^T``
   (George et al. 2018), the exact second moment of per-example gradients in the Kronecker eigenbasis.
+
+Embeddings (one-hot inputs, :mod:`.one_hot`): ``A = diag(f)`` with ``f`` the token frequencies, kept as
+the vector ``activation_diagonal`` ``[G, V]``; it is its own eigendecomposition (``Q_A = I``, eigenvalues
+``f`` in vocabulary order, no ``activation_eigenvectors``), so no V x V matrix exists. KFAC's
+``Lambda = l_S f^T``; EKFAC's ``Lambda[d, v] = mean_n (sum_{t: id_t = v} (Q_S^T g_t)[d])^2``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import CurvatureEstimator, FitPass, LayerShape, Tensors
+from . import one_hot
+from .base import CurvatureEstimator, FitPass, LayerShape, Tensors, is_one_hot
 from .eigenbasis import lambda_finalize, lambda_init, lambda_update, precondition_in_basis, self_score_in_basis
+
+
+def _activation_state(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> Tensors:
+    """``sum_t a_t a_t^T`` so far: ``[G, in, in]``, or only its diagonal ``[G, V]`` for one-hot inputs."""
+    groups, _, inp = shape
+    if is_one_hot(shape):
+        return {"activation_diagonal_sum": torch.zeros(groups, inp, dtype=dtype, device=device)}
+    return {"activation_sum": torch.zeros(groups, inp, inp, dtype=dtype, device=device)}
 
 
 def covariance_init(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> Tensors:
     groups, out, inp = shape
     return {
-        "activation_sum": torch.zeros(groups, inp, inp, dtype=dtype, device=device),
+        **_activation_state(shape, dtype, device),
         "gradient_sum": torch.zeros(groups, out, out, dtype=dtype, device=device),
         "tokens": torch.zeros((), dtype=dtype, device=device),
     }
 
 
 def covariance_update(state: Tensors, stats: Tensors, factors: Tensors) -> Tensors:
-    a = stats["a"].flatten(0, 1).to(state["activation_sum"].dtype)  # [B*T, G, in]
-    g = stats["g"].flatten(0, 1).to(state["gradient_sum"].dtype)
+    g = stats["g"].flatten(0, 1).to(state["gradient_sum"].dtype)  # [B*T, G, out]
+    if "ids" in stats:  # one-hot inputs: sum_t a_t a_t^T is diagonal, the (weighted) token counts
+        diagonal = state["activation_diagonal_sum"]
+        activation = {"activation_diagonal_sum": diagonal + one_hot.token_frequency_sum(stats, diagonal.shape[-1],
+                                                                                         diagonal.dtype)}
+    else:
+        a = stats["a"].flatten(0, 1).to(state["activation_sum"].dtype)  # [B*T, G, in]
+        activation = {"activation_sum": state["activation_sum"] + torch.einsum("ngi,ngj->gij", a, a)}
     return {
-        "activation_sum": state["activation_sum"] + torch.einsum("ngi,ngj->gij", a, a),
+        **activation,
         "gradient_sum": state["gradient_sum"] + torch.einsum("ngo,ngp->gop", g, g),
         "tokens": state["tokens"] + stats["tokens"].to(state["tokens"].dtype),
     }
@@ -47,17 +67,24 @@ def symmetric_eigh(matrix: torch.Tensor):
     return torch.linalg.eigh(0.5 * (wide + wide.transpose(-1, -2)))
 
 
-def covariance_finalize(state: Tensors, factors: Tensors) -> Tensors:
+def activation_factors(state: Tensors) -> Tensors:
+    """A and its eigendecomposition; for one-hot inputs the diagonal A is its own (``Q_A = I``, implicit)."""
+    if "activation_diagonal_sum" in state:
+        diagonal = state["activation_diagonal_sum"] / state["tokens"]
+        wide = diagonal.to(torch.promote_types(diagonal.dtype, torch.float64))
+        return {"activation_diagonal": diagonal, "activation_eigenvalues": wide}
     activation = state["activation_sum"] / state["tokens"]
+    values, vectors = symmetric_eigh(activation)
+    return {"activation_covariance": activation, "activation_eigenvalues": values, "activation_eigenvectors": vectors}
+
+
+def covariance_finalize(state: Tensors, factors: Tensors) -> Tensors:
     gradient = state["gradient_sum"] / state["tokens"]
-    activation_values, activation_vectors = symmetric_eigh(activation)
     gradient_values, gradient_vectors = symmetric_eigh(gradient)
     return {
-        "activation_covariance": activation,
+        **activation_factors(state),
         "gradient_covariance": gradient,
         "num_tokens": state["tokens"],
-        "activation_eigenvalues": activation_values,
-        "activation_eigenvectors": activation_vectors,
         "gradient_eigenvalues": gradient_values,
         "gradient_eigenvectors": gradient_vectors,
     }
