@@ -667,7 +667,7 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
         saved = scores_store.open_scores(
             Path(store), kind=kind, model=model, factors=factors, specs=specs, train_data=train_data,
             query_data=query_data, ranges=ranges, groups=groups, per_module=per_module,
-            shape=_score_shape(kind, model, task, factors, engine, query_data, train_data, options),
+            shape=_score_shape(kind, engine, query_data, train_data, options),
             arguments={k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile",
                                                                      "progress", "queries_per_pass", "precision")}
             | {"precision": options["precision"].as_dict()},
@@ -708,7 +708,7 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
     return per_layer if per_module else total(per_layer)
 
 
-def _score_shape(kind, model, task, factors, engine, query_data, train_data, options) -> Tuple[int, ...]:
+def _score_shape(kind, engine, query_data, train_data, options) -> Tuple[int, ...]:
     """The shape of the full score array, known before any cell is computed."""
     examples = _length(train_data, "train_data" if kind == "pairwise" else "data")
     if kind == "self":

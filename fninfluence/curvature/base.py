@@ -7,7 +7,8 @@ functions, applied layer by layer:
 * ``update(state, stats, factors) -> state``: fold one batch's layer statistics into the state,
 * ``finalize(state, factors) -> factors``: turn the state into (more) factors,
 
-where ``stats = {"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}`` holds a batch's layer
+States must be sums over examples: the states of data partitions, computed apart, are added up
+before ``finalize``. Here ``stats = {"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}`` holds a batch's layer
 inputs (with the bias column) and output gradients, and ``factors`` holds what earlier passes produced.
 
 One-hot layers (``nn.Embedding``, ``in`` = the vocabulary V) never form ``a``: their stats hold
@@ -47,7 +48,6 @@ class FitPass(NamedTuple):
     init: Callable[[LayerShape, torch.dtype, torch.device], Tensors]
     update: Callable[[Tensors, Tensors, Tensors], Tensors]
     finalize: Callable[[Tensors, Tensors], Tensors]
-    sample_stats: str = "tokens"  # "tokens" (layer inputs and output grads) — reserved for other kinds
 
 
 class CurvatureEstimator(NamedTuple):

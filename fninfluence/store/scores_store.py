@@ -152,7 +152,8 @@ def read_scores(path: Path, allow_partial: bool = False) -> Dict[str, torch.Tens
     if not complete and not (allow_partial and direct):
         raise InfluenceError(
             f"{path} is incomplete: some cells are missing. Rerun the same call to finish it"
-            + ("" if direct else "") + ", or pass allow_partial=True to read what is there (NaN where missing)."
+            + (", or pass allow_partial=True to read what is there (NaN where missing)." if direct else
+               "; partial results of several module partitions or of summed training gradients are not readable.")
         )
     group = zarr.open_group(str(path), mode="r")
     result = {"all_modules": read_array(group, "all_modules")}
