@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import partitions as parts
-from .capture import LayerSpec, ModelTap, check_finite, unfused
+from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
 from .curvature import CurvatureEstimator, get_estimator, per_example_grads
 from .data import Data, batches, num_batches
 from .errors import InfluenceError
@@ -132,6 +132,23 @@ def _discover(model, task, data, batch_size, objective, amp_dtype, argument="dat
 
 # -- fitting ---------------------------------------------------------------------------------------
 
+MAX_DENSE_PARAMETER_LAYER = 4096
+
+
+def _check_parameter_layers(estimator: CurvatureEstimator, specs: Dict[str, LayerSpec]) -> None:
+    """KFAC/EKFAC on a parameter layer form its exact [P, P] Fisher block: refuse it when P is large."""
+    if not any(p.name == "covariance" for p in estimator.passes):
+        return
+    large = {name: spec.in_features for name, spec in specs.items()
+             if spec.op == "parameters" and spec.in_features > MAX_DENSE_PARAMETER_LAYER}
+    if large:
+        raise InfluenceError(
+            f"Parameter layers {large} (modules tracked through their own parameters, e.g. norms) would need a "
+            f"[P, P] curvature block with {estimator.name}; above {MAX_DENSE_PARAMETER_LAYER} parameters use "
+            "strategy='diagonal' or 'identity', or leave them out of Task.tracked_modules()."
+        )
+
+
 def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype) -> torch.dtype:
     requested = precision.covariance_dtype if pass_name == "covariance" else precision.lambda_dtype
     return precision.accumulator(requested, model_dtype)
@@ -162,7 +179,7 @@ def _fit_cell(engine: ModelTap, fit_pass, objective: str, data: Data, batch_size
             loss, state = run(engine.params, engine.buffers, batch, probes, state,
                               {layer: earlier.get(layer, {}) for layer in engine.specs})
         check_finite(loss, objective, index)
-        examples += next(iter(probes.values()))[0].shape[0]
+        examples += batch_examples(batch)
         bar.update(1)
     bar.close()
     return state, examples
@@ -212,6 +229,7 @@ def fit_factors(
     objective = "train" if use_empirical_fisher else "train_sampled"
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
+    _check_parameter_layers(estimator, specs)
     pass_names = [p.name for p in estimator.passes]
     wanted = pass_names if passes is None else list(passes)
     unknown = [p for p in wanted if p not in pass_names]

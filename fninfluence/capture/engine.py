@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InfluenceError
 from ..task import Task, tracked_module_names
-from .layers import LayerSpec, Target, resolve_targets, specs_from_calls
+from .layers import LayerSpec, Target, resolve_parameter_layers, resolve_targets, specs_from_calls
 from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
 from .ops import layout
 from .tap import Tap, TrackedWeight
@@ -148,16 +148,19 @@ class ModelTap:
         self.per_example = per_example
         self.task = task
         self.amp_dtype = amp_dtype
-        self.targets: List[Target] = resolve_targets(model, tracked_module_names(task))
+        names = tracked_module_names(task)
+        self.parameter_layers: Dict[str, List[str]] = resolve_parameter_layers(model, names)
+        self.targets: List[Target] = resolve_targets(model, names, allow_empty=bool(self.parameter_layers))
         if layers is not None:
             wanted = set(layers)
             self.targets = [t for t in self.targets if t.layer in wanted]
+            self.parameter_layers = {k: v for k, v in self.parameter_layers.items() if k in wanted}
         self.params: Dict[str, torch.Tensor] = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers: Dict[str, torch.Tensor] = {n: b.detach() for n, b in model.named_buffers()}
         self.specs: Optional[Dict[str, LayerSpec]] = None
         self._callers = {k: _Objective(model, fn) for k, fn in _objective_fns(task).items()}
         self._probes: Dict[Tuple, Dict[str, List[torch.Tensor]]] = {}
-        first = self.params[self.targets[0].weight]
+        first = self.params[self.targets[0].weight if self.targets else next(iter(self.parameter_layers.values()))[0]]
         self.device, self.dtype = first.device, first.dtype
 
     # -- the pure part -------------------------------------------------------------------------
@@ -208,8 +211,10 @@ class ModelTap:
 
         probe_grads, (loss, inputs) = torch.func.grad(loss_of_probes, has_aux=True)(probes)
         mask = self.task.get_attention_mask(batch)
-        stats = {}
+        stats = self._parameter_stats(objective, params, buffers, batch) if self.parameter_layers else {}
         for layer, spec in self.specs.items():
+            if spec.op == "parameters":
+                continue
             a_calls = inputs[layer]
             if len(a_calls) != len(probes[layer]):
                 raise InfluenceError(
@@ -225,6 +230,28 @@ class ModelTap:
                 a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
                 stats[layer] = {"a": a, "g": g, "tokens": tokens}
         return loss, stats
+
+    def _parameter_stats(self, objective: str, params, buffers, batch) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Per-example gradients of the parameter layers, by ``vmap(grad(...))`` over batches of one.
+
+        Each becomes a rank-one "layer" with ``a = vec(grad)`` (``in`` = its parameter count) and ``g = 1``,
+        so that ``G_n = g a^T`` is exactly the example's gradient and every estimator and score applies.
+        """
+        names = [n for group in self.parameter_layers.values() for n in group]
+
+        def example_loss(subset, example):
+            single = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, example)
+            return self._call(objective, {**params, **subset}, buffers, single)
+
+        in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
+        grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, in_dims), randomness="different")(
+            {n: params[n] for n in names}, batch)
+        stats = {}
+        for layer, group in self.parameter_layers.items():
+            flat = torch.cat([grads[n].flatten(1) for n in group], dim=1)  # [B, P]
+            stats[layer] = {"a": flat[:, None, None, :], "g": flat.new_ones(flat.shape[0], 1, 1, 1),
+                            "tokens": torch.full((), flat.shape[0], dtype=flat.dtype, device=flat.device)}
+        return stats
 
     # -- the imperative shell ------------------------------------------------------------------
 
@@ -249,6 +276,15 @@ class ModelTap:
         return {layer: layout(_HANDLERS_BY_NAME[self.specs[layer].op], self.per_example)[1](
                     calls[0], self.specs[layer].groups, examples).shape[1]
                 for layer, calls in probes.items()}
+
+    def _parameter_specs(self) -> Dict[str, LayerSpec]:
+        return {
+            layer: LayerSpec(name=layer, op="parameters", groups=1, out_features=1,
+                             in_features=sum(self.params[n].numel() for n in group), has_bias=False, weight=group[0],
+                             bias=None, weight_shape=(sum(self.params[n].numel() for n in group),), calls=1,
+                             parameters=tuple(group))
+            for layer, group in self.parameter_layers.items()
+        }
 
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)
@@ -289,6 +325,7 @@ class ModelTap:
                     "ReLU(inplace=True) on it): its recorded value would be wrong. Use out-of-place ops there."
                 )
         specs = specs_from_calls(self.targets, record.calls)
+        specs.update(self._parameter_specs())
         if self.specs is None:
             self.specs = specs
         else:

@@ -45,7 +45,7 @@ class LayerSpec:
     """A tracked layer as the discovery pass saw it."""
 
     name: str
-    op: str  # "linear" | "conv1d" | "conv2d"
+    op: str  # "linear" | "conv1d" | "conv2d" | "addmm" | "embedding" | "parameters"
     groups: int
     out_features: int  # per group
     in_features: int  # per group, with the bias column when the layer has a tracked bias
@@ -54,6 +54,7 @@ class LayerSpec:
     bias: Optional[str]
     weight_shape: Tuple[int, ...]
     calls: int
+    parameters: Tuple[str, ...] = ()  # op "parameters": the parameter names, flattened and concatenated
 
     @property
     def one_hot(self) -> bool:
@@ -97,7 +98,12 @@ def default_layers(catalog) -> List[str]:
     return [name for name, (module, _, _) in catalog.items() if not isinstance(module, nn.Embedding)]
 
 
+def _own_parameters(module: nn.Module) -> List[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False)]
+
+
 def _requested(model: nn.Module, catalog, names: Sequence[str]) -> List[str]:
+    """Names of the tap layers among ``names`` (modules with parameters but no tap layer are skipped)."""
     modules = dict(model.named_modules())
     chosen: List[str] = []
     for name in names:
@@ -115,19 +121,44 @@ def _requested(model: nn.Module, catalog, names: Sequence[str]) -> List[str]:
                 f"Task.tracked_modules() names {name!r}, which is not a module of the model.{hint} "
                 f"Use names from model.named_modules(); supported layers here: {list(catalog)[:20]}."
             )
+        if _own_parameters(module):
+            continue  # a parameter layer, see resolve_parameter_layers
         raise InfluenceError(
-            f"Tracked module {name!r} is a {type(module).__name__}; supported layers are {SUPPORTED_NAMES}. "
-            "Track its Linear/Conv submodules instead."
+            f"Tracked module {name!r} is a {type(module).__name__} with no parameters of its own; supported layers "
+            f"are {SUPPORTED_NAMES}, and any other module's own parameters. Track its submodules instead."
         )
     return chosen
 
 
-def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]]) -> List[Target]:
-    """The tracked layers of ``model``: the names given, or every supported layer when None."""
+def resolve_parameter_layers(model: nn.Module, tracked_modules: Optional[Sequence[str]]) -> Dict[str, List[str]]:
+    """Named modules that the tap cannot follow but that hold parameters (LayerNorm, RMSNorm, a positional
+    table, a custom module's bias): ``{module name: its own parameter names}``.
+
+    Their per-example gradients come from ``vmap(grad(...))`` rather than the tap, so any module works;
+    they are only tracked when named in ``Task.tracked_modules()``.
+    """
+    if tracked_modules is None:
+        return {}
+    catalog = _catalog(model)
+    modules = dict(model.named_modules())
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    layers = {}
+    for name in tracked_modules:
+        module = modules.get(name)
+        if name in catalog or module is None or isinstance(module, nn.MultiheadAttention):
+            continue
+        own = [canonical[id(p)] for p in _own_parameters(module) if id(p) in canonical]
+        if own:
+            layers[name] = own
+    return layers
+
+
+def resolve_targets(model: nn.Module, tracked_modules: Optional[Sequence[str]], allow_empty: bool = False) -> List[Target]:
+    """The tracked tap layers of ``model``: the names given, or every supported layer when None."""
     catalog = _catalog(model)
     canonical = {id(p): name for name, p in model.named_parameters()}
     names = default_layers(catalog) if tracked_modules is None else _requested(model, catalog, tracked_modules)
-    if not names:
+    if not names and not allow_empty:
         raise InfluenceError(
             f"No layer to track: the model has no {SUPPORTED_NAMES} module"
             + ("" if tracked_modules is None else " and Task.tracked_modules() returned an empty list")

@@ -45,6 +45,7 @@ def layer_keys(names: Sequence[str]) -> Dict[str, str]:
 def _spec_record(spec: LayerSpec, key: str) -> Dict[str, Any]:
     record = asdict(spec)
     record["weight_shape"] = list(spec.weight_shape)
+    record["parameters"] = list(spec.parameters)
     record["key"] = key
     return record
 
@@ -52,6 +53,7 @@ def _spec_record(spec: LayerSpec, key: str) -> Dict[str, Any]:
 def _spec_from_record(record: Dict[str, Any]) -> LayerSpec:
     fields = {k: v for k, v in record.items() if k != "key"}
     fields["weight_shape"] = tuple(fields["weight_shape"])
+    fields["parameters"] = tuple(fields.get("parameters", ()))
     return LayerSpec(**fields)
 
 

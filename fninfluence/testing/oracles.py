@@ -50,6 +50,10 @@ def layer_gradients(grads: Dict[str, torch.Tensor], specs: Dict[str, LayerSpec])
     """Per-example parameter gradients of each tracked layer in the tap's ``[N, G, out, in]`` layout."""
     out = {}
     for layer, spec in specs.items():
+        if spec.op == "parameters":  # a rank-one "layer": the flattened, concatenated parameter gradients
+            flat = torch.cat([grads[name].flatten(1) for name in spec.parameters], dim=1)
+            out[layer] = flat[:, None, None, :]
+            continue
         w = grads[spec.weight]
         b = grads[spec.bias] if spec.has_bias else None
         out[layer] = torch.stack([weight_as_matrix(w[n], None if b is None else b[n], spec.groups, spec.op)
