@@ -275,3 +275,21 @@ def test_activation_checkpointing_is_refused_with_the_fix(use_reentrant):
 
     with pytest.raises(InfluenceError, match="activation checkpointing.*gradient_checkpointing_disable"):
         fi.fit_factors(Checkpointed().double().eval(), ClassificationTask(), classification_data(), **QUIET)
+
+
+def test_a_data_dependent_number_of_layer_calls_is_refused():
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            for _ in range(1 + int(x[0, 0] > 0)):  # how often the block runs depends on the data
+                x = torch.tanh(self.block(x))
+            return self.head(x)
+
+    data = classification_data(n=8)
+    data.tensors[0][0, 0], data.tensors[0][4, 0] = -1.0, 1.0  # batch 0 calls the block once, batch 1 twice
+    with pytest.raises(InfluenceError, match="depends on the data"):
+        fi.fit_factors(Loop().double().eval(), ClassificationTask(), data, strategy="diagonal", batch_size=4,
+                       use_empirical_fisher=True, **QUIET)
