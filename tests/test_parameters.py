@@ -126,3 +126,31 @@ def test_a_module_without_parameters_of_its_own_is_refused():
     model = nn.Sequential(nn.Sequential(nn.Linear(6, 3))).double()
     with pytest.raises(fi.InfluenceError, match="no parameters of its own.*Track its submodules"):
         fi.fit_factors(model, CrossEntropy(["0"]), classification_data(), progress=False)
+
+
+def test_a_tied_weight_named_as_a_parameter_counts_every_use():
+    """An LM head tied to the embedding: the tap refuses the head, naming the weight gives its exact gradient."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.mix = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randint(0, 7, (9,), generator=g), torch.randint(0, 7, (9,), generator=g))
+    with pytest.raises(fi.InfluenceError, match=r"head: \['embedding'\].*name the weight itself there instead.*'embed.weight'"):
+        fi.fit_factors(model, CrossEntropy(["head", "mix"]), data, progress=False)
+    task = CrossEntropy(["head.weight", "mix"])  # the tied alias's name works as well as "embed.weight"
+    factors = fi.fit_factors(model, task, data, strategy="identity", progress=False)
+    assert factors.layers["head.weight"].parameters == ("embed.weight",)
+    grads = per_example_gradients(model, task, data, param_names=["embed.weight"])["embed.weight"].flatten(1)
+    scores = fi.pairwise_scores(model, task, factors, data, data, per_module=True, progress=False)
+    torch.testing.assert_close(scores["head.weight"], grads @ grads.T, rtol=1e-10, atol=1e-12)

@@ -277,6 +277,10 @@ class ModelTap:
                     calls[0], self.specs[layer].groups, examples).shape[1]
                 for layer, calls in probes.items()}
 
+    def _weight_names(self, layers) -> str:
+        by_layer = {t.layer: t.weight for t in self.targets}
+        return ", ".join(repr(by_layer[layer]) for layer in layers if layer in by_layer)
+
     def _parameter_specs(self) -> Dict[str, LayerSpec]:
         return {
             layer: LayerSpec(name=layer, op="parameters", groups=1, out_features=1,
@@ -305,8 +309,9 @@ class ModelTap:
             raise InfluenceError(
                 f"Tracked weights are also used by functions the tap cannot follow ({uses}), so their "
                 "per-example gradients would miss those uses. Leave these layers out of Task.tracked_modules() "
-                "(e.g. a classifier tied to an embedding: an nn.Embedding whose weight is tied to an LM head cannot be "
-                "tracked, nor can that head)."
+                "(e.g. a classifier tied to an embedding), or name the weight itself there instead (e.g. "
+                f"{self._weight_names(record.other_uses)}): a parameter named that way is analysed with all its uses "
+                "through per-example vmap gradients (identity or diagonal; kfac/ekfac up to 4096 values)."
             )
         for layer, calls in record.calls.items():
             for call in calls:

@@ -98,6 +98,11 @@ def default_layers(catalog) -> List[str]:
     return [name for name, (module, _, _) in catalog.items() if not isinstance(module, nn.Embedding)]
 
 
+def _parameter_names(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every name of every parameter, tied aliases included (``lm_head.weight`` and ``wte.weight``)."""
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
 def _own_parameters(module: nn.Module) -> List[nn.Parameter]:
     return [p for p in module.parameters(recurse=False)]
 
@@ -114,6 +119,8 @@ def _requested(model: nn.Module, catalog, names: Sequence[str]) -> List[str]:
         if isinstance(module, nn.MultiheadAttention):  # both of its projections
             chosen += [n for n in (f"{name}.in_proj", f"{name}.out_proj") if n in catalog]
             continue
+        if module is None and name in _parameter_names(model):
+            continue  # a single parameter, see resolve_parameter_layers
         if module is None:
             close = difflib.get_close_matches(name, list(modules) + list(catalog), n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -135,15 +142,21 @@ def resolve_parameter_layers(model: nn.Module, tracked_modules: Optional[Sequenc
     table, a custom module's bias): ``{module name: its own parameter names}``.
 
     Their per-example gradients come from ``vmap(grad(...))`` rather than the tap, so any module works;
-    they are only tracked when named in ``Task.tracked_modules()``.
+    they are only tracked when named in ``Task.tracked_modules()``. A parameter's own name (e.g.
+    ``"lm_head.weight"``) makes a layer of that one parameter: for a weight tied to another module, its
+    gradient then sums every use, which the tap cannot do.
     """
     if tracked_modules is None:
         return {}
     catalog = _catalog(model)
     modules = dict(model.named_modules())
     canonical = {id(p): name for name, p in model.named_parameters()}
+    parameters = _parameter_names(model)
     layers = {}
     for name in tracked_modules:
+        if name not in modules and name in parameters:  # one parameter by name: all of its uses, tied or not
+            layers[name] = [canonical[id(parameters[name])]]
+            continue
         module = modules.get(name)
         if name in catalog or module is None or isinstance(module, nn.MultiheadAttention):
             continue
