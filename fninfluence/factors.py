@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .capture import LayerSpec
-from .curvature import CurvatureEstimator
+from .curvature import CurvatureEstimator, pass_order
 
 
 @dataclass
@@ -22,6 +22,9 @@ class Factors:
     ``activation_diagonal`` ``[1, V]``, the token frequencies, instead of ``activation_covariance`` and no
     ``activation_eigenvectors``: its ``Q_A`` is the identity); for diagonal:
     ``lambda``; for identity: nothing.
+
+    ``estimators[layer]`` is the estimator of each layer (one for all unless ``fit_factors`` got a strategy
+    per layer; ``strategy`` is then ``"mixed"``).
     """
 
     strategy: str
@@ -31,15 +34,32 @@ class Factors:
     num_examples: int
     use_empirical_fisher: bool = False
     passes_done: Tuple[str, ...] = None
+    estimators: Dict[str, CurvatureEstimator] = field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.estimators is None:
+            self.estimators = {layer: self.estimator for layer in self.layers}
         if self.passes_done is None:
-            self.passes_done = tuple(p.name for p in self.estimator.passes)
+            self.passes_done = tuple(self.pass_names)
+
+    @property
+    def pass_names(self) -> Tuple[str, ...]:
+        """Every pass of the layers' estimators, in order."""
+        return tuple(pass_order(self.estimators))
+
+    @property
+    def strategies(self) -> Dict[str, str]:
+        """The strategy of each layer."""
+        return {layer: estimator.name for layer, estimator in self.estimators.items()}
+
+    def estimator_for(self, layer: str) -> CurvatureEstimator:
+        """The estimator that fitted ``layer`` and preconditions its gradients."""
+        return self.estimators[layer]
 
     @property
     def complete(self) -> bool:
-        """Whether every pass of the estimator has been fitted."""
-        return all(p.name in self.passes_done for p in self.estimator.passes)
+        """Whether every pass of every layer's estimator has been fitted."""
+        return all(name in self.passes_done for name in self.pass_names)
 
     def save(self, path: Union[str, Path], *, overwrite: bool = False) -> None:
         """Write the factors to a Zarr v3 store at ``path`` (see docs/storage.md)."""
@@ -73,4 +93,4 @@ class Factors:
             for layer, tensors in self.tensors.items()
         }
         return Factors(self.strategy, self.estimator, dict(self.layers), moved, self.num_examples,
-                       self.use_empirical_fisher, self.passes_done)
+                       self.use_empirical_fisher, self.passes_done, dict(self.estimators))

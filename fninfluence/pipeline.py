@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import partitions as parts
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
-from .curvature import CurvatureEstimator, get_estimator, per_example_grads
+from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
 from .data import Data, batches, num_batches
 from .errors import InfluenceError
 from .factors import Factors
@@ -135,17 +135,17 @@ def _discover(model, task, data, batch_size, objective, amp_dtype, argument="dat
 MAX_DENSE_PARAMETER_LAYER = 4096
 
 
-def _check_parameter_layers(estimator: CurvatureEstimator, specs: Dict[str, LayerSpec]) -> None:
+def _check_parameter_layers(estimators: Dict[str, CurvatureEstimator], specs: Dict[str, LayerSpec]) -> None:
     """KFAC/EKFAC on a parameter layer form its exact [P, P] Fisher block: refuse it when P is large."""
-    if not any(p.name == "covariance" for p in estimator.passes):
-        return
     large = {name: spec.in_features for name, spec in specs.items()
-             if spec.op == "parameters" and spec.in_features > MAX_DENSE_PARAMETER_LAYER}
+             if spec.op == "parameters" and spec.in_features > MAX_DENSE_PARAMETER_LAYER
+             and any(p.name == "covariance" for p in estimators[name].passes)}
     if large:
         raise InfluenceError(
             f"Parameter layers {large} (modules tracked through their own parameters, e.g. norms) would need a "
-            f"[P, P] curvature block with {estimator.name}; above {MAX_DENSE_PARAMETER_LAYER} parameters use "
-            "strategy='diagonal' or 'identity', or leave them out of Task.tracked_modules()."
+            f"[P, P] curvature block with {_strategy_label({n: estimators[n] for n in large})}; above "
+            f"{MAX_DENSE_PARAMETER_LAYER} parameters use strategy='diagonal' or 'identity' for them (e.g. "
+            "strategy={'*': 'ekfac', '<layer>': 'diagonal'}), or leave them out of Task.tracked_modules()."
         )
 
 
@@ -154,17 +154,18 @@ def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype)
     return precision.accumulator(requested, model_dtype)
 
 
-def _fit_cell(engine: ModelTap, fit_pass, objective: str, data: Data, batch_size, earlier, precision: Precision,
-              compile: CompileOption, progress: bool, label: str):
-    """Sum of ``fit_pass`` states over ``data`` for the engine's layers: ``(states, examples)``."""
+def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data: Data, batch_size, earlier,
+              precision: Precision, compile: CompileOption, progress: bool, label: str):
+    """Sum over ``data`` of each layer's state of pass ``pass_name`` (``fit_passes[layer]``): ``(states, examples)``."""
     model_dtype = engine.dtype
-    state_dtype = _state_dtype(precision, fit_pass.name, model_dtype)
+    state_dtype = _state_dtype(precision, pass_name, model_dtype)
     compute_dtype = precision.compute(precision.per_sample_gradient_dtype, model_dtype) \
-        if fit_pass.name != "covariance" else state_dtype
+        if pass_name != "covariance" else state_dtype
 
     def step(params, buffers, batch, probes, state, earlier):
         loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
-        return loss, {layer: fit_pass.update(state[layer], _cast_stats(stats[layer], compute_dtype), earlier[layer])
+        return loss, {layer: fit_passes[layer].update(state[layer], _cast_stats(stats[layer], compute_dtype),
+                                                      earlier[layer])
                       for layer in state}
 
     run = _maybe_compile(step, compile)
@@ -174,7 +175,7 @@ def _fit_cell(engine: ModelTap, fit_pass, objective: str, data: Data, batch_size
         with _on_batch(label, index):
             probes = engine.probes_for(objective, batch)
             if state is None:
-                state = {layer: fit_pass.init(spec.shape, state_dtype, engine.device)
+                state = {layer: fit_passes[layer].init(spec.shape, state_dtype, engine.device)
                          for layer, spec in engine.specs.items()}
             loss, state = run(engine.params, engine.buffers, batch, probes, state,
                               {layer: earlier.get(layer, {}) for layer in engine.specs})
@@ -185,12 +186,17 @@ def _fit_cell(engine: ModelTap, fit_pass, objective: str, data: Data, batch_size
     return state, examples
 
 
+def _strategy_label(estimators) -> str:
+    names = sorted({e.name for e in estimators.values()})
+    return names[0] if len(names) == 1 else "mixed"
+
+
 def fit_factors(
     model: nn.Module,
     task: Task,
     data: Data,
     *,
-    strategy: Union[str, CurvatureEstimator] = "ekfac",
+    strategy: Union[str, CurvatureEstimator, Mapping[str, Union[str, CurvatureEstimator]]] = "ekfac",
     use_empirical_fisher: bool = False,
     batch_size: Optional[int] = None,
     compile: CompileOption = False,
@@ -212,6 +218,9 @@ def fit_factors(
     model (``sample=True``), which gives the true Fisher; with True the batch's own labels are used.
     ``compile`` may be True or a dict of ``torch.compile`` options (``fullgraph=True`` is always set).
 
+    ``strategy`` may be a dict ``{layer name: strategy}`` with ``"*"`` for the others, e.g.
+    ``{"*": "ekfac", "ln_f": "diagonal"}``: each layer is fitted and preconditioned by its own estimator.
+
     Partitions and persistence: each pass over the data (``covariance`` and ``lambda`` for EKFAC) is split
     into ``data_partitions`` x ``module_partitions`` cells (an int, or a dict per pass name); with
     ``store`` (a directory) each finished cell is written there, so several processes can fill disjoint
@@ -224,59 +233,59 @@ def fit_factors(
 
     Returns the factors once every cell of every pass is complete, else None.
     """
-    estimator = get_estimator(strategy)
     precision = precision or Precision()
     objective = "train" if use_empirical_fisher else "train_sampled"
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
-    _check_parameter_layers(estimator, specs)
-    pass_names = [p.name for p in estimator.passes]
+    estimators = resolve_strategies(strategy, specs)
+    _check_parameter_layers(estimators, specs)
+    pass_names = pass_order(estimators)
+    layer_passes = {name: {layer: p for layer, e in estimators.items() for p in e.passes if p.name == name}
+                    for name in pass_names}
+    label = _strategy_label(estimators)
     wanted = pass_names if passes is None else list(passes)
     unknown = [p for p in wanted if p not in pass_names]
     if unknown:
-        raise InfluenceError(f"Unknown passes {unknown} for strategy {estimator.name!r}: it has {pass_names}.")
+        raise InfluenceError(f"Unknown passes {unknown} for strategy {label!r}: it has {pass_names}.")
 
     total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1) else None
     plan = {}
-    for fit_pass in estimator.passes:
-        limit = _per_pass(max_examples, fit_pass.name, None)
+    for name in pass_names:
+        limit = _per_pass(max_examples, name, None)
         examples = total_examples if limit is None or total_examples is None else min(limit, total_examples)
-        plan[fit_pass.name] = (
-            examples,
-            _per_pass(data_partitions, fit_pass.name, 1),
-            _per_pass(module_partitions, fit_pass.name, 1),
-        )
-        parts.check_count(plan[fit_pass.name][1], "data partitions")
-        parts.check_count(plan[fit_pass.name][2], "module partitions")
+        plan[name] = (examples, _per_pass(data_partitions, name, 1), _per_pass(module_partitions, name, 1))
+        parts.check_count(plan[name][1], "data partitions")
+        parts.check_count(plan[name][2], "module partitions")
 
     saved = None
     if store is not None:
         saved = factors_store.open_fit(
-            Path(store), model=model, data=data, estimator=estimator, specs=specs, plan=plan,
+            Path(store), model=model, data=data, estimators=estimators, specs=specs, plan=plan,
             arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict()},
-            state_dtypes={p.name: _state_dtype(precision, p.name, engine.dtype) for p in estimator.passes},
+            state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
             overwrite=overwrite,
         )
 
     factors: Dict[str, Dict[str, torch.Tensor]] = {layer: {} for layer in specs}
     done_passes: List[str] = []
     examples_seen = 0
-    for fit_pass in estimator.passes:
-        if saved is not None and saved.pass_complete(fit_pass.name):
-            factors = saved.merge_pass_outputs(fit_pass.name, factors)
-            done_passes.append(fit_pass.name)
+    for name in pass_names:
+        if saved is not None and saved.pass_complete(name):
+            factors = saved.merge_pass_outputs(name, factors)
+            done_passes.append(name)
             continue
-        if fit_pass.name not in wanted:
-            if any(p in wanted for p in pass_names[pass_names.index(fit_pass.name) + 1:]):
+        if name not in wanted:
+            if any(p in wanted for p in pass_names[pass_names.index(name) + 1:]):
                 raise InfluenceError(
-                    f"Pass {fit_pass.name!r} must be complete before the later passes {wanted}: run it first "
+                    f"Pass {name!r} must be complete before the later passes {wanted}: run it first "
                     "(with the same store)."
                 )
             continue
-        examples, data_parts, module_parts = plan[fit_pass.name]
+        fit_passes = layer_passes[name]  # the layers whose estimator has this pass
+        examples, data_parts, module_parts = plan[name]
         pass_data = data if examples is None or examples == total_examples else _subset(data, range(examples))
         ranges = parts.data_ranges(examples, data_parts) if examples is not None else [None]
-        groups = parts.module_groups(list(specs), module_parts)
+        groups = parts.module_groups(list(fit_passes), module_parts)
         targets_d = parts.targets(target_data_partitions, len(ranges), "data partitions")
         targets_m = parts.targets(target_module_partitions, len(groups), "module partitions")
         if saved is None and (len(targets_d) < len(ranges) or len(targets_m) < len(groups)):
@@ -284,48 +293,48 @@ def fit_factors(
         started = time.perf_counter()
         pending: Dict[str, List[Dict[str, torch.Tensor]]] = {}
         for m in targets_m:
-            cell_engine = engine if module_parts == 1 else ModelTap(model, task, layers=groups[m],
-                                                                    amp_dtype=precision.amp_dtype,
-                                                                    per_example=per_example_vmap)
+            every_layer = len(groups) == 1 and len(fit_passes) == len(specs)
+            cell_engine = engine if every_layer else ModelTap(model, task, layers=groups[m],
+                                                              amp_dtype=precision.amp_dtype,
+                                                              per_example=per_example_vmap)
             for d in targets_d:
-                cell = parts.cell_name(fit_pass.name, d, m)
+                cell = parts.cell_name(name, d, m)
                 if saved is not None and saved.cell_done(cell):
                     continue
                 cell_data = pass_data if ranges[d] is None or len(ranges) == 1 else _subset(pass_data, ranges[d])
                 if ranges[d] is not None and len(ranges[d]) == 0:
-                    states, n = {layer: fit_pass.init(specs[layer].shape, torch.float64, engine.device)
+                    states, n = {layer: fit_passes[layer].init(specs[layer].shape, torch.float64, engine.device)
                                  for layer in groups[m]}, 0
                 else:
-                    states, n = _fit_cell(cell_engine, fit_pass, objective, cell_data, batch_size, factors, precision,
-                                          compile, progress, f"{estimator.name} {fit_pass.name} [{cell}]")
+                    states, n = _fit_cell(cell_engine, name, fit_passes, objective, cell_data, batch_size, factors,
+                                          precision, compile, progress, f"{label} {name} [{cell}]")
                 examples_seen += n
                 if saved is not None:
-                    saved.write_cell(fit_pass.name, d, states, cell, n)
+                    saved.write_cell(name, d, states, cell, n)
                 else:
                     for layer, state in states.items():
                         pending.setdefault(layer, []).append(state)
         if saved is not None:
-            if not saved.all_cells_done(fit_pass.name, len(ranges), len(groups)):
-                logger.info("%s: pass %s has missing cells %s; rerun to complete it.", store, fit_pass.name,
-                            saved.missing_cells(fit_pass.name, len(ranges), len(groups)))
+            if not saved.all_cells_done(name, len(ranges), len(groups)):
+                logger.info("%s: pass %s has missing cells %s; rerun to complete it.", store, name,
+                            saved.missing_cells(name, len(ranges), len(groups)))
                 return None
-            summed = saved.sum_partials(fit_pass.name)
+            summed = saved.sum_partials(name)
         else:
             # the same reduction as the store's (stack, then sum), so both give identical bits
             summed = {layer: {k: torch.stack([s[k].to(states[0][k].dtype) for s in states]).sum(0) for k in states[0]}
                       for layer, states in pending.items()}
-        outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer in specs}
-        factors = {layer: {**factors[layer], **outputs[layer]} for layer in specs}
+        outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
+        factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in specs}
         if saved is not None:
-            saved.write_pass_outputs(fit_pass.name, outputs)
-        done_passes.append(fit_pass.name)
-        logger.info("%s %s pass: %d examples in %.2fs", estimator.name, fit_pass.name, examples_seen,
-                    time.perf_counter() - started)
+            saved.write_pass_outputs(name, outputs)
+        done_passes.append(name)
+        logger.info("%s %s pass: %d examples in %.2fs", label, name, examples_seen, time.perf_counter() - started)
 
     complete = len(done_passes) == len(pass_names)
-    result = Factors(strategy=estimator.name, estimator=estimator, layers=specs, tensors=factors,
+    result = Factors(strategy=label, estimator=next(iter(estimators.values())), layers=specs, tensors=factors,
                      num_examples=saved.num_examples() if saved is not None else examples_seen,
-                     use_empirical_fisher=use_empirical_fisher, passes_done=tuple(done_passes))
+                     use_empirical_fisher=use_empirical_fisher, passes_done=tuple(done_passes), estimators=estimators)
     if saved is not None and complete:
         saved.mark_complete()
     if passes is None and not complete:
@@ -344,7 +353,7 @@ def _check_layers(factors: Factors, engine: ModelTap) -> None:
             f"and task track {here}. Fit factors with the same model and Task.tracked_modules()."
         )
     if not factors.complete:
-        missing = [p.name for p in factors.estimator.passes if p.name not in factors.passes_done]
+        missing = [name for name in factors.pass_names if name not in factors.passes_done]
         raise InfluenceError(f"The factors are incomplete (passes {missing} missing): finish fit_factors first.")
 
 
@@ -356,15 +365,14 @@ def _factors_on(factors: Factors, engine: ModelTap) -> Dict[str, Dict[str, torch
 def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, damping, batch_size, compile,
                      progress, precision: Precision, aggregate: bool) -> List[Dict[str, torch.Tensor]]:
     """Preconditioned measurement gradients ``{layer: [Q_b, G, out, in]}`` per query batch (one if aggregated)."""
-    estimator = factors.estimator
     if engine.specs is None:
         engine.probes_for("measurement", _first_batch(query_data, batch_size, engine.device, "query_data"))
     on_device = _factors_on(factors, engine)
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
 
-    def precondition(layer_factors, grads):
-        return estimator.precondition(layer_factors, grads.to(precondition_dtype), damping)
+    def precondition(layer, layer_factors, grads):
+        return factors.estimator_for(layer).precondition(layer_factors, grads.to(precondition_dtype), damping)
 
     def step(params, buffers, batch, probes, layer_factors):
         loss, stats = engine.layer_stats("measurement", params, buffers, batch, probes)
@@ -372,7 +380,7 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
                  for layer, s in stats.items()}
         if aggregate:
             return loss, {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
-        return loss, {layer: precondition(layer_factors[layer], g) for layer, g in grads.items()}
+        return loss, {layer: precondition(layer, layer_factors[layer], g) for layer, g in grads.items()}
 
     run = _maybe_compile(step, compile)
     chunks: List[Dict[str, torch.Tensor]] = []
@@ -390,7 +398,7 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
         raise InfluenceError("query_data is empty: there is no query to score.")
     if aggregate:
         summed = {layer: sum(c[layer] for c in chunks) for layer in chunks[0]}
-        chunks = [{layer: precondition(on_device[layer], g) for layer, g in summed.items()}]
+        chunks = [{layer: precondition(layer, on_device[layer], g) for layer, g in summed.items()}]
     return chunks
 
 
@@ -580,7 +588,6 @@ def pairwise_scores(
 
 def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch_size, compile, progress,
                precision: Precision, use_measurement: bool, label: str) -> Dict[str, torch.Tensor]:
-    estimator = factors.estimator
     if engine.specs is None:
         engine.probes_for("train", _first_batch(data, batch_size, engine.device, "data"))
     on_device = _factors_on(factors, engine)
@@ -592,7 +599,8 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
         stats = {layer: _cast_stats(s, grad_dtype) for layer, s in stats.items()}
         if not use_measurement:
-            scores = {layer: estimator.self_score(layer_factors[layer], _cast_stats(s, precondition_dtype), damping)
+            scores = {layer: factors.estimator_for(layer).self_score(
+                          layer_factors[layer], _cast_stats(s, precondition_dtype), damping)
                       for layer, s in stats.items()}
             return (loss, None), {layer: v.to(score_dtype) for layer, v in scores.items()}
         measured, measured_stats = engine.layer_stats("measurement", params, buffers, batch, measurement_probes)
@@ -600,7 +608,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         for layer, s in stats.items():
             grads = per_example_grads(_cast_stats(measured_stats[layer], grad_dtype),
                                       engine.specs[layer].in_features).to(precondition_dtype)
-            preconditioned = estimator.precondition(layer_factors[layer], grads, damping).to(score_dtype)
+            preconditioned = factors.estimator_for(layer).precondition(layer_factors[layer], grads, damping).to(score_dtype)
             scores[layer] = example_grad_dot(preconditioned, _cast_stats(s, score_dtype))
         return (loss, measured), scores
 

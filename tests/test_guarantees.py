@@ -293,3 +293,35 @@ def test_a_data_dependent_number_of_layer_calls_is_refused():
     with pytest.raises(InfluenceError, match="depends on the data"):
         fi.fit_factors(Loop().double().eval(), ClassificationTask(), data, strategy="diagonal", batch_size=4,
                        use_empirical_fisher=True, **QUIET)
+
+
+def test_attention_mask_per_layer_dict_masks_only_the_named_layers():
+    from models import LMTask, TinyTransformerLM, sequence_data
+
+    class Masked(LMTask):
+        """Batches (ids, keep); the mask is ``which(keep)``: a tensor, a per-layer dict, or None."""
+
+        def __init__(self, which):
+            self.which = which
+
+        def compute_train_loss(self, batch, model, sample=False):
+            return super().compute_train_loss(batch[:1], model, sample)
+
+        def get_attention_mask(self, batch):
+            return self.which(batch[1])
+
+    torch.manual_seed(0)
+    model, ids = TinyTransformerLM().double().eval(), sequence_data().tensors[0]
+    keep = torch.ones_like(ids)
+    keep[::2, 4:] = 0
+    data = TensorDataset(ids, keep)
+
+    def fit(which):
+        return fi.fit_factors(model, Masked(which), data, strategy="kfac", use_empirical_fisher=True, batch_size=5,
+                              **QUIET)
+
+    everywhere, nowhere, only_up = fit(lambda k: k), fit(lambda k: None), fit(lambda k: {"up": k})
+    for name in ("activation_covariance", "gradient_covariance", "num_tokens"):
+        torch.testing.assert_close(only_up["up"][name], everywhere["up"][name])
+        torch.testing.assert_close(only_up["q"][name], nowhere["q"][name])
+    assert float(everywhere["up"]["num_tokens"]) == float(keep.sum()) < float(nowhere["up"]["num_tokens"])

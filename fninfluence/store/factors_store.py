@@ -24,12 +24,18 @@ import torch
 from torch import nn
 
 from ..capture import LayerSpec
+from ..curvature import pass_order
 from ..errors import InfluenceError
 from .fingerprint import data_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (FORMAT_VERSION, ArraySpec, done_cells, mark_done, numpy_dtype, open_store, read_array,
                       read_header, write_array)
 
-IDENTITY = ("kind", "strategy", "layers", "arguments", "plan", "data", "model")
+IDENTITY = ("kind", "strategy", "strategies", "layers", "arguments", "plan", "data", "model")
+
+
+def _label(estimators) -> str:
+    names = sorted({e.name for e in estimators.values()})
+    return names[0] if len(names) == 1 else "mixed"
 
 
 def _version() -> str:
@@ -57,18 +63,21 @@ def _spec_from_record(record: Dict[str, Any]) -> LayerSpec:
     return LayerSpec(**fields)
 
 
-def _meta_outputs(estimator, specs: Dict[str, LayerSpec], state_dtypes: Dict[str, torch.dtype]):
-    """Shapes and dtypes of every pass's state and outputs, from a run on the meta device."""
+def _meta_outputs(estimators, specs: Dict[str, LayerSpec], state_dtypes: Dict[str, torch.dtype]):
+    """Shapes and dtypes of every pass's state and outputs, per layer that has the pass, from a run on the
+    meta device: ``states[pass][layer]``, ``outputs[pass][layer]``."""
     meta = torch.device("meta")
     states: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
     outputs: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
     earlier = {layer: {} for layer in specs}
-    for fit_pass in estimator.passes:
-        states[fit_pass.name] = {layer: fit_pass.init(spec.shape, state_dtypes[fit_pass.name], meta)
-                                 for layer, spec in specs.items()}
-        outputs[fit_pass.name] = {layer: fit_pass.finalize(states[fit_pass.name][layer], earlier[layer])
-                                  for layer in specs}
-        earlier = {layer: {**earlier[layer], **outputs[fit_pass.name][layer]} for layer in specs}
+    for name in pass_order(estimators):
+        states[name], outputs[name] = {}, {}
+        for layer, spec in specs.items():
+            for fit_pass in estimators[layer].passes:
+                if fit_pass.name == name:
+                    states[name][layer] = fit_pass.init(spec.shape, state_dtypes.get(name, torch.float64), meta)
+                    outputs[name][layer] = fit_pass.finalize(states[name][layer], earlier[layer])
+                    earlier[layer] = {**earlier[layer], **outputs[name][layer]}
     return states, outputs
 
 
@@ -103,9 +112,9 @@ class FitStore:
 
     def sum_partials(self, pass_name: str) -> Dict[str, Dict[str, torch.Tensor]]:
         return {
-            layer: {name: read_array(self.group, f"passes/{pass_name}/{key}/{name}").sum(0)
-                    for name in self.states[pass_name][layer]}
-            for layer, key in self.keys.items()
+            layer: {name: read_array(self.group, f"passes/{pass_name}/{self.keys[layer]}/{name}").sum(0)
+                    for name in state}
+            for layer, state in self.states[pass_name].items()
         }
 
     # passes
@@ -119,9 +128,10 @@ class FitStore:
         mark_done(self.path, f"pass-{pass_name}", {"examples": self._examples(pass_name)})
 
     def merge_pass_outputs(self, pass_name: str, factors: Dict[str, Dict[str, torch.Tensor]]):
+        produced = self.outputs[pass_name]
         return {
             layer: {**factors.get(layer, {}),
-                    **{name: read_array(self.group, f"layers/{key}/{name}") for name in self.outputs[pass_name][layer]}}
+                    **{name: read_array(self.group, f"layers/{key}/{name}") for name in produced.get(layer, {})}}
             for layer, key in self.keys.items()
         }
 
@@ -142,19 +152,19 @@ class FitStore:
             mark_done(self.path, "complete")
 
 
-def open_fit(path: Path, *, model: nn.Module, data, estimator, specs: Dict[str, LayerSpec], plan, arguments,
+def open_fit(path: Path, *, model: nn.Module, data, estimators, specs: Dict[str, LayerSpec], plan, arguments,
              state_dtypes: Dict[str, torch.dtype], overwrite: bool) -> FitStore:
     keys = layer_keys(list(specs))
-    states, outputs = _meta_outputs(estimator, specs, state_dtypes)
+    states, outputs = _meta_outputs(estimators, specs, state_dtypes)
     arrays: Dict[str, ArraySpec] = {}
-    for fit_pass in estimator.passes:
-        _, data_parts, _ = plan[fit_pass.name]
-        for layer, state in states[fit_pass.name].items():
+    for pass_name in pass_order(estimators):
+        _, data_parts, _ = plan[pass_name]
+        for layer, state in states[pass_name].items():
             for name, meta in state.items():
                 shape = tuple(meta.shape)
-                arrays[f"passes/{fit_pass.name}/{keys[layer]}/{name}"] = ArraySpec(
+                arrays[f"passes/{pass_name}/{keys[layer]}/{name}"] = ArraySpec(
                     (data_parts,) + shape, (1,) + shape, numpy_dtype(meta.dtype))
-        for layer, produced in outputs[fit_pass.name].items():
+        for layer, produced in outputs[pass_name].items():
             for name, meta in produced.items():
                 shape = tuple(meta.shape)
                 arrays[f"layers/{keys[layer]}/{name}"] = ArraySpec(shape, shape, numpy_dtype(meta.dtype))
@@ -162,8 +172,9 @@ def open_fit(path: Path, *, model: nn.Module, data, estimator, specs: Dict[str, 
         "kind": "factors",
         "format": FORMAT_VERSION,
         "library_version": _version(),
-        "strategy": estimator.name,
-        "passes": [p.name for p in estimator.passes],
+        "strategy": _label(estimators),
+        "strategies": {layer: e.name for layer, e in estimators.items()},
+        "passes": pass_order(estimators),
         "layers": [_spec_record(spec, keys[name]) for name, spec in specs.items()],
         "arguments": jsonable(arguments),
         "plan": {name: {"examples": e, "data_partitions": d, "module_partitions": m}
@@ -190,7 +201,8 @@ def save_factors(factors, path: Path, *, overwrite: bool = False) -> None:
         "format": FORMAT_VERSION,
         "library_version": _version(),
         "strategy": factors.strategy,
-        "passes": [p.name for p in factors.estimator.passes],
+        "strategies": factors.strategies,
+        "passes": list(factors.pass_names),
         "layers": [_spec_record(spec, keys[name]) for name, spec in factors.layers.items()],
         "arguments": {"use_empirical_fisher": factors.use_empirical_fisher},
         "num_examples": factors.num_examples,
@@ -206,7 +218,11 @@ def save_factors(factors, path: Path, *, overwrite: bool = False) -> None:
 
 
 def load_factors(path: Path, estimator=None):
-    """Read factors written by :func:`save_factors` or by ``fit_factors(store=...)``."""
+    """Read factors written by :func:`save_factors` or by ``fit_factors(store=...)``.
+
+    Each layer gets the built-in estimator of its stored strategy; ``estimator`` (a custom one, which is
+    not stored by value) replaces them all.
+    """
     from ..curvature import get_estimator
     from ..factors import Factors
 
@@ -216,30 +232,32 @@ def load_factors(path: Path, estimator=None):
         raise InfluenceError(f"{path} holds {header.get('kind')!r} results, not factors.")
     done = done_cells(path)
     passes_done = tuple(p for p in header.get("passes", []) if f"pass-{p}" in done)
-    estimator = estimator or get_estimator(header["strategy"])
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
-    layers, tensors = {}, {}
+    layers, tensors, estimators = {}, {}, {}
     for record in header["layers"]:
         spec = _spec_from_record(record)
         layers[spec.name] = spec
+        strategy = header.get("strategies", {}).get(spec.name, header["strategy"])
+        estimators[spec.name] = estimator or get_estimator(strategy)
         folder = f"layers/{record['key']}"
         names = [name for name, _ in group[folder].arrays()] if folder in group else []
         produced = set()
-        for fit_pass in estimator.passes:
+        for fit_pass in estimators[spec.name].passes:
             if fit_pass.name in passes_done:
-                produced |= _pass_output_names(estimator, fit_pass.name, spec)
+                produced |= _pass_output_names(estimators[spec.name], fit_pass.name, spec)
         tensors[spec.name] = {name: read_array(group, f"{folder}/{name}") for name in names if name in produced}
     examples = header.get("num_examples")
     if examples is None:
         store = FitStore(path, group, layer_keys(list(layers)), {}, {}, header.get("plan", {}))
         examples = store.num_examples()
-    return Factors(strategy=header["strategy"], estimator=estimator, layers=layers, tensors=tensors,
-                   num_examples=int(examples), use_empirical_fisher=bool(header["arguments"].get("use_empirical_fisher")),
-                   passes_done=passes_done)
+    return Factors(strategy=header["strategy"], estimator=next(iter(estimators.values())), layers=layers,
+                   tensors=tensors, num_examples=int(examples),
+                   use_empirical_fisher=bool(header["arguments"].get("use_empirical_fisher")),
+                   passes_done=passes_done, estimators=estimators)
 
 
 def _pass_output_names(estimator, pass_name: str, spec: LayerSpec) -> set:
-    _, outputs = _meta_outputs(estimator, {spec.name: spec}, {p.name: torch.float64 for p in estimator.passes})
+    _, outputs = _meta_outputs({spec.name: estimator}, {spec.name: spec}, {})
     return set(outputs[pass_name][spec.name])
