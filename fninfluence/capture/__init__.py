@@ -2,10 +2,10 @@
 
 from .engine import ModelTap, batch_examples, check_finite, unfused
 from .layers import SUPPORTED_MODULES, LayerSpec, Target, resolve_targets
-from .ops import matrix_as_weight, weight_as_matrix
+from .ops import weight_as_matrix
 from .tap import Tap, TrackedWeight
 
 __all__ = [
     "ModelTap", "batch_examples", "check_finite", "unfused", "SUPPORTED_MODULES", "LayerSpec", "Target", "resolve_targets",
-    "Tap", "TrackedWeight", "weight_as_matrix", "matrix_as_weight",
+    "Tap", "TrackedWeight", "weight_as_matrix",
 ]

@@ -228,20 +228,6 @@ def weight_as_matrix(weight: torch.Tensor, bias: Optional[torch.Tensor], groups:
         w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)
     return w
 
-
-def matrix_as_weight(matrix: torch.Tensor, weight_shape: torch.Size, has_bias: bool):
-    """Inverse of :func:`weight_as_matrix`: ``(weight, bias or None)`` in the module's own shapes."""
-    if has_bias:
-        w, b = matrix[..., :-1], matrix[..., -1]
-        return w.reshape(matrix.shape[:-3] + tuple(weight_shape)), b.reshape(matrix.shape[:-3] + (-1,))
-    return matrix.reshape(matrix.shape[:-3] + tuple(weight_shape)), None
-
-
-def unsupported_padding_check(call: CallArgs) -> None:
-    if isinstance(call.settings[1], str) and call.settings[1] not in ("same", "valid"):
-        raise InfluenceError(f"Unknown conv padding {call.settings[1]!r}: expected an int, a tuple, 'same' or 'valid'.")
-
-
 def layout(handler: OpHandler, per_example: bool):
     """The (input, output gradient) layout functions of a handler.
 

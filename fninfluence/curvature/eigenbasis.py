@@ -14,8 +14,6 @@ is accumulated from same-token sums without a ``[B, D, V]`` tensor.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import one_hot
