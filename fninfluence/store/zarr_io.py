@@ -56,7 +56,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _create(path: Path, header: Dict[str, Any], arrays: Dict[str, ArraySpec]) -> None:
-    root = zarr.open_group(str(path), mode="w")
+    # mode "a", not "w": "w" empties the directory, deleting the lock file that other processes wait on
+    root = zarr.open_group(str(path), mode="a")
     for name, spec in arrays.items():
         root.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
                           overwrite=True)
