@@ -367,6 +367,7 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     """Preconditioned measurement gradients ``{layer: [Q_b, G, out, in]}`` per query batch (one if aggregated)."""
     if engine.specs is None:
         engine.probes_for("measurement", _first_batch(query_data, batch_size, engine.device, "query_data"))
+    _check_layers(factors, engine)  # once: the layers do not change between batches (discovery checks that)
     on_device = _factors_on(factors, engine)
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
@@ -388,7 +389,6 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     for index, batch in enumerate(batches(query_data, batch_size, engine.device, "query_data")):
         with _on_batch("query gradients", index):
             probes = engine.probes_for("measurement", batch)
-            _check_layers(factors, engine)
             loss, grads = run(engine.params, engine.buffers, batch, probes, on_device)
         check_finite(loss, "measurement", index)
         chunks.append(grads)
@@ -590,6 +590,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
                precision: Precision, use_measurement: bool, label: str) -> Dict[str, torch.Tensor]:
     if engine.specs is None:
         engine.probes_for("train", _first_batch(data, batch_size, engine.device, "data"))
+    _check_layers(factors, engine)  # once: the layers do not change between batches (discovery checks that)
     on_device = _factors_on(factors, engine)
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
@@ -619,7 +620,6 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         with _on_batch(label, index):
             probes = engine.probes_for("train", batch)
             measurement_probes = engine.probes_for("measurement", batch) if use_measurement else None
-            _check_layers(factors, engine)
             (loss, measured), scores = run(engine.params, engine.buffers, batch, probes, measurement_probes, on_device)
         check_finite(loss, "train", index)
         if measured is not None:
