@@ -290,7 +290,7 @@ def fit_factors(
         targets_m = parts.targets(target_module_partitions, len(groups), "module partitions")
         if saved is None and (len(targets_d) < len(ranges) or len(targets_m) < len(groups)):
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
-        started = time.perf_counter()
+        started, examples_before = time.perf_counter(), examples_seen
         pending: Dict[str, List[Dict[str, torch.Tensor]]] = {}
         for m in targets_m:
             every_layer = len(groups) == 1 and len(fit_passes) == len(specs)
@@ -324,12 +324,17 @@ def fit_factors(
             # the same reduction as the store's (stack, then sum), so both give identical bits
             summed = {layer: {k: torch.stack([s[k].to(states[0][k].dtype) for s in states]).sum(0) for k in states[0]}
                       for layer, states in pending.items()}
+        finalize_started = time.perf_counter()
         outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
+        finalize_seconds = time.perf_counter() - finalize_started
         factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in specs}
         if saved is not None:
             saved.write_pass_outputs(name, outputs)
         done_passes.append(name)
-        logger.info("%s %s pass: %d examples in %.2fs", label, name, examples_seen, time.perf_counter() - started)
+        pass_seconds = finalize_started - started
+        logger.info("%s %s pass: %d examples in %.2fs, finalize (e.g. eigendecompositions) %.2fs", label, name,
+                    examples_seen - examples_before, pass_seconds, finalize_seconds,
+                    extra={"phase": name, "seconds": pass_seconds, "finalize_seconds": finalize_seconds})
 
     complete = len(done_passes) == len(pass_names)
     result = Factors(strategy=label, estimator=next(iter(estimators.values())), layers=specs, tensors=factors,
