@@ -2,7 +2,8 @@
 
 ``torch.einsum`` would search for an order on every call; the shapes of a scoring loop repeat, so the
 path is found once and replayed as a sequence of pairwise ``torch.einsum`` calls. Inside
-``torch.compile`` the plain ``torch.einsum`` is used: the order is then fixed once, at trace time.
+``torch.compile`` the plan is found at trace time, with the example axes (``n``, ``b``) counted as
+:data:`NOMINAL_DYNAMIC_SIZE`, so that it adds no guard on the batch size.
 """
 
 from __future__ import annotations
@@ -25,12 +26,46 @@ def _plan(equation: str, shapes: Tuple[Tuple[int, ...], ...]) -> List[Tuple[Tupl
     return plan
 
 
+@torch.compiler.assume_constant_result
+def _traced_plan(equation: str, *flat_shapes: int) -> List[Tuple[Tuple[int, ...], str]]:
+    """The plan for shapes given flat as ``ndim, *sizes`` per operand: run at trace time, its result is a
+    constant (Dynamo passes only plain constants to such a function)."""
+    shapes, position = [], 0
+    while position < len(flat_shapes):
+        ndim = flat_shapes[position]
+        shapes.append(tuple(flat_shapes[position + 1: position + 1 + ndim]))
+        position += 1 + ndim
+    return _plan(equation, tuple(shapes))
+
+
+NOMINAL_DYNAMIC_SIZE = 64
+
+
+EXAMPLE_LETTERS = "nb"
+
+
+def _planning_sizes(equation: str, operands) -> list:
+    """``ndim, *sizes`` per operand, flat, for :func:`_traced_plan`: the example axes (letters ``n`` and
+    ``b`` in this library's equations, the compiled batch dimension) count as :data:`NOMINAL_DYNAMIC_SIZE`,
+    so the plan adds no guard on the batch size; the other sizes are static (see ``pipeline._maybe_compile``)."""
+    flat = []
+    for letters, operand in zip(equation.split("->")[0].split(","), operands):
+        flat.append(len(letters))
+        flat.extend(NOMINAL_DYNAMIC_SIZE if letter in EXAMPLE_LETTERS else operand.shape[k]
+                    for k, letter in enumerate(letters))
+    return flat
+
+
 def contract(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     """``torch.einsum(equation, *operands)`` in the cheapest order (by FLOPs) that opt_einsum finds."""
-    if len(operands) <= 2 or torch.compiler.is_compiling():
+    if len(operands) <= 2:
         return torch.einsum(equation, *operands)
     pending = list(operands)
-    for positions, step_equation in _plan(equation, tuple(tuple(o.shape) for o in operands)):
+    if torch.compiler.is_compiling():
+        plan = _traced_plan(equation, *_planning_sizes(equation, operands))
+    else:
+        plan = _plan(equation, tuple(tuple(o.shape) for o in operands))
+    for positions, step_equation in plan:
         picked = [pending[i] for i in positions]
         for i in sorted(positions, reverse=True):
             del pending[i]

@@ -41,14 +41,36 @@ Targets = Optional[Sequence[int]]
 
 # -- small helpers ---------------------------------------------------------------------------------
 
-def _maybe_compile(fn: Callable, compile: CompileOption) -> Callable:
+def _mark_shapes(args: Sequence[Any], batched: Sequence[int]) -> None:
+    """Dimension 0 (the examples) of the tensors in ``args[batched]`` dynamic, every other dimension
+    static: a last, shorter batch then reuses the compiled graph instead of compiling another, and the
+    contraction plans (:mod:`.contract`) see static sizes everywhere else. (``maybe_``: a model that needs
+    a fixed batch size still compiles, specialised.)"""
+    for position, value in enumerate(args):
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+                continue
+            dynamic = position in batched
+            if dynamic:
+                torch._dynamo.maybe_mark_dynamic(leaf, 0)
+            else:  # e.g. query gradients returned by another compiled step inherit its dynamic batch dimension
+                vars(leaf).pop("_dynamo_propagated_dynamic_indices", None)
+            for dim in range(1 if dynamic else 0, leaf.dim()):
+                torch._dynamo.mark_static(leaf, dim)
+
+
+def _maybe_compile(fn: Callable, compile: CompileOption, batched: Sequence[int] = (2, 3)) -> Callable:
     """``fn``, or ``torch.compile(fn, fullgraph=True, **options)`` (a graph break is an error), run with
-    PyTorch's fused attention fast paths off so that the tap sees the layers inside them."""
+    PyTorch's fused attention fast paths off so that the tap sees the layers inside them. The arguments
+    at positions ``batched`` (the batch and the probes) have their first dimension marked dynamic."""
     if compile:
         options = {} if compile is True else dict(compile)
         fn = torch.compile(fn, fullgraph=True, **options)
+        dynamic_batch = options.get("dynamic") is not False
 
     def run(*args):
+        if compile and dynamic_batch:
+            _mark_shapes(args, batched)
         with unfused():
             return fn(*args)
 
@@ -618,7 +640,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
             scores[layer] = example_grad_dot(preconditioned, _cast_stats(s, score_dtype))
         return (loss, measured), scores
 
-    run = _maybe_compile(step, compile)
+    run = _maybe_compile(step, compile, batched=(2, 3, 4))
     blocks: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
     bar = _progress(data, batch_size, label, progress, "data")
     for index, batch in enumerate(batches(data, batch_size, engine.device)):

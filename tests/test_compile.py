@@ -11,8 +11,11 @@ from models import (ClassificationTask, LMTask, SmallCNN, TinyTransformerLM, cla
                     image_data, mlp, sequence_data)
 
 WORKLOADS = {
-    "mlp": lambda: (float64(mlp()), classification_data(n=12), ClassificationTask()),
-    "cnn": lambda: (float64(SmallCNN(padding=1, padding_mode="circular")), image_data(n=8), ClassificationTask()),
+    # sizes not divisible by the batch size (4): the last batch is shorter. Not for the transformer: in
+    # torch 2.14, F.linear on a 3-D input under torch.func.grad specialises the batch size when traced,
+    # so its last short batch compiles once more (a PyTorch limitation, see docs/benchmarks.md)
+    "mlp": lambda: (float64(mlp()), classification_data(n=14), ClassificationTask()),
+    "cnn": lambda: (float64(SmallCNN(padding=1, padding_mode="circular")), image_data(n=10), ClassificationTask()),
     "transformer": lambda: (float64(TinyTransformerLM()), sequence_data(n=8), LMTask()),
 }
 
@@ -38,7 +41,9 @@ def test_compiled_equals_eager_with_one_graph_per_step(workload):
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
     # covariance, lambda, query gradients, pairwise train pass, self, self with measurement: six steps,
-    # each one graph (all batches have the same shapes here); fullgraph=True makes any break an error.
+    # each one graph: the batch dimension is dynamic, so the shorter last batch reuses it (and the
+    # queries, the outputs of a step with a dynamic batch, do not make the scoring step dynamic in Q);
+    # fullgraph=True makes any break an error.
     assert counters["stats"]["unique_graphs"] == 6
     assert not counters["graph_break"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import one_hot
+from ..contract import contract
 from .base import Damping, LayerShape, Tensors, damped_reciprocal
 
 
@@ -88,8 +89,8 @@ def precondition_in_basis(factors: Tensors, grads: torch.Tensor, damping: Dampin
         rotated = torch.einsum("gop,ngoi->ngpi", qs, grads)
         return torch.einsum("gop,ngpi->ngoi", qs, rotated * inverse)
     qa, qs = qa.to(grads.dtype), qs.to(grads.dtype)
-    rotated = torch.einsum("gop,ngoi,gij->ngpj", qs, grads, qa)
-    return torch.einsum("gop,ngpj,gij->ngoi", qs, rotated * inverse, qa)
+    rotated = contract("gop,ngoi,gij->ngpj", qs, grads, qa)
+    return contract("gop,ngpj,gij->ngoi", qs, rotated * inverse, qa)
 
 
 def self_score_in_basis(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
@@ -104,6 +105,6 @@ def self_score_in_basis(factors: Tensors, stats: Tensors, damping: Damping) -> t
     a, g = rotate_tokens(stats, factors)
     inverse = damped_reciprocal(factors["lambda"], damping, a.dtype)
     if a.shape[1] == 1:
-        return torch.einsum("bgo,bgi,goi->b", g[:, 0].square(), a[:, 0].square(), inverse)
+        return contract("bgo,bgi,goi->b", g[:, 0].square(), a[:, 0].square(), inverse)
     rotated = torch.einsum("btgo,btgi->bgoi", g, a)
     return (rotated.square() * inverse).flatten(1).sum(1)

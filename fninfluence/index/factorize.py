@@ -20,6 +20,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..contract import contract
+
 Tensors = Dict[str, torch.Tensor]
 
 
@@ -70,7 +72,7 @@ def relative_residual(stats: Tensors, factored: Tensors) -> torch.Tensor:
     Computed from Gram matrices, without forming ``G_n``: ``||sum_t g_t a_t^T||^2 = sum (g g^T) * (a a^T)``.
     """
     def energy(g1, a1, g2, a2):
-        return torch.einsum("ntgo,nsgo,ntgi,nsgi->n", g1, g2, a1, a2)
+        return contract("ntgo,nsgo,ntgi,nsgi->n", g1, g2, a1, a2)
 
     g, a, gk, ak = stats["g"], stats["a"], factored["g"], factored["a"]
     total = energy(g, a, g, a)
