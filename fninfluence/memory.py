@@ -38,6 +38,7 @@ from .precision import Precision
 from .task import Task
 
 MiB = 2 ** 20
+FIT_PHASES = ("discovery", "covariance", "lambda")  # fit_factors: the factors are made during the call
 
 # Live copies of the largest layer's block of per-example query gradients while it is preconditioned, beyond
 # the raw gradients of every layer: the rotation into the eigenbasis (torch.einsum keeps one intermediate),
@@ -85,16 +86,21 @@ class PhaseEstimate:
 
 @dataclass
 class MemoryEstimate:
-    """Per-phase peaks (bytes allocated during each call) and what stays resident between calls."""
+    """Per-phase peaks (bytes allocated during each call) and what stays resident between calls: the parameters,
+    and once fitted, the factors (which ``fit_factors``'s own phases already count while making them)."""
 
     phases: Dict[str, PhaseEstimate]
     resident: Dict[str, int]
     settings: Dict[str, Any] = field(default_factory=dict)
 
+    def before(self, phase: str) -> int:
+        """What exists before a phase's call: the parameters, and for scoring also the factors."""
+        return self.resident["parameters"] + (0 if phase in FIT_PHASES else self.resident["factors"])
+
     @property
     def peak(self) -> int:
-        """The largest total at any time: the resident memory plus the largest phase."""
-        return sum(self.resident.values()) + max(p.peak for p in self.phases.values())
+        """The largest total at any time: over phases, what exists before the call plus the call's peak."""
+        return max(self.before(name) + phase.peak for name, phase in self.phases.items())
 
     def fits(self, budget_bytes: int) -> bool:
         return self.peak <= budget_bytes
@@ -308,7 +314,7 @@ def estimate_memory(
 
 def fit_phase_peak(estimate: MemoryEstimate) -> int:
     """The peak of a whole ``fit_factors`` call: its passes run one after the other."""
-    return max(estimate.phases[p].peak for p in ("discovery", "covariance", "lambda") if p in estimate.phases)
+    return max(estimate.phases[p].peak for p in FIT_PHASES if p in estimate.phases)
 
 
 def pairwise_call_peak(estimate: MemoryEstimate) -> int:
@@ -352,9 +358,12 @@ def suggest(
     max_batch_size: int = 512,
     precision: Optional[Precision] = None,
 ) -> Suggestion:
-    """The largest batch size (a power of two up to ``max_batch_size``) whose estimated total peak (resident +
-    largest phase) fits ``budget_bytes``, with all ``num_queries`` queries in one ``pairwise_scores`` call if
-    they fit, else in calls of ``queries_per_call``. Raises :class:`InfluenceError` when nothing fits.
+    """Settings whose estimated total peak (:attr:`MemoryEstimate.peak`) fits ``budget_bytes``.
+
+    Fewer ``pairwise_scores`` calls come first, since each call is a pass over the whole training set: all
+    ``num_queries`` queries in one call if any batch size fits, else calls of half as many queries, and so on;
+    for that query count, the largest batch size (a power of two up to ``max_batch_size``) that fits. Raises
+    :class:`InfluenceError` when nothing fits.
 
     Measures the model's forward+backward once (see :func:`estimate_memory`) and reuses it for every candidate.
     """
