@@ -362,7 +362,8 @@ def suggest(
 
     Fewer ``pairwise_scores`` calls come first, since each call is a pass over the whole training set: all
     ``num_queries`` queries in one call if any batch size fits, else calls of half as many queries, and so on;
-    for that query count, the largest batch size (a power of two up to ``max_batch_size``) that fits. Raises
+    for that query count, the largest batch size (a power of two up to ``max_batch_size``) that fits with some
+    ``query_batch_size`` (the largest that does; preconditioning temporaries grow with it). Raises
     :class:`InfluenceError` when nothing fits.
 
     Measures the model's forward+backward once (see :func:`estimate_memory`) and reuses it for every candidate.
@@ -372,20 +373,21 @@ def suggest(
     tap.probes_for("train", example_batch)
     activation = _activation_bytes(tap, example_batch, "train")
 
-    def estimate(batch_size: int, queries: int) -> MemoryEstimate:
+    def estimate(batch_size: int, query_batch_size: int, queries: int) -> MemoryEstimate:
         return estimate_memory(model, task, example_batch, strategy=strategy, batch_size=batch_size,
-                               num_queries=queries, num_train=num_train, precision=precision,
-                               activation_bytes=activation, _tap=tap)
+                               query_batch_size=query_batch_size, num_queries=queries, num_train=num_train,
+                               precision=precision, activation_bytes=activation, _tap=tap)
 
     smallest = None
     for queries in _halvings(num_queries):
         for batch_size in _halvings(max_batch_size):
-            candidate = estimate(batch_size, queries)
-            smallest = candidate if smallest is None or candidate.peak < smallest.peak else smallest
-            if candidate.fits(budget_bytes):
-                settings = dict(batch_size=batch_size, query_batch_size=min(batch_size, queries),
-                                queries_per_call=None if queries == num_queries else queries)
-                return Suggestion(settings, candidate)
+            for query_batch_size in _halvings(min(batch_size, queries)):
+                candidate = estimate(batch_size, query_batch_size, queries)
+                smallest = candidate if smallest is None or candidate.peak < smallest.peak else smallest
+                if candidate.fits(budget_bytes):
+                    settings = dict(batch_size=batch_size, query_batch_size=query_batch_size,
+                                    queries_per_call=None if queries == num_queries else queries)
+                    return Suggestion(settings, candidate)
     raise InfluenceError(
         f"No batch size fits {budget_bytes / MiB:.1f} MiB: even one example and one query per call need an estimated "
         f"{smallest.peak / MiB:.1f} MiB ({', '.join(f'{k} {v / MiB:.1f} MiB' for k, v in smallest.resident.items())} "
