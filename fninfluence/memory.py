@@ -22,7 +22,6 @@ the data; for scoring, also the factors). ``MemoryEstimate.resident`` holds thos
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 

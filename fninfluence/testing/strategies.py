@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .checks import SummedCrossEntropy  # noqa: F401  (re-exported: tests import it from here)
+from .checks import SummedCrossEntropy
+
+__all__ = ["SummedCrossEntropy", "small_models", "classification_datasets", "models_and_data", "ridge_problems",
+           "strategies", "dampings", "STRATEGY_NAMES"]
 
 STRATEGY_NAMES = ("identity", "diagonal", "kfac", "ekfac")
 
