@@ -10,6 +10,7 @@ The native API::
 from .curvature import CurvatureEstimator, FitPass, diagonal, ekfac, get_estimator, identity, kfac
 from .errors import InfluenceError
 from .factors import Factors
+from .memory import estimate_memory
 from .pipeline import fit_factors, pairwise_scores, query_gradients, self_scores
 from .task import Task, classification_task, task_from_functions
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Task", "task_from_functions", "classification_task", "fit_factors", "pairwise_scores", "self_scores",
     "query_gradients", "Factors", "CurvatureEstimator", "FitPass", "get_estimator", "identity", "diagonal", "kfac",
-    "ekfac", "InfluenceError", "__version__",
+    "ekfac", "InfluenceError", "estimate_memory", "__version__",
 ]

@@ -7,32 +7,16 @@ asserted to near machine precision.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..task import Task
+from .checks import SummedCrossEntropy
+
+__all__ = ["SummedCrossEntropy", "small_models", "classification_datasets", "models_and_data", "ridge_problems",
+           "strategies", "dampings", "STRATEGY_NAMES"]
 
 STRATEGY_NAMES = ("identity", "diagonal", "kfac", "ekfac")
-
-
-class SummedCrossEntropy(Task):
-    """Cross-entropy summed over the batch; the measurement is the same loss unless ``weights`` scale it."""
-
-    def __init__(self, measurement_scale: float = 1.0):
-        self.measurement_scale = measurement_scale
-
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch
-        logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.multinomial(logits.detach().softmax(-1), 1).flatten()
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        return self.measurement_scale * self.compute_train_loss(batch, model)
 
 
 @st.composite
@@ -72,3 +56,14 @@ def models_and_data(draw, min_size: int = 2, max_size: int = 12):
 
 strategies = st.sampled_from(STRATEGY_NAMES)
 dampings = st.one_of(st.none(), st.floats(1e-3, 1.0))
+
+
+@st.composite
+def ridge_problems(draw, max_examples: int = 12, max_features: int = 4):
+    """``(x [N, D], y [N], l2, x_query [Q, D])`` in float64 for ridge-regression oracles; ``l2 > 0``."""
+    n = draw(st.integers(2, max_examples))
+    d = draw(st.integers(1, max_features))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    return x, y, draw(st.floats(1e-2, 10.0)), torch.randn(draw(st.integers(1, 3)), d, generator=g, dtype=torch.float64)
