@@ -204,26 +204,43 @@ def check_data(data: Any, argument: str) -> None:
 
 # -- moving tensors ----------------------------------------------------------------------------------
 
+_HEADER = 2 + 2 * _MAX_DIMS  # dtype code, dimensions, shape, strides
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its elements fill one block of memory in some dimension order (a transposed or
+    permuted result), else a contiguous copy. Receivers rebuild the same strides: the layout of an operand
+    can change which kernel a later contraction uses, and with it the last bits of the result."""
+    order = sorted(range(tensor.dim()), key=lambda i: -tensor.stride(i))
+    dense = tensor.permute(order).is_contiguous() and all(s > 0 for s in tensor.stride())
+    return tensor if dense else tensor.contiguous()
+
+
 def _header(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
         raise InfluenceError(f"Cannot exchange a {tensor.dtype} tensor of shape {tuple(tensor.shape)} between ranks.")
-    values = [_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape] + [0] * (_MAX_DIMS - tensor.dim())
+    padding = [0] * (_MAX_DIMS - tensor.dim())
+    values = [_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape, *padding, *tensor.stride(), *padding]
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def _empty_like_header(header: torch.Tensor, device: torch.device) -> torch.Tensor:
-    code, ndim, *shape = (int(v) for v in header.tolist())
-    return torch.empty(shape[:ndim], dtype=_DTYPES[code], device=device)
+    code, ndim, *rest = (int(v) for v in header.tolist())
+    shape, stride = rest[:ndim], rest[_MAX_DIMS:_MAX_DIMS + ndim]
+    return torch.empty_strided(shape, stride, dtype=_DTYPES[code], device=device)
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
+    """The memory block of a dense tensor (see :func:`_dense`) as bytes, in memory order: a view."""
+    block = torch.as_strided(tensor, (tensor.numel(),), (1,), tensor.storage_offset())
+    return block.view(torch.uint8)
 
 
 def broadcast(group: Ranks, tensor: Optional[torch.Tensor], source: int, device: torch.device) -> torch.Tensor:
     """``tensor`` of rank ``source`` on every rank (on ``device``), bit for bit, whatever its dtype."""
+    original, tensor = tensor, (_dense(tensor) if group.rank == source else None)
     header = _header(tensor, group.device) if group.rank == source else \
-        torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=group.device)
+        torch.zeros(_HEADER, dtype=torch.int64, device=group.device)
     torch.distributed.broadcast(header, source)
     if group.rank == source:
         payload = _as_bytes(tensor.to(group.device))
@@ -233,11 +250,12 @@ def broadcast(group: Ranks, tensor: Optional[torch.Tensor], source: int, device:
     if payload.numel():
         torch.distributed.broadcast(payload, source)
     if group.rank == source:
-        return tensor.to(device)
+        return original.to(device)
     return received.to(device)  # ``payload`` is a view of ``received``
 
 
 def _send(group: Ranks, tensor: torch.Tensor, destination: int) -> None:
+    tensor = _dense(tensor)
     torch.distributed.send(_header(tensor, group.device), destination)
     payload = _as_bytes(tensor.to(group.device))
     if payload.numel():
@@ -245,7 +263,7 @@ def _send(group: Ranks, tensor: torch.Tensor, destination: int) -> None:
 
 
 def _receive(group: Ranks, source: int, device: torch.device) -> torch.Tensor:
-    header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=group.device)
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=group.device)
     torch.distributed.recv(header, source)
     received = _empty_like_header(header, group.device)
     payload = _as_bytes(received)
@@ -357,6 +375,15 @@ def share_cells(group: Ranks, cells: Sequence[Cell], groups: List[List[str]],
             for i, cell in enumerate(cells)}
 
 
+def share_batches(group: Ranks, chunks: List[Optional[Dict[str, torch.Tensor]]], layers: Sequence[str],
+                  device: torch.device) -> List[Dict[str, torch.Tensor]]:
+    """Per-batch results ``{layer: tensor}`` on every rank: batch ``i`` was computed by rank ``owner(i)``
+    (the others hold None there) and is broadcast from it."""
+    return [{layer: broadcast(group, chunk[layer] if group.owner(i) == group.rank else None, group.owner(i), device)
+             for layer in layers}
+            for i, chunk in enumerate(chunks)]
+
+
 def open_in_turn(group: Optional[Ranks], open_store: Callable[[bool], Any], overwrite: bool):
     """Open (or create) a store: rank 0 first, alone when ``overwrite`` deletes the old one, then the rest."""
     if group is None:
@@ -364,3 +391,30 @@ def open_in_turn(group: Optional[Ranks], open_store: Callable[[bool], Any], over
     saved = open_store(overwrite) if group.leader else None
     group.barrier()
     return saved if group.leader else open_store(False)
+
+
+# -- many independent jobs -------------------------------------------------------------------------------
+
+def missing_cells(store) -> List[str]:
+    """The cells of a factors or scores store that no job has finished yet (an empty list: all are done).
+
+    For job arrays that fill one store through ``target_data_partitions`` / ``target_module_partitions``:
+    once this is empty, one more call with the same arguments and no targets only aggregates (it sums the
+    partial states or score partitions and marks the store ``complete``) and returns the result.
+    Reads the store's JSON attributes and marker files only.
+    """
+    from pathlib import Path
+
+    from .store.zarr_io import done_cells, read_header
+
+    header, done = read_header(Path(store)), done_cells(Path(store))
+    if header.get("kind") == "factors":
+        cells = [f"{name}-data{d}-modules{m}" for name, plan in header["plan"].items()
+                 for m in range(plan["module_partitions"]) for d in range(plan["data_partitions"])]
+    elif header.get("kind") in ("pairwise", "self"):
+        partitions = header["partitions"]
+        cells = [f"{header['kind']}-data{d}-modules{m}" for m in range(len(partitions["modules"]))
+                 for d in range(partitions["data"])]
+    else:
+        raise InfluenceError(f"{store} holds {header.get('kind')!r} results, not factors or scores.")
+    return [cell for cell in cells if cell not in done]

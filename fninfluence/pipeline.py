@@ -392,8 +392,12 @@ def _factors_on(factors: Factors, engine: ModelTap) -> Dict[str, Dict[str, torch
 
 
 def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, damping, batch_size, compile,
-                     progress, precision: Precision, aggregate: bool) -> List[Dict[str, torch.Tensor]]:
-    """Preconditioned measurement gradients ``{layer: [Q_b, G, out, in]}`` per query batch (one if aggregated)."""
+                     progress, precision: Precision, aggregate: bool, group=None) -> List[Dict[str, torch.Tensor]]:
+    """Preconditioned measurement gradients ``{layer: [Q_b, G, out, in]}`` per query batch (one if aggregated).
+
+    With ``group`` (several ranks) rank ``r`` computes every ``world``-th batch and the batches are then
+    broadcast, so each query gradient is computed once and every rank holds them all.
+    """
     if engine.specs is None:
         engine.probes_for("measurement", _first_batch(query_data, batch_size, engine.device, "query_data"))
     _check_layers(factors, engine)  # once: the layers do not change between batches (discovery checks that)
@@ -416,6 +420,9 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     chunks: List[Dict[str, torch.Tensor]] = []
     bar = _progress(query_data, batch_size, "query gradients", progress, "query_data")
     for index, batch in enumerate(batches(query_data, batch_size, engine.device, "query_data")):
+        if group is not None and group.owner(index) != group.rank:
+            chunks.append(None)  # another rank's batch
+            continue
         with _on_batch("query gradients", index):
             probes = engine.probes_for("measurement", batch)
             loss, grads = run(engine.params, engine.buffers, batch, probes, on_device)
@@ -425,6 +432,8 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     bar.close()
     if not chunks:
         raise InfluenceError("query_data is empty: there is no query to score.")
+    if group is not None:
+        chunks = parallel.share_batches(group, chunks, list(engine.specs), engine.device)
     if aggregate:
         summed = {layer: sum(c[layer] for c in chunks) for layer in chunks[0]}
         chunks = [{layer: precondition(layer, on_device[layer], g) for layer, g in summed.items()}]
@@ -485,10 +494,13 @@ def _rows(query: Query) -> int:
 
 def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_data: Data, *, damping, batch_size,
                    query_batch_size, compile, progress, precision, per_token, rank, full_svd, aggregate_queries,
-                   aggregate_train, queries_per_pass, label) -> Dict[str, torch.Tensor]:
-    """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``)."""
-    chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=query_batch_size,
-                              compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries)
+                   aggregate_train, queries_per_pass, label, chunks=None) -> Dict[str, torch.Tensor]:
+    """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``).
+
+    ``chunks``: the query gradients of :func:`_query_gradients`, when already computed."""
+    if chunks is None:
+        chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=query_batch_size,
+                                  compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries)
     queries = _compress(chunks, rank, full_svd, precision, engine.dtype)
     score_dtype = precision.compute(precision.score_dtype, engine.dtype)
     specs = engine.specs
@@ -616,12 +628,22 @@ def pairwise_scores(
         _check_layers(factors, engine)
         per_layer = _pairwise_cell(engine, factors, query_data, train_data, label="pairwise scores", **options)
         return per_layer if per_module else total(per_layer)
+    computed_queries: Dict[int, List[Dict[str, torch.Tensor]]] = {}
+
+    def queries_for(cell_engine: ModelTap) -> List[Dict[str, torch.Tensor]]:
+        """The query gradients of a module partition's layers: computed once, not once per cell (and shared
+        between the ranks, each computing its share of the query batches)."""
+        if id(cell_engine) not in computed_queries:
+            computed_queries[id(cell_engine)] = _query_gradients(
+                cell_engine, factors, query_data, damping=damping, batch_size=options["query_batch_size"],
+                compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries, group=group)
+        return computed_queries[id(cell_engine)]
     return _partitioned_scores(
         "pairwise", model, task, factors, engine, specs, train_data, query_data, store, overwrite, data_partitions,
         module_partitions, target_data_partitions, target_module_partitions, per_module, options,
-        lambda cell_engine, cell_data, label: _pairwise_cell(cell_engine, factors, query_data, cell_data,
-                                                             label=label, **options),
-        group,
+        lambda cell_engine, cell_data, label: _pairwise_cell(cell_engine, factors, query_data, cell_data, label=label,
+                                                             chunks=queries_for(cell_engine), **options),
+        group, queries_for,
     )
 
 
@@ -726,9 +748,10 @@ def self_scores(
 
 def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, query_data, store, overwrite,
                         data_partitions, module_partitions, target_data_partitions, target_module_partitions,
-                        per_module, options, compute_cell, group=None):
+                        per_module, options, compute_cell, group=None, prepare=None):
     """Scores cell by cell (data x module partitions), in memory or through a store; with ``group`` (several
-    ranks) each rank computes every ``world``-th cell."""
+    ranks) each rank computes every ``world``-th cell, after every rank has run ``prepare`` (work shared by all
+    ranks, such as the query gradients) on each module partition's engine."""
     _check_layers(factors, engine)
     examples = _length(train_data, "train_data" if kind == "pairwise" else "data")
     ranges = parts.data_ranges(examples, data_partitions)
@@ -752,14 +775,21 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
     cells: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
     work = [(m, d) for m in targets_m for d in targets_d]
     engines: Dict[int, ModelTap] = {}
-    for m, d in (work if group is None else group.mine(work)):
+
+    def engine_for(m: int) -> ModelTap:
         if m not in engines:
             engines[m] = engine if len(groups) == 1 else ModelTap(model, task, layers=groups[m], amp_dtype=amp_dtype,
                                                                   per_example=engine.per_example)
+        return engines[m]
+
+    if group is not None and prepare is not None:
+        for m in targets_m:  # on every rank, in the same order: it holds collectives
+            prepare(engine_for(m))
+    for m, d in (work if group is None else group.mine(work)):
         cell = parts.cell_name(kind, d, m)
         if saved is not None and saved.cell_done(cell):
             continue
-        per_layer = compute_cell(engines[m], _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
+        per_layer = compute_cell(engine_for(m), _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
         if saved is not None:
             saved.write_cell(d, m, per_layer, cell)
         else:

@@ -4,8 +4,8 @@
     python distributed_job.py OUT SCENARIO [STORE]
 
 SCENARIO "all" fits factors and computes pairwise and self scores, with and without a store, with a plain
-and a DistributedDataParallel model, and saves every result to OUT/rank<r>.pt. "fail-factors" and
-"fail-pairwise" fill STORE, and rank 1 raises on its second training batch.
+and a DistributedDataParallel model, and saves every result to OUT/rank<r>.pt. "fail-factors" fits factors
+into STORE, and the rank named by FAIL_RANK raises on its second training batch.
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ class FailingTask(ClassificationTask):
         return super().compute_train_loss(batch, model, sample)
 
 
+class CountingTask(ClassificationTask):
+    """Counts the measurement's differentiated calls (one per query batch; discovery runs without grad)."""
+
+    measured = 0
+
+    def compute_measurement(self, batch, model):
+        self.measured += int(torch.is_grad_enabled())
+        return super().compute_measurement(batch, model)
+
+
 def workload():
     torch.manual_seed(0)  # the same weights in every process
     model = mlp(d_in=6, hidden=5, classes=3).double().eval()
@@ -71,7 +81,9 @@ def run_all(out: Path, store_root: Path) -> None:
     cells = fit(model, task, data, strategy="kfac", data_partitions=3, module_partitions=2)
     results.update({f"kfac_cells/{k}": v for k, v in flat(cells).items()})
 
-    results["pairwise"] = fi.pairwise_scores(model, task, factors, queries, data, batch_size=BATCH, **QUIET)
+    counting = CountingTask()
+    results["pairwise"] = fi.pairwise_scores(model, counting, factors, queries, data, batch_size=BATCH, **QUIET)
+    results["query_batches_computed"] = torch.tensor(counting.measured)
     per_module = fi.pairwise_scores(model, task, factors, queries, data, batch_size=BATCH, per_module=True,
                                     store=store_root / "pairwise", **QUIET)
     results.update({f"stored_pairwise/{k}": v for k, v in per_module.items()})
@@ -92,14 +104,9 @@ def run_all(out: Path, store_root: Path) -> None:
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
 
 
-def run_failing(kind: str, store: Path) -> None:
-    model, data, queries = workload()
-    task = FailingTask()
-    if kind == "factors":
-        fit(model, task, data, store=store)
-    else:
-        factors = fit(model, ClassificationTask(), data, data_partitions=2, distributed=False)
-        fi.pairwise_scores(model, task, factors, queries, data, batch_size=BATCH, store=store, **QUIET)
+def run_failing(store: Path) -> None:
+    model, data, _ = workload()
+    fit(model, FailingTask(), data, store=store)
 
 
 if __name__ == "__main__":
@@ -109,6 +116,6 @@ if __name__ == "__main__":
         if scenario == "all":
             run_all(out, Path(sys.argv[3]))
         else:
-            run_failing(scenario.removeprefix("fail-"), Path(sys.argv[3]))
+            run_failing(Path(sys.argv[3]))
     finally:
         dist.destroy_process_group()

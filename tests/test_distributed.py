@@ -82,6 +82,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     expected["stored_self"] = expected["self"]
     expected["opt_out_self"] = fi.self_scores(model, task, factors, data, **score)  # distributed=False: all of it
 
+    # the 5 queries make 2 batches of 4: each rank computed one and received the other
+    assert [int(got.pop("query_batches_computed")) for got in ranks] == [1, 1]
     for got in ranks:  # every rank returns the whole result, bit for bit the one-process one
         assert sorted(got) == sorted(expected)
         for prefix in ("factors/", "stored_factors/", "ddp_factors/", "kfac_cells/", "stored_pairwise/"):
@@ -101,31 +103,25 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["factors", "pairwise"])
-def test_crashed_rank_leaves_a_store_that_the_next_run_completes(kind, tmp_path):
-    store = tmp_path / kind
-    codes = _launch(tmp_path, f"fail-{kind}", store, fail_rank=1)
+def test_crashed_rank_leaves_a_store_that_the_next_run_completes(tmp_path):
+    store = tmp_path / "factors"
+    codes = _launch(tmp_path, "fail-factors", store, fail_rank=1)
     assert codes[1][0] != 0 and "simulated crash of this rank" in codes[1][1]
+    assert codes[0][0] != 0  # the healthy rank stops too (its peer is gone), rather than hanging
     done = done_cells(store)
-    assert "complete" not in done
+    assert "complete" not in done and "covariance-data1-modules0" not in done
     finished = {name: (store / "_done" / f"{name}.json").stat().st_mtime_ns for name in done if "-data" in name}
 
-    model, data, queries = job.workload()
+    # one process resumes the two-rank store (two data partitions, as the ranks used)
+    model, data, _ = job.workload()
     task = job.ClassificationTask()
+    resumed = job.fit(model, task, data, store=store, data_partitions=2)
     reference = job.fit(model, task, data, data_partitions=2)
-    if kind == "factors":  # one process resumes the two-rank store (two data partitions, as the ranks used)
-        resumed = job.fit(model, task, data, store=store, data_partitions=2)
-        for layer, tensors in reference.tensors.items():
-            for name, value in tensors.items():
-                assert torch.equal(resumed[layer][name], value), (layer, name)
-    else:
-        resumed = fi.pairwise_scores(model, task, reference, queries, data, batch_size=job.BATCH, store=store,
-                                     data_partitions=2, **job.QUIET)
-        expected = fi.pairwise_scores(model, task, reference, queries, data, batch_size=job.BATCH,
-                                      data_partitions=2, **job.QUIET)
-        assert torch.equal(resumed, expected)
-    assert "complete" in done_cells(store)
-    for name, mtime in finished.items():  # cells the healthy rank finished were not recomputed
+    for layer, tensors in reference.tensors.items():
+        for name, value in tensors.items():
+            assert torch.equal(resumed[layer][name], value), (layer, name)
+    assert "complete" in done_cells(store) and resumed.num_examples == 30
+    for name, mtime in finished.items():  # the cell the healthy rank finished was not recomputed
         assert (store / "_done" / f"{name}.json").stat().st_mtime_ns == mtime
 
 
@@ -183,3 +179,23 @@ def test_every_rank_gets_a_cell():
     assert parallel.enough_partitions(3, 2, group) == 3
     assert parallel.enough_partitions(1, 1, None) == 1
     assert group.mine(list(range(10))) == [1, 5, 9]
+
+
+def test_job_array_cells_fill_one_store_and_missing_cells_says_what_is_left(tmp_path):
+    model, data, queries = job.workload()
+    task = job.ClassificationTask()
+    factors = job.fit(model, task, data)
+    score = dict(batch_size=job.BATCH, data_partitions=3, **job.QUIET)
+    store = tmp_path / "scores"
+    for task_id in (2, 0):  # two "array tasks" of three
+        assert fi.self_scores(model, task, factors, data, store=store, target_data_partitions=[task_id], **score) is None
+    assert parallel.missing_cells(store) == ["self-data1-modules0"]
+    fi.self_scores(model, task, factors, data, store=store, target_data_partitions=[1], **score)
+    assert parallel.missing_cells(store) == []
+    merged = fi.self_scores(model, task, factors, data, store=store, **score)  # only aggregates
+    assert torch.equal(merged, fi.self_scores(model, task, factors, data, **score))
+
+    fit_store = tmp_path / "factors"
+    assert job.fit(model, task, data, store=fit_store, data_partitions=2, target_data_partitions=[0]) is None
+    assert parallel.missing_cells(fit_store) == ["covariance-data1-modules0", "lambda-data0-modules0",
+                                                 "lambda-data1-modules0"]
