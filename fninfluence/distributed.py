@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -123,18 +124,16 @@ def enough_partitions(data_partitions: int, module_partitions: int, group: Optio
 # -- models, tasks and data --------------------------------------------------------------------------
 
 def _is_sharded(module: nn.Module) -> bool:
-    from torch.distributed import fsdp
-
+    # a model can only be FSDP-wrapped if torch.distributed.fsdp was imported; importing it here would
+    # cost every call seconds
+    fsdp = sys.modules.get("torch.distributed.fsdp")
     kinds = tuple(getattr(fsdp, name) for name in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, name))
-    return isinstance(module, kinds)
+    return bool(kinds) and isinstance(module, kinds)
 
 
 def _has_dtensor(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def unwrap(model: nn.Module, task: Task) -> Tuple[nn.Module, Task]:
