@@ -100,8 +100,22 @@ def run_all(out: Path, store_root: Path) -> None:
     results.update({f"ddp_factors/{k}": v for k, v in flat(ddp_factors).items()})
     results["ddp_pairwise"] = fi.pairwise_scores(wrapped, ddp_task, ddp_factors, queries, data, batch_size=BATCH,
                                                  **QUIET)
+    results["compat_pairwise"] = kronfluence_api_scores(wrapped, ClassificationTask(modules=["0", "2"]), data, queries,
+                                                        store_root / "compat")
     results["opt_out_self"] = fi.self_scores(model, task, factors, data, batch_size=BATCH, distributed=False, **QUIET)
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
+
+
+def kronfluence_api_scores(model, task, data, queries, output_dir: Path) -> torch.Tensor:
+    """Pairwise scores through the Kronfluence-compatible Analyzer (two data partitions per pass)."""
+    from fninfluence.compat.kronfluence import Analyzer, FactorArguments, ScoreArguments
+
+    analyzer = Analyzer("distributed", model, task, cpu=True, output_dir=str(output_dir), disable_tqdm=True)
+    analyzer.fit_all_factors("ekfac", data, per_device_batch_size=BATCH, factor_args=FactorArguments(
+        strategy="ekfac", use_empirical_fisher=True, covariance_data_partitions=2, lambda_data_partitions=2))
+    analyzer.compute_pairwise_scores("scores", "ekfac", queries, data, per_device_query_batch_size=BATCH,
+                                     per_device_train_batch_size=BATCH, score_args=ScoreArguments(data_partitions=2))
+    return analyzer.load_pairwise_scores("scores")["all_modules"]
 
 
 def run_failing(store: Path) -> None:

@@ -1,6 +1,7 @@
 """torch.distributed data parallelism: two gloo ranks (separate processes, started the way torchrun starts
-them) give the same factors and scores as one process, with and without a store; a crashed rank leaves a
-store that the next run completes; DDP models, FSDP and DistributedSampler are handled."""
+them) give the same factors and scores as one process, with and without a store, through the native and the
+Kronfluence-compatible API; a crashed rank leaves a store that the next run completes; DDP models, FSDP and
+DistributedSampler are handled; job arrays fill one store and missing_cells says what is left."""
 
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     expected["self"] = fi.self_scores(model, task, factors, data, data_partitions=2, **score)
     expected["stored_self"] = expected["self"]
     expected["opt_out_self"] = fi.self_scores(model, task, factors, data, **score)  # distributed=False: all of it
+    expected["compat_pairwise"] = job.kronfluence_api_scores(model, job.ClassificationTask(modules=["0", "2"]), data,
+                                                             queries, tmp_path / "compat")
 
     # the 5 queries make 2 batches of 4: each rank computed one and received the other
     assert [int(got.pop("query_batches_computed")) for got in ranks] == [1, 1]
@@ -88,7 +91,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert sorted(got) == sorted(expected)
         for prefix in ("factors/", "stored_factors/", "ddp_factors/", "kfac_cells/", "stored_pairwise/"):
             _assert_same(got, expected, prefix)
-        for key in ("pairwise", "ddp_pairwise", "pairwise_modules", "self", "stored_self", "opt_out_self"):
+        for key in ("pairwise", "ddp_pairwise", "pairwise_modules", "self", "stored_self", "opt_out_self",
+                    "compat_pairwise"):
             assert torch.equal(got[key], expected[key]), key
     assert int(ranks[0]["factors/num_examples"]) == factors.num_examples
     assert ranks[0]["pairwise"].shape == (5, 30) and ranks[0]["self"].shape == (30,)
