@@ -313,7 +313,6 @@ def fit_factors(
                 engines[m] = engine if every_layer else ModelTap(model, task, layers=groups[m],
                                                                  amp_dtype=precision.amp_dtype,
                                                                  per_example=per_example_vmap)
-            cell_engine = engines[m]
             cell = parts.cell_name(name, d, m)
             if saved is not None and saved.cell_done(cell):
                 continue
@@ -322,7 +321,7 @@ def fit_factors(
                 states, n = {layer: fit_passes[layer].init(specs[layer].shape, torch.float64, engine.device)
                              for layer in groups[m]}, 0
             else:
-                states, n = _fit_cell(cell_engine, name, fit_passes, objective, cell_data, batch_size, factors,
+                states, n = _fit_cell(engines[m], name, fit_passes, objective, cell_data, batch_size, factors,
                                       precision, compile, progress, f"{label} {name} [{cell}]")
             pass_examples += n if m == 0 else 0  # each example once, not once per module partition
             if saved is not None:
@@ -807,7 +806,8 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             result = saved.aggregate()
         if group is not None:
             group.barrier()  # rank 0 has written the final arrays
-            result = scores_store.read_scores(Path(store))
+            if not group.leader:
+                result = scores_store.read_scores(Path(store))
         if per_module:
             return {layer: result[layer] for layer in specs}
         return result["all_modules"]
