@@ -243,6 +243,7 @@ def fit_factors(
     precision = precision or Precision()
     model, task = parallel.unwrap(model, task)
     group = parallel.ranks(distributed)
+    progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
     if group is not None:
         parallel.check_data(data, "data")
     objective = "train" if use_empirical_fisher else "train_sampled"
@@ -610,6 +611,7 @@ def pairwise_scores(
         raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
     model, task = parallel.unwrap(model, task)
     group = parallel.ranks(distributed)
+    progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
     if group is not None:
         parallel.check_data(train_data, "train_data")
         parallel.check_data(query_data, "query_data")
@@ -724,6 +726,7 @@ def self_scores(
     precision = precision or Precision()
     model, task = parallel.unwrap(model, task)
     group = parallel.ranks(distributed)
+    progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
     if group is not None:
         parallel.check_data(data, "data")
         data_partitions = parallel.enough_partitions(data_partitions, module_partitions, group)
