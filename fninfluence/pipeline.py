@@ -340,6 +340,7 @@ def fit_factors(
                 logger.info("%s: pass %s has missing cells %s; rerun to complete it.", store, name,
                             saved.missing_cells(name, len(ranges), len(groups)))
                 return None
+        finalize_started = time.perf_counter()
         if group is not None:  # the eigendecompositions are spread over the ranks, layer by layer
             if saved is not None:
                 parallel.finalize_stored_pass(group, saved, name, fit_passes, factors)
@@ -354,11 +355,15 @@ def fit_factors(
                 # the same reduction as the store's (stack, then sum), so both give identical bits
                 summed = {layer: parallel.sum_in_order(states) for layer, states in pending.items()}
             outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
-            if saved is not None:
-                saved.write_pass_outputs(name, outputs)
+        finalize_seconds = time.perf_counter() - finalize_started
+        if group is None and saved is not None:
+            saved.write_pass_outputs(name, outputs)
         factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in specs}
         done_passes.append(name)
-        logger.info("%s %s pass: %d examples in %.2fs", label, name, examples_seen, time.perf_counter() - started)
+        pass_seconds = finalize_started - started
+        logger.info("%s %s pass: %d examples in %.2fs, finalize (e.g. eigendecompositions) %.2fs", label, name,
+                    examples_seen, pass_seconds, finalize_seconds,
+                    extra={"phase": name, "seconds": pass_seconds, "finalize_seconds": finalize_seconds})
 
     complete = len(done_passes) == len(pass_names)
     result = Factors(strategy=label, estimator=next(iter(estimators.values())), layers=specs, tensors=factors,

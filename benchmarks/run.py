@@ -1,0 +1,337 @@
+"""Side-by-side benchmark: fninfluence (eager and compiled) against Kronfluence 1.0.1 and the one-epoch floor.
+
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.run --size small --repeats 3
+    python -m benchmarks.run --size medium --workloads mlp cnn --repeats 3 --device cuda
+
+Every measurement runs in a fresh subprocess (so peak memory is that run's own), and the runs are
+interleaved: repeat r runs every workload's systems in an order rotated by r, so slow drift of a shared
+machine spreads over all systems instead of penalising one. Each subprocess first runs all its phases on a
+two-batch slice of the data (warm-up: imports, first-call planning and, for the compiled system,
+compilation), then times each phase on the full data. Phases: covariance, eigendecomposition, lambda
+(EKFAC), pairwise scores (queries against the training set), self scores. The floor is one forward and
+backward pass over the training set (``loss.backward()`` per batch).
+
+Peak memory per phase: RSS high-water mark on CPU (reset between phases through /proc/self/clear_refs),
+``torch.cuda.max_memory_allocated`` on CUDA. Results: medians, min and max over repeats, and the ratios
+Kronfluence / fninfluence and fninfluence / floor, written as JSON and as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, List
+
+SYSTEMS = ("floor", "kronfluence", "fninfluence", "fninfluence-compiled")
+PHASES = ("covariance", "eigendecomposition", "lambda", "pairwise", "self")
+WORKLOADS = ("mlp", "cnn", "transformer", "gpt2")
+
+
+# -- one measurement (runs in its own process) ----------------------------------------------------------
+
+def _rss_peak_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Meter:
+    """Wall time and peak memory of a block: RSS high-water mark on CPU, max allocated on CUDA."""
+
+    def __init__(self, device):
+        self.device = device
+        self.results: Dict[str, Dict[str, float]] = {}
+
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _reset_peak(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as refs:
+                    refs.write("5")  # resets VmHWM to the current RSS (Linux)
+            except OSError:
+                pass
+
+    def _peak(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return _rss_peak_bytes()
+
+    @contextmanager
+    def phase(self, name: str):
+        self._sync()
+        self._reset_peak()
+        started = time.perf_counter()
+        yield
+        self._sync()
+        self.results[name] = {"seconds": time.perf_counter() - started, "peak_bytes": self._peak()}
+
+
+class PassTimes(logging.Handler):
+    """Collects fninfluence's per-pass timing records (``extra={"phase", "seconds", "finalize_seconds"}``)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.passes: Dict[str, Dict[str, float]] = {}
+
+    def emit(self, record):
+        if hasattr(record, "phase") and hasattr(record, "finalize_seconds"):
+            self.passes[record.phase] = {"seconds": record.seconds, "finalize_seconds": record.finalize_seconds}
+
+
+def _slice(dataset, count):
+    from torch.utils.data import Subset
+
+    return Subset(dataset, range(min(count, len(dataset))))
+
+
+def _measure_floor(work, device, meter, warm_only=False):
+    import torch
+    from torch.utils.data import DataLoader
+
+    model = work.model.to(device)
+
+    def epoch(data):
+        for batch in DataLoader(data, batch_size=work.batch_size):
+            batch = [t.to(device) for t in batch]
+            model.zero_grad(set_to_none=True)
+            work.task.compute_train_loss(batch, model, sample=False).backward()
+
+    epoch(_slice(work.train, 2 * work.batch_size))
+    with meter.phase("floor"):
+        epoch(work.train)
+    model.zero_grad(set_to_none=True)
+    del torch
+
+
+def _measure_fninfluence(work, device, meter, compiled: bool):
+    import fninfluence
+
+    model = work.model.to(device)
+    options = dict(batch_size=work.batch_size, compile=compiled, progress=False)
+    warm_train = _slice(work.train, 2 * work.batch_size)
+    warm_factors = fninfluence.fit_factors(model, work.task, warm_train, strategy="ekfac", **options)
+    fninfluence.pairwise_scores(model, work.task, warm_factors, work.queries, warm_train, **options)
+    fninfluence.self_scores(model, work.task, warm_factors, warm_train, **options)
+
+    logger = logging.getLogger("fninfluence")
+    handler = PassTimes()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    with meter.phase("fit"):
+        factors = fninfluence.fit_factors(model, work.task, work.train, strategy="ekfac", **options)
+    logger.removeHandler(handler)
+    passes = handler.passes
+    meter.results["covariance"] = {"seconds": passes["covariance"]["seconds"]}
+    meter.results["eigendecomposition"] = {"seconds": passes["covariance"]["finalize_seconds"]}
+    meter.results["lambda"] = {"seconds": passes["lambda"]["seconds"] + passes["lambda"]["finalize_seconds"]}
+    with meter.phase("pairwise"):
+        fninfluence.pairwise_scores(model, work.task, factors, work.queries, work.train, **options)
+    with meter.phase("self"):
+        fninfluence.self_scores(model, work.task, factors, work.train, **options)
+
+
+def _measure_kronfluence(work, device, meter, directory):
+    import kronfluence.utils.logger as kron_logger  # noqa: F401  (imported before timing)
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    model = prepare_model(work.kronfluence_model.to(device), work.kronfluence_task)
+    analyzer = Analyzer("bench", model=model, task=work.kronfluence_task, cpu=device.type == "cpu",
+                        disable_tqdm=True, output_dir=directory, log_level=logging.WARNING)
+    factor_args = FactorArguments(strategy="ekfac")
+    score_args = ScoreArguments()
+    batch, queries = work.batch_size, len(work.queries)
+
+    def run(train, prefix, measure):
+        def phase(name, fn):
+            if measure:
+                with meter.phase(name):
+                    fn()
+            else:
+                fn()
+
+        phase("covariance", lambda: analyzer.fit_covariance_matrices(
+            prefix + "f", train, per_device_batch_size=batch, factor_args=factor_args, overwrite_output_dir=True))
+        phase("eigendecomposition", lambda: analyzer.perform_eigendecomposition(
+            prefix + "f", factor_args=factor_args, overwrite_output_dir=True))
+        phase("lambda", lambda: analyzer.fit_lambda_matrices(
+            prefix + "f", train, per_device_batch_size=batch, factor_args=factor_args, overwrite_output_dir=True))
+        # all queries in one batch: one pass over the training set, Kronfluence's fastest setting
+        phase("pairwise", lambda: analyzer.compute_pairwise_scores(
+            prefix + "p", prefix + "f", work.queries, train, per_device_query_batch_size=queries,
+            per_device_train_batch_size=batch, score_args=score_args, overwrite_output_dir=True))
+        phase("self", lambda: analyzer.compute_self_scores(
+            prefix + "s", prefix + "f", train, per_device_train_batch_size=batch, score_args=score_args,
+            overwrite_output_dir=True))
+
+    run(_slice(work.train, 2 * work.batch_size), "warm", measure=False)
+    run(work.train, "", measure=True)
+    fit = sum(meter.results[p]["seconds"] for p in ("covariance", "eigendecomposition", "lambda"))
+    meter.results["fit"] = {"seconds": fit,
+                            "peak_bytes": max(meter.results[p]["peak_bytes"]
+                                              for p in ("covariance", "eigendecomposition", "lambda"))}
+
+
+def measure_one(workload: str, size: str, system: str, device_name: str) -> Dict[str, Dict[str, float]]:
+    import torch
+
+    from benchmarks.workloads import build
+
+    device = torch.device(device_name)
+    work = build(workload, size)
+    meter = Meter(device)
+    if system == "floor":
+        _measure_floor(work, device, meter)
+    elif system == "kronfluence":
+        with tempfile.TemporaryDirectory() as directory:
+            _measure_kronfluence(work, device, meter, directory)
+    else:
+        _measure_fninfluence(work, device, meter, compiled=system == "fninfluence-compiled")
+    return meter.results
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+
+def _run_subprocess(workload, size, system, device, threads) -> Dict[str, Dict[str, float]]:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "benchmarks.run", "--one", workload, size, system, "--device", device,
+               "--threads", str(threads)]
+    finished = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-4000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def _summary(values: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise(raw: Dict[str, Dict[str, List[Dict[str, Dict[str, float]]]]]) -> Dict:
+    """Medians and spreads per workload, system and phase; ratios of medians."""
+    summary = {}
+    for workload, systems in raw.items():
+        table = {}
+        for system, runs in systems.items():
+            phases = sorted({p for run in runs for p in run})
+            table[system] = {p: {"seconds": _summary([run[p]["seconds"] for run in runs]),
+                                 **({"peak_bytes": _summary([run[p]["peak_bytes"] for run in runs])}
+                                    if all("peak_bytes" in run[p] for run in runs) else {})}
+                             for p in phases}
+        summary[workload] = table
+    return summary
+
+
+def _median(table, system, phase, key="seconds"):
+    try:
+        return table[system][phase][key]["median"]
+    except KeyError:
+        return None
+
+
+def markdown(summary: Dict, machine: str, command: str) -> str:
+    lines = [f"Machine: {machine}", "", f"Command: `{command}`", ""]
+    header = ("| workload | phase | Kronfluence s | fninfluence s | compiled s | Kronfluence / fninfluence | "
+              "Kronfluence / compiled | peak MB K / fn / compiled |")
+    for workload, table in summary.items():
+        lines += [f"### {workload}", "", header, "|" + "---|" * 8]
+        for phase in PHASES + ("fit",):
+            k = _median(table, "kronfluence", phase)
+            e = _median(table, "fninfluence", phase)
+            c = _median(table, "fninfluence-compiled", phase)
+            peaks = [_median(table, s, phase, "peak_bytes") for s in ("kronfluence", "fninfluence",
+                                                                     "fninfluence-compiled")]
+            spread = lambda s: table.get(s, {}).get(phase, {}).get("seconds")
+            cell = lambda v, s: "–" if v is None else f"{v:.3f} [{spread(s)['min']:.3f}–{spread(s)['max']:.3f}]"
+            ratio = lambda a, b: "–" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+            lines.append(f"| {workload} | {phase} | {cell(k, 'kronfluence')} | {cell(e, 'fninfluence')} | "
+                         f"{cell(c, 'fninfluence-compiled')} | {ratio(k, e)} | {ratio(k, c)} | "
+                         + " / ".join("–" if p is None else f"{p / 2**20:.0f}" for p in peaks) + " |")
+        floor = _median(table, "floor", "floor")
+        if floor:
+            for system in ("fninfluence", "fninfluence-compiled", "kronfluence"):
+                pairwise = _median(table, system, "pairwise")
+                if pairwise:
+                    lines.append(f"\n{system} pairwise / floor ({floor:.3f} s): {pairwise / floor:.2f}×")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_description(device: str, threads: int) -> str:
+    import torch
+
+    text = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {threads} threads, " \
+           f"torch {torch.__version__}, Python {platform.python_version()}"
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=("small", "medium"), default="small")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads per run (default 2)")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown results")
+    parser.add_argument("--one", nargs=3, metavar=("WORKLOAD", "SIZE", "SYSTEM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(measure_one(*args.one, args.device)))
+        return 0
+
+    raw: Dict[str, Dict[str, List]] = {w: {s: [] for s in args.systems} for w in args.workloads}
+    for repeat in range(args.repeats):
+        for workload in args.workloads:
+            shift = repeat % len(args.systems)
+            for system in args.systems[shift:] + args.systems[:shift]:
+                started = time.perf_counter()
+                raw[workload][system].append(_run_subprocess(workload, args.size, system, args.device, args.threads))
+                print(f"[{repeat + 1}/{args.repeats}] {workload}/{args.size} {system}: "
+                      f"{time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    summary = summarise(raw)
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = machine_description(args.device, args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.size}-{args.device.replace(':', '')}"
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "command": command, "raw": raw,
+                                                  "summary": summary}, indent=1))
+    table = markdown(summary, machine, command)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

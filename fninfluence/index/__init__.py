@@ -1,0 +1,169 @@
+"""A training-gradient index: score new queries without a pass over the training data.
+
+:func:`build_index` runs one forward and backward pass over the training data and stores, per example
+and tracked layer, its gradient in factored form (exact rank-one pairs for layers without a token
+dimension, the tokens themselves when there are at most ``rank`` of them, else a rank-``rank``
+truncated SVD; see :mod:`.factorize`). :func:`index_scores` then scores a query set by
+contracting the preconditioned query gradients with the index:
+
+    score[q, n] = sum_layers sum_k u_{n,k}^T P_q v_{n,k}
+
+(the same sign and scale as :func:`fninfluence.pairwise_scores`, exactly equal to it where the index is
+exact), with no forward or backward pass over the training data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import partitions as parts
+from ..capture import ModelTap, check_finite
+from ..data import Data, batches
+from ..errors import InfluenceError
+from ..factors import Factors
+from ..pipeline import (CompileOption, Targets, _cast_stats, _check_damping, _check_layers, _discover, _first_batch,
+                        _length, _maybe_compile, _on_batch, _progress, _query_gradients, _subset)
+from ..precision import Precision
+from ..scores import pairwise_layer_scores, total
+from ..store.fingerprint import model_fingerprint
+from ..store.index_store import IndexStore, load_index, open_index
+from ..task import Task
+from .factorize import factorize, index_width, relative_residual
+
+__all__ = ["build_index", "index_scores", "load_index", "IndexStore", "factorize"]
+
+
+def _layer_plan(engine: ModelTap, first_batch, rank) -> Dict[str, Dict[str, int]]:
+    embeddings = [name for name, spec in engine.specs.items() if spec.one_hot]
+    if embeddings:
+        raise InfluenceError(
+            f"The training-gradient index does not hold embedding layers yet ({embeddings}): leave them out of "
+            "Task.tracked_modules() for the index, or score them with pairwise_scores."
+        )
+    tokens = engine.tokens_per_call("train", first_batch)
+    return {name: {"width": index_width(tokens.get(name, 1) * spec.calls, spec.out_features, spec.in_features, rank),
+                   "groups": spec.groups, "out": spec.out_features, "in": spec.in_features}
+            for name, spec in engine.specs.items()}
+
+
+def build_index(
+    model: nn.Module,
+    task: Task,
+    train_data: Data,
+    store: Union[str, Path],
+    *,
+    rank: Optional[int] = 32,
+    dtype: torch.dtype = torch.float32,
+    batch_size: Optional[int] = None,
+    data_partitions: int = 1,
+    target_data_partitions: Targets = None,
+    overwrite: bool = False,
+    compile: CompileOption = False,
+    progress: bool = True,
+    precision: Optional[Precision] = None,
+) -> Optional[IndexStore]:
+    """Store every training example's per-layer gradient, factored, in the Zarr store ``store``.
+
+    ``rank`` bounds the pseudo-tokens kept per example for layers with a token dimension (``None``: keep
+    ``min(out, in)``, which is exact). Layers without a token dimension are always exact (rank one).
+    ``dtype`` is the stored precision (float16 halves the disk size). Data partitions are resumable cells
+    as in :func:`fninfluence.fit_factors`. Returns the index once complete, else None.
+
+    Disk size per example: ``sum_layers K * G * (out + in) * bytes(dtype)``.
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InfluenceError(f"rank must be a positive integer or None (exact), got {rank!r}.")
+    precision = precision or Precision()
+    engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data")
+    layers = _layer_plan(engine, _first_batch(train_data, batch_size, engine.device, "train_data"), rank)
+    examples = _length(train_data, "train_data")
+    ranges = parts.data_ranges(examples, data_partitions)
+    index = open_index(Path(store), model=model, train_data=train_data, layers=layers, rank=rank, dtype=dtype,
+                       ranges=ranges, arguments={"precision": precision.as_dict()}, overwrite=overwrite)
+    grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
+
+    def step(params, buffers, batch, probes):
+        loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
+        stats = {layer: _cast_stats(s, grad_dtype) for layer, s in stats.items()}
+        factored = {layer: factorize(s, layers[layer]["width"]) for layer, s in stats.items()}
+        residuals = {layer: relative_residual(stats[layer], f) for layer, f in factored.items()}
+        return loss, factored, residuals
+
+    run = _maybe_compile(step, compile)
+    for d in parts.targets(target_data_partitions, len(ranges), "data partitions"):
+        if index.cell_done(d):
+            continue
+        cell = _subset(train_data, ranges[d]) if len(ranges) > 1 else train_data
+        label = f"training-gradient index [{d + 1}/{len(ranges)}]"
+        bar = _progress(cell, batch_size, label, progress, "train_data")
+        start = ranges[d].start
+        for number, batch in enumerate(batches(cell, batch_size, engine.device, "train_data")):
+            with _on_batch(label, number):
+                probes = engine.probes_for("train", batch)
+                loss, factored, residuals = run(engine.params, engine.buffers, batch, probes)
+            check_finite(loss, "train", number)
+            index.write_rows(start, {layer: {k: v.to(dtype) for k, v in f.items()} for layer, f in factored.items()},
+                             residuals)
+            start += next(iter(factored.values()))["g"].shape[0]
+            bar.update(1)
+        bar.close()
+        index.mark_cell(d)
+    return None if index.missing_cells() else index
+
+
+def index_scores(
+    model: nn.Module,
+    task: Task,
+    factors: Factors,
+    query_data: Data,
+    index: Union[str, Path, IndexStore],
+    *,
+    damping: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    examples_per_read: int = 4096,
+    per_module: bool = False,
+    compile: CompileOption = False,
+    progress: bool = True,
+    precision: Optional[Precision] = None,
+) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``[Q, N]`` scores of ``query_data`` against the indexed training set (per layer if ``per_module``).
+
+    Only the queries pass through the model; the training side is read from ``index`` in blocks of
+    ``examples_per_read`` examples. Equal to :func:`fninfluence.pairwise_scores` (up to the stored dtype)
+    wherever the index is exact; truncated layers are approximate (see ``IndexStore.residuals``).
+    The model must be the one the index was built from.
+    """
+    _check_damping(damping)
+    precision = precision or Precision()
+    index = index if isinstance(index, IndexStore) else load_index(Path(index))
+    if index.header["model"] != model_fingerprint(model):
+        raise InfluenceError(
+            f"The index at {index.path} was built from a model with other parameters (names, shapes or values). "
+            "Training gradients depend on the weights: rebuild the index with build_index for this model."
+        )
+    engine = ModelTap(model, task, layers=list(index.layers), amp_dtype=precision.amp_dtype)
+    engine.probes_for("measurement", _first_batch(query_data, batch_size, engine.device, "query_data"))
+    if set(engine.specs) != set(index.layers):
+        raise InfluenceError(f"The index holds layers {sorted(index.layers)} but the task tracks {sorted(engine.specs)}.")
+    _check_layers(factors, engine)
+    chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=batch_size, compile=compile,
+                              progress=progress, precision=precision, aggregate=False)
+    score_dtype = precision.compute(precision.score_dtype, engine.dtype)
+    queries = {layer: torch.cat([c[layer] for c in chunks]).to(score_dtype) for layer in engine.specs}
+    per_layer: Dict[str, list] = {layer: [] for layer in engine.specs}
+    bar = tqdm(total=-(-index.examples // examples_per_read), desc="index scores", unit="block", disable=not progress,
+               leave=False)
+    for start in range(0, index.examples, examples_per_read):
+        rows = slice(start, min(start + examples_per_read, index.examples))
+        for layer in engine.specs:
+            stats = {k: v.to(engine.device, score_dtype) for k, v in index.read_rows(layer, rows).items()}
+            per_layer[layer].append(pairwise_layer_scores(queries[layer], stats))
+        bar.update(1)
+    bar.close()
+    result = {layer: torch.cat(blocks, dim=1) for layer, blocks in per_layer.items()}
+    return result if per_module else total(result)

@@ -1,0 +1,127 @@
+"""A training-gradient index on disk: each example's per-layer gradient as factored pseudo-tokens.
+
+Layout (a Zarr v3 group; see docs/storage.md)::
+
+    <store>/zarr.json             attributes["fninfluence"]: kind "index", rank, dtype, layers (name, key,
+                                  width, groups, out, in, exact), partitions, fingerprints of the model and
+                                  the training data, library and format versions
+    <store>/g/<layer key>         [N, K, G, out]  left factors (chunked along N by data partition)
+    <store>/a/<layer key>         [N, K, G, in]   right factors
+    <store>/residual/<layer key>  [N]  relative squared Frobenius error of the truncation (0 where exact)
+    <store>/_done/index-data<d>.json, complete.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from ..errors import InfluenceError
+from .factors_store import layer_keys
+from .fingerprint import data_fingerprint, jsonable, model_fingerprint
+from .zarr_io import (FORMAT_VERSION, ArraySpec, done_cells, mark_done, numpy_dtype, open_store, read_array,
+                      read_header, write_array)
+
+IDENTITY = ("kind", "rank", "dtype", "layers", "partitions", "train_data", "model", "arguments")
+
+
+def cell_name(data_index: int) -> str:
+    return f"index-data{data_index}"
+
+
+class IndexStore:
+    def __init__(self, path: Path, group, header: Dict[str, Any]):
+        self.path, self.group, self.header = Path(path), group, header
+        self.layers = {record["name"]: record for record in header["layers"]}
+        self.ranges = [range(start, stop) for start, stop in header["partitions"]["ranges"]]
+
+    @property
+    def examples(self) -> int:
+        return self.header["examples"]
+
+    def cell_done(self, data_index: int) -> bool:
+        return cell_name(data_index) in done_cells(self.path)
+
+    def missing_cells(self) -> List[str]:
+        done = done_cells(self.path)
+        return [cell_name(d) for d in range(len(self.ranges)) if cell_name(d) not in done]
+
+    def write_rows(self, start: int, factored: Dict[str, Dict[str, torch.Tensor]],
+                   residuals: Dict[str, torch.Tensor]) -> None:
+        """Rows ``start:start + batch`` of every layer (within one data partition, so one writer per chunk)."""
+        for layer, stats in factored.items():
+            key = self.layers[layer]["key"]
+            rows = slice(start, start + stats["g"].shape[0])
+            write_array(self.group, f"g/{key}", stats["g"], (rows,))
+            write_array(self.group, f"a/{key}", stats["a"], (rows,))
+            write_array(self.group, f"residual/{key}", residuals[layer], (rows,))
+
+    def mark_cell(self, data_index: int) -> None:
+        mark_done(self.path, cell_name(data_index))
+        if not self.missing_cells():
+            mark_done(self.path, "complete")
+
+    def read_rows(self, layer: str, rows: slice) -> Dict[str, torch.Tensor]:
+        key = self.layers[layer]["key"]
+        return {"g": read_array(self.group, f"g/{key}", (rows,)), "a": read_array(self.group, f"a/{key}", (rows,))}
+
+    def residuals(self, layer: str) -> torch.Tensor:
+        return read_array(self.group, f"residual/{self.layers[layer]['key']}")
+
+
+def open_index(path: Path, *, model, train_data, layers: Dict[str, Dict[str, Any]], rank, dtype: torch.dtype,
+               ranges: Sequence[range], arguments: Dict[str, Any], overwrite: bool) -> IndexStore:
+    """Create (or reopen, checking it matches) the index store for ``layers`` ``{name: {width, groups, out, in}}``."""
+    keys = layer_keys(list(layers))
+    examples = ranges[-1].stop if ranges else 0
+    size = max(1, len(ranges[0]))
+    stored = numpy_dtype(dtype)
+    arrays = {}
+    records = []
+    for name, layer in layers.items():
+        key, width, groups = keys[name], layer["width"], layer["groups"]
+        arrays[f"g/{key}"] = ArraySpec((examples, width, groups, layer["out"]), (size, width, groups, layer["out"]),
+                                       stored)
+        arrays[f"a/{key}"] = ArraySpec((examples, width, groups, layer["in"]), (size, width, groups, layer["in"]),
+                                       stored)
+        arrays[f"residual/{key}"] = ArraySpec((examples,), (size,), "float64", float("nan"))
+        records.append({"name": name, "key": key, **layer})
+    header = {
+        "kind": "index",
+        "format": FORMAT_VERSION,
+        "library_version": _version(),
+        "rank": rank,
+        "dtype": str(dtype),
+        "examples": examples,
+        "layers": records,
+        "arguments": jsonable(arguments),
+        "partitions": {"data": len(ranges), "partition_size": size, "ranges": [[r.start, r.stop] for r in ranges]},
+        "train_data": data_fingerprint(train_data),
+        "model": model_fingerprint(model),
+    }
+    group = open_store(path, header, arrays, overwrite=overwrite, identity_keys=IDENTITY)
+    return IndexStore(Path(path), group, header)
+
+
+def load_index(path: Path) -> IndexStore:
+    """Reopen a finished index for scoring (JSON and numeric arrays only)."""
+    import zarr
+
+    path = Path(path)
+    header = read_header(path)
+    if header.get("kind") != "index":
+        raise InfluenceError(f"{path} holds {header.get('kind')!r} results, not a training-gradient index.")
+    store = IndexStore(path, zarr.open_group(str(path), mode="r"), header)
+    missing = store.missing_cells()
+    if missing:
+        raise InfluenceError(f"The index at {path} is incomplete (cells {missing} missing): rerun build_index with "
+                             "the same arguments to finish it.")
+    return store
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,125 @@
+"""The training-gradient index: exact where it stores the tokens or rank-one pairs, the best rank-K
+approximation otherwise, resumable, and refused for a model it was not built from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fninfluence as fi
+from fninfluence.errors import InfluenceError
+from fninfluence.index import build_index, index_scores, load_index
+from fninfluence.index.factorize import factorize
+from fninfluence.testing import layer_gradients, per_example_gradients
+
+from models import LMTask, TinyTransformerLM, classification_data, mlp, sequence_data
+from test_parameters import CrossEntropy, Normed
+
+
+def _lm(seq=6):
+    torch.manual_seed(0)
+    return (TinyTransformerLM(seq=seq).double().eval(), LMTask(), sequence_data(n=14, seq=seq),
+            sequence_data(n=4, seq=seq, seed=1))
+
+
+def _close(actual, expected, tol=1e-10):
+    assert ((actual - expected).norm() / expected.norm()).item() <= tol
+
+
+def test_exact_index_scores_equal_pairwise_scores(tmp_path):
+    model, task, train, queries = _lm()
+    factors = fi.fit_factors(model, task, train, strategy="ekfac", batch_size=4, progress=False)
+    expected = fi.pairwise_scores(model, task, factors, queries, train, batch_size=4, per_module=True,
+                                  progress=False)
+    index = build_index(model, task, train, tmp_path / "index", rank=None, dtype=torch.float64, batch_size=4,
+                        progress=False)
+    assert all(layer["width"] == min(layer["out"], layer["in"]) for layer in index.layers.values())  # exact
+    scores = index_scores(model, task, factors, queries, tmp_path / "index", batch_size=3, examples_per_read=5,
+                          per_module=True, progress=False)
+    for layer in expected:
+        _close(scores[layer], expected[layer])
+    assert all(index.residuals(layer).abs().max() < 1e-12 for layer in index.layers)
+
+
+def test_layers_without_tokens_are_exact_rank_one_pairs_whatever_the_rank(tmp_path):
+    torch.manual_seed(0)
+    model, train, queries = mlp().double().eval(), classification_data(n=10), classification_data(n=3, seed=1)
+    task = fi.classification_task()
+    factors = fi.fit_factors(model, task, train, strategy="kfac", batch_size=4, progress=False)
+    index = build_index(model, task, train, tmp_path, rank=1, dtype=torch.float64, batch_size=4, progress=False)
+    assert {layer["width"] for layer in index.layers.values()} == {1}
+    _close(index_scores(model, task, factors, queries, tmp_path, progress=False),
+           fi.pairwise_scores(model, task, factors, queries, train, progress=False))
+
+
+def test_parameter_layers_are_indexed_exactly(tmp_path):
+    torch.manual_seed(0)
+    model, train, queries = Normed().double().eval(), classification_data(n=8), classification_data(n=2, seed=1)
+    task = CrossEntropy(["fc", "norm", "custom", "head"])
+    factors = fi.fit_factors(model, task, train, strategy="diagonal", batch_size=4, progress=False)
+    build_index(model, task, train, tmp_path, rank=2, dtype=torch.float64, batch_size=4, progress=False)
+    _close(index_scores(model, task, factors, queries, tmp_path, progress=False),
+           fi.pairwise_scores(model, task, factors, queries, train, progress=False))
+
+
+@pytest.mark.parametrize("rank, seq", [(1, 6), (3, 6), (3, 10)])
+def test_truncated_layers_hold_the_best_rank_k_gradient(rank, seq, tmp_path):
+    """Against the loop oracle: the stored factors multiply out to the rank-K truncated SVD of each
+    example's gradient, and the residual is the energy it drops. Six tokens take the QR route (fewer
+    tokens than min(out, in) = 8), ten the dense SVD."""
+    model, task, train, _ = _lm(seq)
+    index = build_index(model, task, train, tmp_path, rank=rank, dtype=torch.float64, batch_size=5, progress=False)
+    engine = fi.capture.ModelTap(model, task)
+    engine.probes_for("train", next(iter(torch.utils.data.DataLoader(train, batch_size=2))))
+    oracle = layer_gradients(per_example_gradients(model, task, train), engine.specs)
+    for layer in ("q", "up", "lm_head"):  # (out, in): (8, 9), (16, 9), (11, 8)
+        stored = index.read_rows(layer, slice(0, len(train)))
+        rebuilt = torch.einsum("nkgo,nkgi->ngoi", stored["g"], stored["a"])
+        u, s, vh = torch.linalg.svd(oracle[layer], full_matrices=False)
+        best = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+        _close(rebuilt, best, 1e-9)
+        dropped = (s[..., rank:] ** 2).sum((-1, -2)) / (s ** 2).sum((-1, -2))
+        assert torch.allclose(index.residuals(layer), dropped, rtol=1e-8, atol=1e-12)
+
+
+def test_factorize_pads_short_token_axes_exactly():
+    g, a = torch.randn(3, 2, 1, 5, dtype=torch.float64), torch.randn(3, 2, 1, 4, dtype=torch.float64)
+    factored = factorize({"g": g, "a": a}, 3)
+    assert factored["g"].shape == (3, 3, 1, 5) and factored["a"].shape == (3, 3, 1, 4)
+    assert torch.equal(factored["g"][:, :2], g) and not factored["g"][:, 2:].any()
+
+
+def test_an_interrupted_index_is_refused_then_completed(tmp_path):
+    model, task, train, queries = _lm()
+    factors = fi.fit_factors(model, task, train, strategy="diagonal", batch_size=4, progress=False)
+    assert build_index(model, task, train, tmp_path, rank=None, dtype=torch.float64, batch_size=4, data_partitions=3,
+                       target_data_partitions=[0, 2], progress=False) is None
+    with pytest.raises(InfluenceError, match="incomplete.*index-data1"):
+        index_scores(model, task, factors, queries, tmp_path, progress=False)
+    done = (tmp_path / "_done" / "index-data0.json").stat().st_mtime_ns
+    assert build_index(model, task, train, tmp_path, rank=None, dtype=torch.float64, batch_size=4, data_partitions=3,
+                       progress=False) is not None
+    assert (tmp_path / "_done" / "index-data0.json").stat().st_mtime_ns == done  # not recomputed
+    _close(index_scores(model, task, factors, queries, tmp_path, progress=False),
+           fi.pairwise_scores(model, task, factors, queries, train, progress=False))
+    with pytest.raises(InfluenceError, match="rank"):
+        build_index(model, task, train, tmp_path, rank=4, dtype=torch.float64, batch_size=4, data_partitions=3,
+                    progress=False)
+
+
+def test_an_index_is_refused_for_another_model_and_for_embeddings(tmp_path):
+    model, task, train, queries = _lm()
+    factors = fi.fit_factors(model, task, train, strategy="identity", batch_size=7, progress=False)
+    build_index(model, task, train, tmp_path / "i", rank=2, batch_size=7, progress=False)
+    with torch.no_grad():
+        model.q.weight.add_(0.1)
+    with pytest.raises(InfluenceError, match="rebuild the index"):
+        index_scores(model, task, factors, queries, tmp_path / "i", progress=False)
+
+    class WithEmbedding(LMTask):
+        def tracked_modules(self):
+            return ["embed", "q"]
+
+    with pytest.raises(InfluenceError, match="embedding"):
+        build_index(model, WithEmbedding(), train, tmp_path / "e", progress=False)
+    assert load_index(tmp_path / "i").header["rank"] == 2
