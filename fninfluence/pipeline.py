@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from . import distributed as parallel
 from . import partitions as parts
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
 from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
@@ -233,6 +234,7 @@ def fit_factors(
     target_module_partitions: Targets = None,
     precision: Optional[Precision] = None,
     per_example_vmap: bool = False,
+    distributed: Optional[bool] = None,
 ) -> Optional[Factors]:
     """Fit the curvature factors of ``strategy`` on ``data``.
 
@@ -253,9 +255,19 @@ def fit_factors(
     ``per_example_vmap=True`` runs each example alone under ``torch.func.vmap`` (batches of one): for
     models whose tracked layers do not see the batch in dimension 0 (sequence-first layouts). Slower.
 
+    Under ``torchrun`` (``distributed=None`` and an initialised process group of several ranks, or
+    ``distributed=True``) the cells are dealt to the ranks and every rank returns the same factors, equal bit
+    for bit to a one-process run with the same partitions (at least one cell per rank: see
+    docs/distributed.md). ``distributed=False`` ignores the process group.
+
     Returns the factors once every cell of every pass is complete, else None.
     """
     precision = precision or Precision()
+    model, task = parallel.unwrap(model, task)
+    group = parallel.ranks(distributed)
+    progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
+    if group is not None:
+        parallel.check_data(data, "data")
     objective = "train" if use_empirical_fisher else "train_sampled"
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
@@ -270,23 +282,25 @@ def fit_factors(
     if unknown:
         raise InfluenceError(f"Unknown passes {unknown} for strategy {label!r}: it has {pass_names}.")
 
-    total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1) else None
+    total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1 or group) else None
     plan = {}
     for name in pass_names:
         limit = _per_pass(max_examples, name, None)
         examples = total_examples if limit is None or total_examples is None else min(limit, total_examples)
-        plan[name] = (examples, _per_pass(data_partitions, name, 1), _per_pass(module_partitions, name, 1))
+        module_parts = _per_pass(module_partitions, name, 1)
+        plan[name] = (examples, parallel.enough_partitions(_per_pass(data_partitions, name, 1), module_parts, group),
+                      module_parts)
         parts.check_count(plan[name][1], "data partitions")
         parts.check_count(plan[name][2], "module partitions")
 
     saved = None
     if store is not None:
-        saved = factors_store.open_fit(
+        saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
             Path(store), model=model, data=data, estimators=estimators, specs=specs, plan=plan,
             arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict()},
             state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
-            overwrite=overwrite,
-        )
+            overwrite=fresh,
+        ), overwrite)
 
     factors: Dict[str, Dict[str, torch.Tensor]] = {layer: {} for layer in specs}
     done_passes: List[str] = []
@@ -312,50 +326,65 @@ def fit_factors(
         targets_m = parts.targets(target_module_partitions, len(groups), "module partitions")
         if saved is None and (len(targets_d) < len(ranges) or len(targets_m) < len(groups)):
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
-        started, examples_before = time.perf_counter(), examples_seen
+        started = time.perf_counter()
         pending: Dict[str, List[Dict[str, torch.Tensor]]] = {}
-        for m in targets_m:
-            every_layer = len(groups) == 1 and len(fit_passes) == len(specs)
-            cell_engine = engine if every_layer else ModelTap(model, task, layers=groups[m],
-                                                              amp_dtype=precision.amp_dtype,
-                                                              per_example=per_example_vmap)
-            for d in targets_d:
-                cell = parts.cell_name(name, d, m)
-                if saved is not None and saved.cell_done(cell):
-                    continue
-                cell_data = pass_data if ranges[d] is None or len(ranges) == 1 else _subset(pass_data, ranges[d])
-                if ranges[d] is not None and len(ranges[d]) == 0:
-                    states, n = {layer: fit_passes[layer].init(specs[layer].shape, torch.float64, engine.device)
-                                 for layer in groups[m]}, 0
-                else:
-                    states, n = _fit_cell(cell_engine, name, fit_passes, objective, cell_data, batch_size, factors,
-                                          precision, compile, progress, f"{label} {name} [{cell}]")
-                examples_seen += n
-                if saved is not None:
-                    saved.write_cell(name, d, states, cell, n)
-                else:
-                    for layer, state in states.items():
-                        pending.setdefault(layer, []).append(state)
+        cells = [(m, d) for m in targets_m for d in targets_d]
+        computed, pass_examples, engines = {}, 0, {}
+        for m, d in (cells if group is None else group.mine(cells)):
+            if m not in engines:
+                every_layer = len(groups) == 1 and len(fit_passes) == len(specs)
+                engines[m] = engine if every_layer else ModelTap(model, task, layers=groups[m],
+                                                                 amp_dtype=precision.amp_dtype,
+                                                                 per_example=per_example_vmap)
+            cell = parts.cell_name(name, d, m)
+            if saved is not None and saved.cell_done(cell):
+                continue
+            cell_data = pass_data if ranges[d] is None or len(ranges) == 1 else _subset(pass_data, ranges[d])
+            if ranges[d] is not None and len(ranges[d]) == 0:
+                states, n = {layer: fit_passes[layer].init(specs[layer].shape, torch.float64, engine.device)
+                             for layer in groups[m]}, 0
+            else:
+                states, n = _fit_cell(engines[m], name, fit_passes, objective, cell_data, batch_size, factors,
+                                      precision, compile, progress, f"{label} {name} [{cell}]")
+            pass_examples += n if m == 0 else 0  # each example once, not once per module partition
+            if saved is not None:
+                saved.write_cell(name, d, states, cell, n)
+            elif group is not None:
+                computed[(m, d)] = states
+            else:
+                for layer, state in states.items():
+                    pending.setdefault(layer, []).append(state)
+        examples_seen = pass_examples if group is None else group.total(pass_examples)  # this pass's, as the store's
         if saved is not None:
+            if group is not None:
+                group.barrier()  # every rank's cells are written
             if not saved.all_cells_done(name, len(ranges), len(groups)):
                 logger.info("%s: pass %s has missing cells %s; rerun to complete it.", store, name,
                             saved.missing_cells(name, len(ranges), len(groups)))
                 return None
-            summed = saved.sum_partials(name)
-        else:
-            # the same reduction as the store's (stack, then sum), so both give identical bits
-            summed = {layer: {k: torch.stack([s[k].to(states[0][k].dtype) for s in states]).sum(0) for k in states[0]}
-                      for layer, states in pending.items()}
         finalize_started = time.perf_counter()
-        outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
+        if group is not None:  # the eigendecompositions are spread over the ranks, layer by layer
+            if saved is not None:
+                parallel.finalize_stored_pass(group, saved, name, fit_passes, factors)
+                stored = saved.merge_pass_outputs(name, {})
+                outputs = {layer: {k: v.to(engine.device) for k, v in stored[layer].items()} for layer in fit_passes}
+            else:
+                outputs = parallel.finalize_pass(group, fit_passes, cells, groups, computed, factors, engine.device)
+        else:
+            if saved is not None:
+                summed = saved.sum_partials(name)
+            else:
+                # the same reduction as the store's (stack, then sum), so both give identical bits
+                summed = {layer: parallel.sum_in_order(states) for layer, states in pending.items()}
+            outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
         finalize_seconds = time.perf_counter() - finalize_started
-        factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in specs}
-        if saved is not None:
+        if group is None and saved is not None:
             saved.write_pass_outputs(name, outputs)
+        factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in specs}
         done_passes.append(name)
         pass_seconds = finalize_started - started
         logger.info("%s %s pass: %d examples in %.2fs, finalize (e.g. eigendecompositions) %.2fs", label, name,
-                    examples_seen - examples_before, pass_seconds, finalize_seconds,
+                    examples_seen, pass_seconds, finalize_seconds,
                     extra={"phase": name, "seconds": pass_seconds, "finalize_seconds": finalize_seconds})
 
     complete = len(done_passes) == len(pass_names)
@@ -390,8 +419,12 @@ def _factors_on(factors: Factors, engine: ModelTap) -> Dict[str, Dict[str, torch
 
 
 def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, damping, batch_size, compile,
-                     progress, precision: Precision, aggregate: bool) -> List[Dict[str, torch.Tensor]]:
-    """Preconditioned measurement gradients ``{layer: [Q_b, G, out, in]}`` per query batch (one if aggregated)."""
+                     progress, precision: Precision, aggregate: bool, group=None) -> List[Dict[str, torch.Tensor]]:
+    """Preconditioned measurement gradients ``{layer: [Q_b, G, out, in]}`` per query batch (one if aggregated).
+
+    With ``group`` (several ranks) rank ``r`` computes every ``world``-th batch and the batches are then
+    broadcast, so each query gradient is computed once and every rank holds them all.
+    """
     if engine.specs is None:
         engine.probes_for("measurement", _first_batch(query_data, batch_size, engine.device, "query_data"))
     _check_layers(factors, engine)  # once: the layers do not change between batches (discovery checks that)
@@ -414,6 +447,9 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     chunks: List[Dict[str, torch.Tensor]] = []
     bar = _progress(query_data, batch_size, "query gradients", progress, "query_data")
     for index, batch in enumerate(batches(query_data, batch_size, engine.device, "query_data")):
+        if group is not None and group.owner(index) != group.rank:
+            chunks.append(None)  # another rank's batch
+            continue
         with _on_batch("query gradients", index):
             probes = engine.probes_for("measurement", batch)
             loss, grads = run(engine.params, engine.buffers, batch, probes, on_device)
@@ -423,6 +459,8 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     bar.close()
     if not chunks:
         raise InfluenceError("query_data is empty: there is no query to score.")
+    if group is not None:
+        chunks = parallel.share_batches(group, chunks, list(engine.specs), engine.device)
     if aggregate:
         summed = {layer: sum(c[layer] for c in chunks) for layer in chunks[0]}
         chunks = [{layer: precondition(layer, on_device[layer], g) for layer, g in summed.items()}]
@@ -449,6 +487,7 @@ def query_gradients(
     """
     _check_damping(damping)
     precision = precision or Precision()
+    model, task = parallel.unwrap(model, task)
     engine = ModelTap(model, task, amp_dtype=precision.amp_dtype, per_example=per_example_vmap)
     chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=batch_size, compile=compile,
                               progress=progress, precision=precision, aggregate=aggregate)
@@ -482,10 +521,13 @@ def _rows(query: Query) -> int:
 
 def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_data: Data, *, damping, batch_size,
                    query_batch_size, compile, progress, precision, per_token, rank, full_svd, aggregate_queries,
-                   aggregate_train, queries_per_pass, label) -> Dict[str, torch.Tensor]:
-    """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``)."""
-    chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=query_batch_size,
-                              compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries)
+                   aggregate_train, queries_per_pass, label, chunks=None) -> Dict[str, torch.Tensor]:
+    """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``).
+
+    ``chunks``: the query gradients of :func:`_query_gradients`, when already computed."""
+    if chunks is None:
+        chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=query_batch_size,
+                                  compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries)
     queries = _compress(chunks, rank, full_svd, precision, engine.dtype)
     score_dtype = precision.compute(precision.score_dtype, engine.dtype)
     specs = engine.specs
@@ -572,6 +614,7 @@ def pairwise_scores(
     target_module_partitions: Targets = None,
     precision: Optional[Precision] = None,
     per_example_vmap: bool = False,
+    distributed: Optional[bool] = None,
 ) -> Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Influence of every training example on every query: a ``[Q, N]`` tensor (per layer if ``per_module``).
 
@@ -583,8 +626,9 @@ def pairwise_scores(
     Options: ``per_token`` gives ``[Q, N, T]`` (layers without tokens spread evenly over them);
     ``query_rank`` keeps a rank-r SVD of each preconditioned query gradient (``full_svd`` for an exact
     SVD instead of the randomised one); ``aggregate_queries`` / ``aggregate_train`` sum the gradients of
-    all queries / all training examples (``[1, N]`` / ``[Q, 1]``). ``store``, partitions and targets work
-    as in :func:`fit_factors`; the result is None while cells are missing.
+    all queries / all training examples (``[1, N]`` / ``[Q, 1]``). ``store``, partitions, targets and
+    ``distributed`` work as in :func:`fit_factors`; the result is None while cells are missing. Under
+    ``torchrun`` each rank scores its share of the training data and, with a store, writes its own chunks.
     """
     _check_damping(damping)
     precision = precision or Precision()
@@ -592,6 +636,13 @@ def pairwise_scores(
         raise InfluenceError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
     if per_token and aggregate_train:
         raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
+    model, task = parallel.unwrap(model, task)
+    group = parallel.ranks(distributed)
+    progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
+    if group is not None:
+        parallel.check_data(train_data, "train_data")
+        parallel.check_data(query_data, "query_data")
+        data_partitions = parallel.enough_partitions(data_partitions, module_partitions, group)
     engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data",
                        per_example_vmap)
     specs = dict(engine.specs)
@@ -605,11 +656,22 @@ def pairwise_scores(
         _check_layers(factors, engine)
         per_layer = _pairwise_cell(engine, factors, query_data, train_data, label="pairwise scores", **options)
         return per_layer if per_module else total(per_layer)
+    computed_queries: Dict[int, List[Dict[str, torch.Tensor]]] = {}
+
+    def queries_for(cell_engine: ModelTap) -> List[Dict[str, torch.Tensor]]:
+        """The query gradients of a module partition's layers: computed once, not once per cell (and shared
+        between the ranks, each computing its share of the query batches)."""
+        if id(cell_engine) not in computed_queries:
+            computed_queries[id(cell_engine)] = _query_gradients(
+                cell_engine, factors, query_data, damping=damping, batch_size=options["query_batch_size"],
+                compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries, group=group)
+        return computed_queries[id(cell_engine)]
     return _partitioned_scores(
         "pairwise", model, task, factors, engine, specs, train_data, query_data, store, overwrite, data_partitions,
         module_partitions, target_data_partitions, target_module_partitions, per_module, options,
-        lambda cell_engine, cell_data, label: _pairwise_cell(cell_engine, factors, query_data, cell_data,
-                                                             label=label, **options),
+        lambda cell_engine, cell_data, label: _pairwise_cell(cell_engine, factors, query_data, cell_data, label=label,
+                                                             chunks=queries_for(cell_engine), **options),
+        group, queries_for,
     )
 
 
@@ -679,14 +741,22 @@ def self_scores(
     target_module_partitions: Targets = None,
     precision: Optional[Precision] = None,
     per_example_vmap: bool = False,
+    distributed: Optional[bool] = None,
 ) -> Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Self-influence ``<P(grad L(z_n)), grad L(z_n)>`` of every example: a ``[N]`` tensor.
 
     With ``use_measurement=True`` the preconditioned side is the measurement's gradient:
-    ``<P(grad f(z_n)), grad L(z_n)>``. ``store``, partitions and targets work as in :func:`fit_factors`.
+    ``<P(grad f(z_n)), grad L(z_n)>``. ``store``, partitions, targets and ``distributed`` work as in
+    :func:`fit_factors` and :func:`pairwise_scores`.
     """
     _check_damping(damping)
     precision = precision or Precision()
+    model, task = parallel.unwrap(model, task)
+    group = parallel.ranks(distributed)
+    progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
+    if group is not None:
+        parallel.check_data(data, "data")
+        data_partitions = parallel.enough_partitions(data_partitions, module_partitions, group)
     engine = _discover(model, task, data, batch_size, "train", precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, compile=compile, progress=progress, precision=precision,
@@ -701,13 +771,16 @@ def self_scores(
         "self", model, task, factors, engine, specs, data, None, store, overwrite, data_partitions, module_partitions,
         target_data_partitions, target_module_partitions, per_module, options,
         lambda cell_engine, cell_data, label: _self_cell(cell_engine, factors, cell_data, label=label, **options),
+        group,
     )
 
 
 def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, query_data, store, overwrite,
                         data_partitions, module_partitions, target_data_partitions, target_module_partitions,
-                        per_module, options, compute_cell):
-    """Scores cell by cell (data x module partitions), in memory or through a store."""
+                        per_module, options, compute_cell, group=None, prepare=None):
+    """Scores cell by cell (data x module partitions), in memory or through a store; with ``group`` (several
+    ranks) each rank computes every ``world``-th cell, after every rank has run ``prepare`` (work shared by all
+    ranks, such as the query gradients) on each module partition's engine."""
     _check_layers(factors, engine)
     examples = _length(train_data, "train_data" if kind == "pairwise" else "data")
     ranges = parts.data_ranges(examples, data_partitions)
@@ -717,35 +790,54 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
     amp_dtype = options["precision"].amp_dtype
     saved = None
     if store is not None:
-        saved = scores_store.open_scores(
+        saved = parallel.open_in_turn(group, lambda fresh: scores_store.open_scores(
             Path(store), kind=kind, model=model, factors=factors, specs=specs, train_data=train_data,
             query_data=query_data, ranges=ranges, groups=groups, per_module=per_module,
             shape=_score_shape(kind, engine, query_data, train_data, options),
             arguments={k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile",
                                                                      "progress", "queries_per_pass", "precision")}
             | {"precision": options["precision"].as_dict()},
-            overwrite=overwrite, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
-        )
+            overwrite=fresh, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
+        ), overwrite)
     elif sorted(targets_d) != list(range(len(ranges))) or sorted(targets_m) != list(range(len(groups))):
         raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
     cells: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
-    for m in targets_m:
-        cell_engine = engine if len(groups) == 1 else ModelTap(model, task, layers=groups[m], amp_dtype=amp_dtype,
-                                                               per_example=engine.per_example)
-        for d in targets_d:
-            cell = parts.cell_name(kind, d, m)
-            if saved is not None and saved.cell_done(cell):
-                continue
-            per_layer = compute_cell(cell_engine, _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
-            if saved is not None:
-                saved.write_cell(d, m, per_layer, cell)
-            else:
-                cells[(d, m)] = per_layer
+    work = [(m, d) for m in targets_m for d in targets_d]
+    engines: Dict[int, ModelTap] = {}
+
+    def engine_for(m: int) -> ModelTap:
+        if m not in engines:
+            engines[m] = engine if len(groups) == 1 else ModelTap(model, task, layers=groups[m], amp_dtype=amp_dtype,
+                                                                  per_example=engine.per_example)
+        return engines[m]
+
+    if group is not None and prepare is not None:
+        for m in targets_m:  # on every rank, in the same order: it holds collectives
+            prepare(engine_for(m))
+    for m, d in (work if group is None else group.mine(work)):
+        cell = parts.cell_name(kind, d, m)
+        if saved is not None and saved.cell_done(cell):
+            continue
+        per_layer = compute_cell(engine_for(m), _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
+        if saved is not None:
+            saved.write_cell(d, m, per_layer, cell)
+        else:
+            cells[(d, m)] = per_layer
+    if group is not None and saved is None:
+        shared = parallel.share_cells(group, work, groups, {(m, d): v for (d, m), v in cells.items()}, engine.device)
+        cells = {(d, m): v for (m, d), v in shared.items()}
     if saved is not None:
+        if group is not None:
+            group.barrier()  # every rank's chunks and markers are written
         if not saved.all_cells_done():
             logger.info("%s: cells %s are missing; rerun to complete the scores.", store, saved.missing_cells())
             return None
-        result = saved.aggregate()
+        if group is None or group.leader:
+            result = saved.aggregate()
+        if group is not None:
+            group.barrier()  # rank 0 has written the final arrays
+            if not group.leader:
+                result = scores_store.read_scores(Path(store))
         if per_module:
             return {layer: result[layer] for layer in specs}
         return result["all_modules"]

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from .. import pipeline
 from ..curvature import get_estimator
+from ..distributed import unwrap
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..precision import Precision
@@ -251,6 +252,7 @@ def _check_task(model: nn.Module, task: Any) -> None:
         )
     from ..capture.layers import resolve_targets
 
+    model, task = unwrap(model, task)  # a DistributedDataParallel model, names with or without "module."
     try:
         resolve_targets(model, tracked_module_names(task))
     except InfluenceError as error:

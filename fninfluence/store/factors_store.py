@@ -110,21 +110,28 @@ class FitStore:
     def all_cells_done(self, pass_name: str, data_parts: int, module_parts: int) -> bool:
         return not self.missing_cells(pass_name, data_parts, module_parts)
 
-    def sum_partials(self, pass_name: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    def sum_partials(self, pass_name: str, layers=None) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The partial states of every data partition, summed: of every layer of the pass, or of ``layers``."""
         return {
             layer: {name: read_array(self.group, f"passes/{pass_name}/{self.keys[layer]}/{name}").sum(0)
                     for name in state}
-            for layer, state in self.states[pass_name].items()
+            for layer, state in self.states[pass_name].items() if layers is None or layer in layers
         }
 
     # passes
     def pass_complete(self, pass_name: str) -> bool:
         return f"pass-{pass_name}" in done_cells(self.path)
 
-    def write_pass_outputs(self, pass_name: str, outputs: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    def write_pass_outputs(self, pass_name: str, outputs: Dict[str, Dict[str, torch.Tensor]], mark: bool = True) -> None:
+        """Write the final factors of ``outputs``' layers; ``mark=False`` leaves marking the pass done to the
+        caller (distributed runs write their layers from several ranks, then mark once)."""
         for layer, tensors in outputs.items():
             for name, value in tensors.items():
                 write_array(self.group, f"layers/{self.keys[layer]}/{name}", value)
+        if mark:
+            self.mark_pass_done(pass_name)
+
+    def mark_pass_done(self, pass_name: str) -> None:
         mark_done(self.path, f"pass-{pass_name}", {"examples": self._examples(pass_name)})
 
     def merge_pass_outputs(self, pass_name: str, factors: Dict[str, Dict[str, torch.Tensor]]):
