@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 
-import pytest
 import torch
 
 import fninfluence as fi
