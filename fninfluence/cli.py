@@ -1,14 +1,26 @@
-"""The ``fninfluence`` command line: ``fninfluence demo`` (also ``python -m fninfluence demo``)."""
+"""The ``fninfluence`` command line (also ``python -m fninfluence``).
+
+* ``fninfluence demo``: the README's job on scikit-learn's digits, written to a store and a PNG;
+* ``fninfluence inspect STORE``: what a factors or scores store (or a folder of stores) holds;
+* ``fninfluence top STORE --query I -k K``: a query's top proponents and opponents from a scores store.
+
+``inspect`` and ``top`` read JSON and Zarr arrays only; they never import or run the user's code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
 import os
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Iterator, List, Optional
 
 from . import __version__
 from .curvature import ESTIMATORS
+from .errors import InfluenceError
 
 
 def _positive_int(text: str) -> int:
@@ -38,8 +50,108 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
                       help="proponents and opponents to list per query (default: 5)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--out", default="fninfluence-demo", metavar="DIR",
+                      help="folder for the factors and scores stores and influence.png (default: ./fninfluence-demo)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument("--quiet", action="store_true", help="hide the per-phase summaries (examples, time, memory)")
+
+    inspect = commands.add_parser(
+        "inspect", help="show what a store holds: factors, strategy, arguments, partitions, score shapes",
+        description="Describe an fninfluence store (factors or scores, complete or not), or every store inside a "
+                    "folder (e.g. the demo's output or a Kronfluence-compatible analysis folder).",
+    )
+    inspect.add_argument("store", metavar="STORE", help="a store, or a folder that contains stores")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    top = commands.add_parser(
+        "top", help="list a query's top proponents and opponents from a scores store",
+        description="Rank the training examples of a pairwise scores store for one query (or of a self-influence "
+                    "store). Entries not computed yet (an incomplete store) are left out.",
+    )
+    top.add_argument("store", metavar="STORE", help="a scores store, or a folder that holds exactly one")
+    top.add_argument("--query", "-q", type=int, default=0, metavar="I", help="query row (default: 0)")
+    top.add_argument("-k", type=_positive_int, default=10, metavar="K", help="how many of each to list (default: 10)")
     return parser
+
+
+@contextlib.contextmanager
+def _phase_summaries(enabled: bool) -> Iterator[None]:
+    """Show the ``fninfluence`` logger's INFO records (per-phase summaries) on stderr while the command runs."""
+    log = logging.getLogger("fninfluence")
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fninfluence: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _inspect(args) -> int:
+    from .store.describe import describe, find_stores, format_description
+
+    stores = find_stores(Path(args.store))
+    if not stores:
+        raise InfluenceError(f"{args.store} is not an fninfluence store and holds none (searched 3 folders deep).")
+    infos = [describe(path) for path in stores]
+    if args.json:
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+    else:
+        print("\n\n".join(format_description(info) for info in infos))
+    return 0
+
+
+def _scores_store(path: Path) -> Path:
+    from .store.describe import describe, find_stores
+
+    stores = {p: describe(p)["kind"] for p in find_stores(path)}
+    scores = [p for p, kind in stores.items() if kind in ("pairwise", "self")]
+    if len(scores) != 1:
+        found = ", ".join(f"{p} ({kind})" for p, kind in stores.items()) or "no store at all"
+        raise InfluenceError(f"`top` ranks the examples of one pairwise or self-influence scores store, and {path} "
+                             f"holds {len(scores)} of them; found: {found}. Pass the path of a scores store.")
+    return scores[0]
+
+
+def _top(args) -> int:
+    import torch
+
+    from .ranking import top_indices
+    from .store.describe import read_ranked_scores
+
+    path = _scores_store(Path(args.store))
+    header, scores = read_ranked_scores(path)
+    self_scores = header["kind"] == "self"
+    if self_scores and args.query != 0:
+        raise InfluenceError(f"{path} holds self-influence scores (one per training example): drop --query.")
+    if not 0 <= args.query < scores.shape[0]:
+        raise InfluenceError(f"--query must be between 0 and {scores.shape[0] - 1} for {path}, got {args.query}.")
+    row = scores[args.query:args.query + 1]
+    written = int(torch.isfinite(row).sum())
+    if written == 0:
+        raise InfluenceError(f"{path} has no scores for query {args.query} yet: rerun the computation to fill it.")
+    k = min(args.k, written)
+    proponents, opponents = top_indices(row, k)
+    what = "self-influence" if self_scores else f"query {args.query} of {scores.shape[0]}"
+    print(f"{path}: {header['kind']} scores {header['shape']}, {what}"
+          + (f"; {row.shape[1] - written} of {row.shape[1]} training examples not computed yet" if written < row.shape[1]
+             else ""))
+    if self_scores:
+        titles = ("highest self-influence (unusual or hard examples)", "lowest self-influence")
+    else:
+        titles = ("proponents (score > 0: upweighting the example lowers the query's measurement, it helps)",
+                  "opponents (score < 0: it raises the measurement, it hurts)")
+    for title, picked in zip(titles, (proponents[0], opponents[0])):
+        print(f"top {k} {title}:")
+        for rank, n in enumerate(picked.tolist(), start=1):
+            print(f"  {rank:>3d}  train #{n:<7d} score {float(row[0, n]):+.4e}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,13 +160,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("inspect", "top"):
+        try:
+            return _inspect(args) if args.command == "inspect" else _top(args)
+        except InfluenceError as error:
+            print(f"fninfluence {args.command}: error: {error}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")
+            return 1
     if args.command == "demo":
         from .demo import DemoArgumentError, run_demo
 
         try:
-            run_demo(strategy=args.strategy, num_queries=args.queries, top_k=args.top_k, seed=args.seed,
-                     progress=not args.no_progress)
-        except (ImportError, DemoArgumentError) as error:
+            with _phase_summaries(not args.quiet):
+                run_demo(strategy=args.strategy, num_queries=args.queries, top_k=args.top_k, seed=args.seed,
+                         progress=not args.no_progress, out=args.out)
+        except (ImportError, DemoArgumentError, InfluenceError) as error:
             print(f"fninfluence demo: error: {error}", file=sys.stderr)
             return 1
         except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading

@@ -28,6 +28,7 @@ from .data import Data, batches, num_batches
 from .errors import InfluenceError
 from .factors import Factors
 from .precision import Precision
+from .progress import log_phase
 from .scores import (Query, example_grad_dot, low_rank, pairwise_layer_scores, spread_to_tokens,
                      summed_train_scores, total)
 from .store import factors_store, scores_store
@@ -382,10 +383,8 @@ def fit_factors(
             saved.write_pass_outputs(name, outputs)
         factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in specs}
         done_passes.append(name)
-        pass_seconds = finalize_started - started
-        logger.info("%s %s pass: %d examples in %.2fs, finalize (e.g. eigendecompositions) %.2fs", label, name,
-                    examples_seen, pass_seconds, finalize_seconds,
-                    extra={"phase": name, "seconds": pass_seconds, "finalize_seconds": finalize_seconds})
+        log_phase(f"{label} {name} pass", examples_seen, started, engine.device, phase=name,
+                  seconds=finalize_started - started, finalize_seconds=finalize_seconds)
 
     complete = len(done_passes) == len(pass_names)
     result = Factors(strategy=label, estimator=next(iter(estimators.values())), layers=specs, tensors=factors,
@@ -446,6 +445,7 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     run = _maybe_compile(step, compile)
     chunks: List[Dict[str, torch.Tensor]] = []
     bar = _progress(query_data, batch_size, "query gradients", progress, "query_data")
+    started, examples = time.perf_counter(), 0
     for index, batch in enumerate(batches(query_data, batch_size, engine.device, "query_data")):
         if group is not None and group.owner(index) != group.rank:
             chunks.append(None)  # another rank's batch
@@ -455,8 +455,10 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
             loss, grads = run(engine.params, engine.buffers, batch, probes, on_device)
         check_finite(loss, "measurement", index)
         chunks.append(grads)
+        examples += batch_examples(batch)
         bar.update(1)
     bar.close()
+    log_phase("query gradients", examples, started, engine.device)
     if not chunks:
         raise InfluenceError("query_data is empty: there is no query to score.")
     if group is not None:
@@ -549,6 +551,7 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
     for group in _group_queries(queries, queries_per_pass):
         columns: Dict[str, List[torch.Tensor]] = {layer: [] for layer in specs}
         bar = _progress(train_data, batch_size, label, progress, "train_data")
+        started, examples = time.perf_counter(), 0
         for index, batch in enumerate(batches(train_data, batch_size, engine.device, "train_data")):
             with _on_batch(label, index):
                 probes = engine.probes_for("train", batch)
@@ -556,8 +559,10 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
             check_finite(loss, "train", index)
             for layer, value in block.items():
                 columns[layer].append(value)
+            examples += batch_examples(batch)
             bar.update(1)
         bar.close()
+        log_phase(label, examples, started, engine.device)
         for layer, blocks in columns.items():
             if not blocks:
                 continue
@@ -705,6 +710,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
     run = _maybe_compile(step, compile, batched=(2, 3, 4))
     blocks: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
     bar = _progress(data, batch_size, label, progress, "data")
+    started, examples = time.perf_counter(), 0
     for index, batch in enumerate(batches(data, batch_size, engine.device)):
         with _on_batch(label, index):
             probes = engine.probes_for("train", batch)
@@ -715,8 +721,10 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
             check_finite(measured, "measurement", index)
         for layer, block in scores.items():
             blocks[layer].append(block)
+        examples += batch_examples(batch)
         bar.update(1)
     bar.close()
+    log_phase(label, examples, started, engine.device)
     return {layer: torch.cat(b) if b else torch.zeros(0, dtype=score_dtype, device=engine.device)
             for layer, b in blocks.items()}
 

@@ -1,0 +1,192 @@
+"""What a store holds, for people: ``fninfluence inspect`` and ``fninfluence top``.
+
+Everything here reads JSON attributes, completion markers and numeric Zarr arrays, read-only: nothing is
+unpickled or executed, and a store that is incomplete, being filled, or half-created is described as such.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import InfluenceError
+from .zarr_io import _LOCK, _READY, done_cells
+
+MAX_SEARCH_DEPTH = 3
+
+
+def is_store(path: Path) -> bool:
+    """Whether ``path`` is a Zarr group carrying fninfluence attributes (finished or not)."""
+    return _attributes(Path(path)) is not None
+
+
+def _attributes(path: Path) -> Optional[Dict[str, Any]]:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        record = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    attributes = record.get("attributes", {}) if isinstance(record, dict) else {}
+    header = attributes.get("fninfluence")
+    return dict(header) if isinstance(header, dict) else None
+
+
+def find_stores(path: Path, depth: int = MAX_SEARCH_DEPTH) -> List[Path]:
+    """``path`` itself if it is a store, else the stores below it (up to ``depth`` folders down), sorted."""
+    path = Path(path)
+    if not path.exists():
+        raise InfluenceError(f"{path} does not exist.")
+    if is_store(path) or (path / _READY).exists() or (path / _LOCK).exists():
+        return [path]
+    found: List[Path] = []
+    if depth > 0 and path.is_dir():
+        for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found.extend(find_stores(child, depth - 1))
+    return found
+
+
+def _array_shapes(path: Path, folder: str) -> Dict[str, List[int]]:
+    """``{array name: shape}`` of the arrays directly inside ``path/folder``, from their ``zarr.json``."""
+    shapes = {}
+    base = path / folder
+    if base.is_dir():
+        for meta in sorted(base.glob("*/zarr.json")):
+            record = json.loads(meta.read_text())
+            if record.get("node_type") == "array":
+                shapes[meta.parent.name] = list(record.get("shape", []))
+    return shapes
+
+
+def describe(path: Path) -> Dict[str, Any]:
+    """A JSON-able summary of the store at ``path``: kind, arguments, layers, cells done and missing."""
+    path = Path(path)
+    header = _attributes(path)
+    if header is None or not (path / _READY).exists():
+        return {"path": str(path), "kind": "unfinished",
+                "note": "its layout was never completed (a process stopped while creating it): delete it and rerun"}
+    done = done_cells(path)
+    common = {"path": str(path), "kind": header.get("kind"), "library_version": header.get("library_version"),
+              "format": header.get("format"), "arguments": header.get("arguments", {}),
+              "complete": "complete" in done}
+    if header.get("kind") == "factors":
+        return {**common, **_describe_factors(path, header, done)}
+    if header.get("kind") in ("pairwise", "self"):
+        return {**common, **_describe_scores(header, done)}
+    raise InfluenceError(f"{path} holds {header.get('kind')!r} results, which this version does not know.")
+
+
+def _describe_factors(path: Path, header: Dict[str, Any], done) -> Dict[str, Any]:
+    strategies = header.get("strategies") or {}
+    plan = header.get("plan") or {}
+    passes = []
+    for name in header.get("passes", []):
+        entry: Dict[str, Any] = {"name": name, "aggregated": f"pass-{name}" in done}
+        if name in plan:
+            data_parts, module_parts = plan[name]["data_partitions"], plan[name]["module_partitions"]
+            cells = [f"{name}-data{d}-modules{m}" for m in range(module_parts) for d in range(data_parts)]
+            entry.update(examples=plan[name]["examples"], data_partitions=data_parts, module_partitions=module_parts,
+                         cells_done=[c for c in cells if c in done], cells_missing=[c for c in cells if c not in done])
+        passes.append(entry)
+    aggregated = any(p["aggregated"] for p in passes)
+    layers = []
+    for record in header.get("layers", []):
+        layers.append({
+            "name": record["name"], "key": record["key"], "op": record.get("op"),
+            "shape": [record.get("groups"), record.get("out_features"), record.get("in_features")],
+            "strategy": strategies.get(record["name"], header.get("strategy")),
+            "factors": _array_shapes(path, f"layers/{record['key']}") if aggregated else {},
+        })
+    return {"strategy": header.get("strategy"), "passes": passes, "layers": layers,
+            "num_examples": header.get("num_examples")}
+
+
+def _describe_scores(header: Dict[str, Any], done) -> Dict[str, Any]:
+    partitions = header.get("partitions", {})
+    data_parts, groups = partitions.get("data", 1), partitions.get("modules", [[]])
+    kind = header["kind"]
+    cells = [f"{kind}-data{d}-modules{m}" for m in range(len(groups)) for d in range(data_parts)]
+    return {
+        "shape": header.get("shape"), "dtype": header.get("dtype"), "per_module": header.get("per_module"),
+        "layers": [record["name"] for record in header.get("layers", [])],
+        "data_partitions": data_parts, "partition_size": partitions.get("partition_size"),
+        "module_partitions": groups,
+        "cells_done": [c for c in cells if c in done], "cells_missing": [c for c in cells if c not in done],
+    }
+
+
+def format_description(info: Dict[str, Any]) -> str:
+    """``describe``'s summary as indented text."""
+    lines = [f"{info['path']}: {info['kind']} store" + ("" if info["kind"] == "unfinished" else
+             f" ({'complete' if info['complete'] else 'INCOMPLETE'}; written by fninfluence {info['library_version']})")]
+    if info["kind"] == "unfinished":
+        return "\n".join(lines + [f"  {info['note']}"])
+    lines.append(f"  arguments: {_arguments_text(info['arguments'])}")
+    if info["kind"] == "factors":
+        lines.append(f"  strategy: {info['strategy']}")
+        for entry in info["passes"]:
+            status = "aggregated" if entry["aggregated"] else "not aggregated"
+            if "cells_done" in entry:
+                total = len(entry["cells_done"]) + len(entry["cells_missing"])
+                lines.append(f"  pass {entry['name']}: {status}; {entry['examples']} examples in "
+                             f"{entry['data_partitions']} data x {entry['module_partitions']} module partitions, "
+                             f"{len(entry['cells_done'])}/{total} cells done"
+                             + (f"; missing: {', '.join(entry['cells_missing'])}" if entry["cells_missing"] else ""))
+            else:
+                lines.append(f"  pass {entry['name']}: {status}")
+        lines.append(f"  layers ({len(info['layers'])}):")
+        for layer in info["layers"]:
+            groups, out, inp = layer["shape"]
+            lines.append(f"    {layer['name']}  [{layer['key']}]  {layer['op']}  groups {groups}, out {out}, in {inp}"
+                         f"  strategy {layer['strategy']}")
+            for name, shape in layer["factors"].items():
+                lines.append(f"      {name} {shape or 'scalar'}")
+        return "\n".join(lines)
+    total = len(info["cells_done"]) + len(info["cells_missing"])
+    lines.append(f"  scores: shape {info['shape']} ({_axes(info)}), {info['dtype']}"
+                 + (", per module too" if info["per_module"] else ""))
+    lines.append(f"  partitions: {info['data_partitions']} data (size {info['partition_size']}) x "
+                 f"{len(info['module_partitions'])} module; {len(info['cells_done'])}/{total} cells done"
+                 + (f"; missing: {', '.join(info['cells_missing'])}" if info["cells_missing"] else ""))
+    lines.append(f"  layers ({len(info['layers'])}): {', '.join(name or '(root)' for name in info['layers'])}")
+    return "\n".join(lines)
+
+
+def _arguments_text(arguments: Dict[str, Any]) -> str:
+    """Arguments as ``key=value`` pairs; the precision shows only the dtypes that were set."""
+    shown = dict(arguments)
+    if isinstance(shown.get("precision"), dict):
+        chosen = {k: v for k, v in shown["precision"].items() if v is not None}
+        shown["precision"] = chosen or "default"
+    return ", ".join(f"{key}={json.dumps(value)}" for key, value in sorted(shown.items()))
+
+
+def _axes(info: Dict[str, Any]) -> str:
+    if info["kind"] == "self":
+        return "training examples"
+    return "queries x training examples" + (" x tokens" if len(info["shape"]) == 3 else "")
+
+
+def read_ranked_scores(path: Path) -> Tuple[Dict[str, Any], torch.Tensor]:
+    """``(header, scores)`` of a scores store as a ``[rows, N]`` float64 matrix with NaN where missing.
+
+    Pairwise stores give ``[Q, N]`` (per-token scores summed over tokens); self-influence stores give
+    ``[1, N]``. Incomplete stores are read as far as they are written (one module partition only).
+    """
+    from .scores_store import read_scores
+
+    header = _attributes(Path(path))
+    if header is None or header.get("kind") not in ("pairwise", "self"):
+        kind = None if header is None else header.get("kind")
+        raise InfluenceError(f"{path} is not a scores store (it holds {kind!r}); `top` ranks the training examples "
+                             "of a pairwise or self-influence scores store.")
+    scores = read_scores(Path(path), allow_partial=True)["all_modules"].to(torch.float64)
+    if header["kind"] == "self":
+        scores = scores[None]
+    elif scores.dim() == 3:
+        scores = scores.sum(-1)  # NaN stays NaN: a missing example has every token missing
+    return header, scores
