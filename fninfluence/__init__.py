@@ -10,6 +10,7 @@ The native API::
 from .curvature import CurvatureEstimator, FitPass, diagonal, ekfac, get_estimator, identity, kfac
 from .errors import InfluenceError
 from .factors import Factors
+from .index import build_index, index_scores
 from .memory import estimate_memory
 from .pipeline import fit_factors, pairwise_scores, query_gradients, self_scores
 from .task import Task, classification_task, task_from_functions
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Task", "task_from_functions", "classification_task", "fit_factors", "pairwise_scores", "self_scores",
-    "query_gradients", "Factors", "CurvatureEstimator", "FitPass", "get_estimator", "identity", "diagonal", "kfac",
-    "ekfac", "InfluenceError", "estimate_memory", "__version__",
+    "query_gradients", "build_index", "index_scores", "Factors", "CurvatureEstimator", "FitPass", "get_estimator",
+    "identity", "diagonal", "kfac", "ekfac", "InfluenceError", "estimate_memory", "__version__",
 ]
