@@ -181,7 +181,7 @@ def _tokens(n: int, seq: int, vocab: int, seed: int) -> TensorDataset:
 # name -> size -> settings; N is a multiple of the batch size, so every batch has one shape.
 SIZES: Dict[str, Dict[str, dict]] = {
     "mlp": {"small": dict(n=512, q=16, d=64, hidden=128, batch=64),
-            "medium": dict(n=8192, q=32, d=784, hidden=512, batch=256)},
+            "medium": dict(n=4096, q=32, d=784, hidden=256, batch=256)},
     "cnn": {"small": dict(n=256, q=16, size=16, width=16, batch=32),
             "medium": dict(n=2048, q=32, size=32, width=48, batch=64)},
     "transformer": {"small": dict(n=64, q=8, vocab=128, d=64, heads=4, layers=1, seq=32, batch=16),

@@ -210,9 +210,8 @@ def test_check_estimator_rejects_what_is_not_an_estimator():
 
 
 def test_the_toolkit_imports_without_hypothesis():
-    blocker = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
-               "        if name.split('.')[0] == 'hypothesis': raise ImportError('blocked')\n"
-               "sys.meta_path.insert(0, Block())\n"
+    # sys.modules[name] = None is how Python spells "not installed" for both import and find_spec
+    blocker = ("import sys\nsys.modules['hypothesis'] = None\n"
                "import fninfluence.testing as t\nprint(sorted(t.__all__)[:2])\n"
                "try:\n    import fninfluence.testing.strategies\nexcept ImportError:\n    print('strategies need hypothesis')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
