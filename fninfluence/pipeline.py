@@ -626,7 +626,9 @@ def pairwise_scores(
     ``score[q, n] = sum_layers <P(grad f(query_q)), grad L(train_n)>`` where ``P`` is the damped inverse
     curvature of ``factors`` (damping ``None`` = 0.1 x mean eigenvalue per layer). The queries are
     preconditioned once, in batches of ``query_batch_size`` (default ``batch_size``), and kept; then one
-    pass over the training data scores them all (``queries_per_pass`` bounds how many are kept per pass).
+    pass over the training data scores them all (``queries_per_pass`` splits them into groups of at most that
+    many per pass over the training data, bounding the per-batch score tensors; every query is still
+    preconditioned and kept for the whole call).
 
     Options: ``per_token`` gives ``[Q, N, T]`` (layers without tokens spread evenly over them);
     ``query_rank`` keeps a rank-r SVD of each preconditioned query gradient (``full_svd`` for an exact
