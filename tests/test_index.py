@@ -123,3 +123,16 @@ def test_an_index_is_refused_for_another_model_and_for_embeddings(tmp_path):
     with pytest.raises(InfluenceError, match="embedding"):
         build_index(model, WithEmbedding(), train, tmp_path / "e", progress=False)
     assert load_index(tmp_path / "i").header["rank"] == 2
+
+
+def test_inspect_describes_a_partial_index(tmp_path, capsys):
+    from fninfluence.cli import main
+
+    torch.manual_seed(0)
+    model, train = mlp().double().eval(), classification_data(n=10)
+    build_index(model, fi.classification_task(), train, tmp_path, rank=3, batch_size=4, data_partitions=2,
+                target_data_partitions=[1], progress=False)
+    assert main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "index store (INCOMPLETE" in text and "10 examples, rank 3" in text and "missing: index-data0" in text
+    assert "pairs per example 1" in text

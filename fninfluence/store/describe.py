@@ -77,6 +77,8 @@ def describe(path: Path) -> Dict[str, Any]:
         return {**common, **_describe_factors(path, header, done)}
     if header.get("kind") in ("pairwise", "self"):
         return {**common, **_describe_scores(header, done)}
+    if header.get("kind") == "index":
+        return {**common, **_describe_index(header, done)}
     raise InfluenceError(f"{path} holds {header.get('kind')!r} results, which this version does not know.")
 
 
@@ -119,6 +121,29 @@ def _describe_scores(header: Dict[str, Any], done) -> Dict[str, Any]:
     }
 
 
+def _describe_index(header: Dict[str, Any], done) -> Dict[str, Any]:
+    cells = [f"index-data{d}" for d in range(header.get("partitions", {}).get("data", 1))]
+    return {
+        "rank": header.get("rank"), "dtype": header.get("dtype"), "examples": header.get("examples"),
+        "layers": [{"name": r["name"], "width": r["width"], "shape": [r["groups"], r["out"], r["in"]]}
+                   for r in header.get("layers", [])],
+        "cells_done": [c for c in cells if c in done], "cells_missing": [c for c in cells if c not in done],
+    }
+
+
+def _format_index(info: Dict[str, Any], lines) -> str:
+    total = len(info["cells_done"]) + len(info["cells_missing"])
+    lines.append(f"  training-gradient index: {info['examples']} examples, rank {info['rank']}, stored as {info['dtype']}; "
+                 f"{len(info['cells_done'])}/{total} cells done"
+                 + (f"; missing: {', '.join(info['cells_missing'])}" if info["cells_missing"] else ""))
+    lines.append(f"  layers ({len(info['layers'])}):")
+    for layer in info["layers"]:
+        groups, out, inp = layer["shape"]
+        lines.append(f"    {layer['name'] or '(root)'}  groups {groups}, out {out}, in {inp}  pairs per example "
+                     f"{layer['width']}")
+    return "\n".join(lines)
+
+
 def format_description(info: Dict[str, Any]) -> str:
     """``describe``'s summary as indented text."""
     lines = [f"{info['path']}: {info['kind']} store" + ("" if info["kind"] == "unfinished" else
@@ -126,6 +151,8 @@ def format_description(info: Dict[str, Any]) -> str:
     if info["kind"] == "unfinished":
         return "\n".join(lines + [f"  {info['note']}"])
     lines.append(f"  arguments: {_arguments_text(info['arguments'])}")
+    if info["kind"] == "index":
+        return _format_index(info, lines)
     if info["kind"] == "factors":
         lines.append(f"  strategy: {info['strategy']}")
         for entry in info["passes"]:
