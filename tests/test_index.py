@@ -136,3 +136,19 @@ def test_inspect_describes_a_partial_index(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "index store (INCOMPLETE" in text and "10 examples, rank 3" in text and "missing: index-data0" in text
     assert "pairs per example 1" in text
+
+
+def test_a_compiled_build_is_one_graph_with_the_eager_index(tmp_path):
+    from torch._dynamo.utils import counters
+
+    model, task, train, _ = _lm()
+    eager = build_index(model, task, train, tmp_path / "e", rank=2, dtype=torch.float64, batch_size=7, progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = build_index(model, task, train, tmp_path / "c", rank=2, dtype=torch.float64, batch_size=7,
+                           progress=False, compile={"backend": "aot_eager"})
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for layer in eager.layers:
+        expected, actual = eager.read_rows(layer, slice(0, 14)), compiled.read_rows(layer, slice(0, 14))
+        _close(torch.einsum("nkgo,nkgi->ngoi", actual["g"], actual["a"]),
+               torch.einsum("nkgo,nkgi->ngoi", expected["g"], expected["a"]))
