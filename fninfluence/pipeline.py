@@ -47,8 +47,11 @@ def _mark_shapes(args: Sequence[Any], batched: Sequence[int]) -> None:
     """Dimension 0 (the examples) of the tensors in ``args[batched]`` dynamic, every other dimension
     static: a last, shorter batch then reuses the compiled graph instead of compiling another, and the
     contraction plans (:mod:`.contract`) see static sizes everywhere else. (``maybe_``: a model that needs
-    a fixed batch size still compiles, specialised.)"""
+    a fixed batch size still compiles, specialised.) The model's parameters and buffers (the first two
+    arguments) are left alone: their shapes never change, and they are the user's tensors."""
     for position, value in enumerate(args):
+        if position < 2:
+            continue
         for leaf in torch.utils._pytree.tree_leaves(value):
             if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
                 continue
