@@ -3,7 +3,9 @@
 ``torch.einsum`` would search for an order on every call; the shapes of a scoring loop repeat, so the
 path is found once and replayed as a sequence of pairwise ``torch.einsum`` calls. Inside
 ``torch.compile`` the plan is found at trace time, with the example axes (``n``, ``b``) counted as
-:data:`NOMINAL_DYNAMIC_SIZE`, so that it adds no guard on the batch size.
+:data:`NOMINAL_DYNAMIC_SIZE`, so that it adds no guard on the batch size. Code that calls
+:func:`contract` inside a compiled step (a custom estimator's ``update``, say) must name the example
+axis ``n`` or ``b``: every other size is read as a constant, and a dynamic one there fails to trace.
 """
 
 from __future__ import annotations
