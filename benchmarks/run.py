@@ -107,8 +107,8 @@ def _slice(dataset, count):
     return Subset(dataset, range(min(count, len(dataset))))
 
 
-def _measure_floor(work, device, meter, warm_only=False):
-    import torch
+def _measure_floor(work, device, meter):
+    """One forward and backward pass over the training set, ``loss.backward()`` per batch."""
     from torch.utils.data import DataLoader
 
     model = work.model.to(device)
@@ -123,7 +123,6 @@ def _measure_floor(work, device, meter, warm_only=False):
     with meter.phase("floor"):
         epoch(work.train)
     model.zero_grad(set_to_none=True)
-    del torch
 
 
 def _measure_fninfluence(work, device, meter, compiled: bool):
@@ -154,7 +153,6 @@ def _measure_fninfluence(work, device, meter, compiled: bool):
 
 
 def _measure_kronfluence(work, device, meter, directory):
-    import kronfluence.utils.logger as kron_logger  # noqa: F401  (imported before timing)
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
