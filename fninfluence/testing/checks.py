@@ -40,10 +40,8 @@ Damping = Optional[float]
 
 
 class SummedCrossEntropy(Task):
-    """Cross-entropy summed over the batch; the measurement is the same loss unless ``measurement_scale`` scales it."""
-
-    def __init__(self, measurement_scale: float = 1.0):
-        self.measurement_scale = measurement_scale
+    """Cross-entropy summed over the batch; the measurement is the same loss (so self-influence with the loss
+    is the diagonal of pairwise scores of the data against itself)."""
 
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
@@ -54,7 +52,7 @@ class SummedCrossEntropy(Task):
         return F.cross_entropy(logits, y, reduction="sum")
 
     def compute_measurement(self, batch, model):
-        return self.measurement_scale * self.compute_train_loss(batch, model)
+        return self.compute_train_loss(batch, model)
 
 
 @dataclass
