@@ -12,6 +12,16 @@ from .capture import LayerSpec
 from .curvature import CurvatureEstimator, pass_order
 
 
+def canonical_layout(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Every tensor row-major contiguous (``torch.linalg.eigh`` returns column-major eigenvectors).
+
+    Factors fitted in memory, read back from a store, sent between ranks or resumed between passes then have
+    one memory layout, so every later contraction runs the same kernels in the same order and gives the
+    same bits whichever route the factors took.
+    """
+    return {name: value.contiguous() for name, value in tensors.items()}
+
+
 @dataclass
 class Factors:
     """What :func:`fninfluence.fit_factors` returns.
@@ -37,6 +47,7 @@ class Factors:
     estimators: Dict[str, CurvatureEstimator] = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.tensors = {layer: canonical_layout(tensors) for layer, tensors in self.tensors.items()}
         if self.estimators is None:
             self.estimators = {layer: self.estimator for layer in self.layers}
         if self.passes_done is None:

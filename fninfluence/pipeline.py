@@ -26,7 +26,7 @@ from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
 from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
 from .data import Data, batches, num_batches
 from .errors import InfluenceError
-from .factors import Factors
+from .factors import Factors, canonical_layout
 from .precision import Precision
 from .progress import log_phase
 from .scores import (Query, example_grad_dot, low_rank, pairwise_layer_scores, spread_to_tokens,
@@ -381,6 +381,7 @@ def fit_factors(
                 # the same reduction as the store's (stack, then sum), so both give identical bits
                 summed = {layer: parallel.sum_in_order(states) for layer, states in pending.items()}
             outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
+        outputs = {layer: canonical_layout(tensors) for layer, tensors in outputs.items()}
         finalize_seconds = time.perf_counter() - finalize_started
         if group is None and saved is not None:
             saved.write_pass_outputs(name, outputs)
