@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
+                              SubsetRandomSampler, WeightedRandomSampler)
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceError
@@ -25,6 +26,7 @@ def as_loader(data: Data, batch_size: Optional[int], argument: str = "data") -> 
                 f"{argument} is a DataLoader that shuffles or samples at random; influence scores are indexed by "
                 "example, so the order must be fixed. Build it with shuffle=False (or pass the Dataset)."
             )
+        _check_in_order(data, argument)
         if batch_size is not None and data.batch_size is not None and batch_size != data.batch_size:
             raise InfluenceError(
                 f"{argument} is a DataLoader with batch_size={data.batch_size}, but batch_size={batch_size} was "
@@ -36,6 +38,41 @@ def as_loader(data: Data, batch_size: Optional[int], argument: str = "data") -> 
             raise InfluenceError(f"batch_size must be a positive integer, got {batch_size!r}.")
         return DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE, shuffle=False)
     raise InfluenceError(f"{argument} must be a torch Dataset or DataLoader, got {type(data).__name__}.")
+
+
+def _check_in_order(loader: DataLoader, argument: str) -> None:
+    """Refuse a DataLoader whose batches are not the examples ``0, 1, ..., N - 1`` in order, each once.
+
+    A custom sampler (``sampler=reversed(...)``), ``drop_last=True`` or a batch sampler that skips or repeats
+    examples would silently put scores in the wrong columns; the plain sequential loader is accepted without
+    iterating its indices.
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        return  # no indices to check: the stream's order is the examples' order
+    if loader.batch_size is None and loader.batch_sampler is None:
+        raise InfluenceError(
+            f"{argument} is a DataLoader with batch_size=None, which yields dataset items as they are, so items are "
+            "not examples. Pass a Dataset of single examples with batch_size, or a DataLoader with a batch_size."
+        )
+    if loader.drop_last:
+        raise InfluenceError(
+            f"{argument} is a DataLoader with drop_last=True: its last examples would get no scores. Build it with "
+            "drop_last=False (or pass the Dataset)."
+        )
+    batch_sampler = loader.batch_sampler
+    if type(batch_sampler) is BatchSampler and type(batch_sampler.sampler) is SequentialSampler:
+        return
+    if not hasattr(loader.dataset, "__len__"):
+        return
+    order = [int(i) for indices in batch_sampler for i in indices]
+    if order != list(range(len(loader.dataset))):
+        first = next((k for k, (i, j) in enumerate(zip(order, range(len(loader.dataset)))) if i != j), min(
+            len(order), len(loader.dataset)))
+        raise InfluenceError(
+            f"{argument} is a DataLoader whose sampler does not yield examples 0..{len(loader.dataset) - 1} in order "
+            f"(position {first} holds {order[first] if first < len(order) else 'nothing'}): scores are indexed by "
+            "example. Use the default sequential sampler, or reorder the Dataset itself (e.g. with Subset)."
+        )
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from . import arguments
 from . import distributed as parallel
 from . import partitions as parts
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
@@ -111,8 +112,7 @@ def _on_batch(what: str, index: int):
 
 
 def _check_damping(damping: Optional[float]) -> None:
-    if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0):
-        raise InfluenceError(f"damping must be a non-negative number or None (heuristic), got {damping!r}.")
+    arguments.check_damping(damping)
 
 
 def _length(data: Data, argument: str) -> int:
@@ -267,6 +267,8 @@ def fit_factors(
     Returns the factors once every cell of every pass is complete, else None.
     """
     precision = precision or Precision()
+    arguments.check_positive(batch_size, "batch_size")
+    arguments.check_per_pass(max_examples, "max_examples", allow_none=True)
     model, task = parallel.unwrap(model, task)
     group = parallel.ranks(distributed)
     progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
@@ -643,8 +645,9 @@ def pairwise_scores(
     """
     _check_damping(damping)
     precision = precision or Precision()
-    if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
-        raise InfluenceError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
+    for value, name in ((query_rank, "query_rank"), (batch_size, "batch_size"), (query_batch_size, "query_batch_size"),
+                        (queries_per_pass, "queries_per_pass")):
+        arguments.check_positive(value, name)
     if per_token and aggregate_train:
         raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
     model, task = parallel.unwrap(model, task)
@@ -764,6 +767,7 @@ def self_scores(
     :func:`fit_factors` and :func:`pairwise_scores`.
     """
     _check_damping(damping)
+    arguments.check_positive(batch_size, "batch_size")
     precision = precision or Precision()
     model, task = parallel.unwrap(model, task)
     group = parallel.ranks(distributed)
