@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import arguments
 from . import distributed as parallel
+from . import finite
 from . import partitions as parts
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
 from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
@@ -191,9 +192,10 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
 
     def step(params, buffers, batch, probes, state, earlier):
         loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
-        return loss, {layer: fit_passes[layer].update(state[layer], _cast_stats(stats[layer], compute_dtype),
-                                                      earlier[layer])
-                      for layer in state}
+        stats = {layer: _cast_stats(s, compute_dtype) for layer, s in stats.items()}
+        checked = (loss, finite.finite_flags(loss, stats), stats)
+        return checked, {layer: fit_passes[layer].update(state[layer], stats[layer], earlier[layer])
+                         for layer in state}
 
     run = _maybe_compile(step, compile)
     state, examples = None, 0
@@ -204,9 +206,10 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
             if state is None:
                 state = {layer: fit_passes[layer].init(spec.shape, state_dtype, engine.device)
                          for layer, spec in engine.specs.items()}
-            loss, state = run(engine.params, engine.buffers, batch, probes, state,
-                              {layer: earlier.get(layer, {}) for layer in engine.specs})
-        check_finite(loss, objective, index)
+            (loss, flags, stats), state = run(engine.params, engine.buffers, batch, probes, state,
+                                              {layer: earlier.get(layer, {}) for layer in engine.specs})
+        finite.raise_not_finite(flags, loss, objective, index, [stats], [finite.STATISTICS],
+                                f"The {pass_name} statistics")
         examples += batch_examples(batch)
         bar.update(1)
     bar.close()
@@ -384,6 +387,7 @@ def fit_factors(
                 summed = {layer: parallel.sum_in_order(states) for layer, states in pending.items()}
             outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
         outputs = {layer: canonical_layout(tensors) for layer, tensors in outputs.items()}
+        finite.check_factors(outputs)  # before a store certifies them complete
         finalize_seconds = time.perf_counter() - finalize_started
         if group is None and saved is not None:
             saved.write_pass_outputs(name, outputs)
@@ -445,8 +449,10 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
         grads = {layer: per_example_grads(_cast_stats(s, grad_dtype), engine.specs[layer].in_features)
                  for layer, s in stats.items()}
         if aggregate:
-            return loss, {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
-        return loss, {layer: precondition(layer, layer_factors[layer], g) for layer, g in grads.items()}
+            summed = {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
+            return (loss, finite.finite_flags(loss, grads), grads), summed
+        preconditioned = {layer: precondition(layer, layer_factors[layer], g) for layer, g in grads.items()}
+        return (loss, finite.finite_flags(loss, grads, preconditioned), grads), preconditioned
 
     run = _maybe_compile(step, compile)
     chunks: List[Dict[str, torch.Tensor]] = []
@@ -458,8 +464,9 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
             continue
         with _on_batch("query gradients", index):
             probes = engine.probes_for("measurement", batch)
-            loss, grads = run(engine.params, engine.buffers, batch, probes, on_device)
-        check_finite(loss, "measurement", index)
+            (loss, flags, raw), grads = run(engine.params, engine.buffers, batch, probes, on_device)
+        finite.raise_not_finite(flags, loss, "measurement", index, [raw, grads],
+                                [finite.GRADIENTS, finite.PRECONDITIONED], "The query gradients")
         chunks.append(grads)
         examples += batch_examples(batch)
         bar.update(1)
@@ -472,6 +479,9 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     if aggregate:
         summed = {layer: sum(c[layer] for c in chunks) for layer in chunks[0]}
         chunks = [{layer: precondition(layer, on_device[layer], g) for layer, g in summed.items()}]
+        bad = {layer: g for layer, g in chunks[0].items() if not bool(finite.all_finite(g))}
+        if bad:
+            raise InfluenceError(f"The summed query gradients of layers {sorted(bad)}: {finite.PRECONDITIONED}")
     return chunks
 
 
@@ -542,15 +552,15 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
 
     def step(params, buffers, batch, probes, group):
         loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
+        stats = {layer: _cast_stats(s, score_dtype) for layer, s in stats.items()}
         columns = {}
         for layer, s in stats.items():
-            s = _cast_stats(s, score_dtype)
             if aggregate_train:
                 columns[layer] = torch.cat([summed_train_scores(q[layer], s) for q in group])[:, None]
             else:
                 columns[layer] = torch.cat([pairwise_layer_scores(q[layer], s, per_token, specs[layer].calls)
                                             for q in group], dim=0)
-        return loss, columns
+        return (loss, finite.finite_flags(loss, stats, columns), stats), columns
 
     run = _maybe_compile(step, compile)
     results: Dict[str, List[torch.Tensor]] = {}
@@ -561,8 +571,9 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
         for index, batch in enumerate(batches(train_data, batch_size, engine.device, "train_data")):
             with _on_batch(label, index):
                 probes = engine.probes_for("train", batch)
-                loss, block = run(engine.params, engine.buffers, batch, probes, group)
-            check_finite(loss, "train", index)
+                (loss, flags, stats), block = run(engine.params, engine.buffers, batch, probes, group)
+            finite.raise_not_finite(flags, loss, "train", index, [stats, block], [finite.GRADIENTS, finite.SCORES],
+                                    "The training gradients")
             for layer, value in block.items():
                 columns[layer].append(value)
             examples += batch_examples(batch)
@@ -704,9 +715,9 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         stats = {layer: _cast_stats(s, grad_dtype) for layer, s in stats.items()}
         if not use_measurement:
             scores = {layer: factors.estimator_for(layer).self_score(
-                          layer_factors[layer], _cast_stats(s, precondition_dtype), damping)
+                          layer_factors[layer], _cast_stats(s, precondition_dtype), damping).to(score_dtype)
                       for layer, s in stats.items()}
-            return (loss, None), {layer: v.to(score_dtype) for layer, v in scores.items()}
+            return (loss, None, finite.finite_flags(loss, stats, scores), (stats, scores)), scores
         measured, measured_stats = engine.layer_stats("measurement", params, buffers, batch, measurement_probes)
         scores = {}
         for layer, s in stats.items():
@@ -714,7 +725,8 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
                                       engine.specs[layer].in_features).to(precondition_dtype)
             preconditioned = factors.estimator_for(layer).precondition(layer_factors[layer], grads, damping).to(score_dtype)
             scores[layer] = example_grad_dot(preconditioned, _cast_stats(s, score_dtype))
-        return (loss, measured), scores
+        stages = (stats, measured_stats, scores)
+        return (loss, measured, finite.finite_flags(loss, *stages), stages), scores
 
     run = _maybe_compile(step, compile, batched=(2, 3, 4))
     blocks: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
@@ -724,10 +736,12 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         with _on_batch(label, index):
             probes = engine.probes_for("train", batch)
             measurement_probes = engine.probes_for("measurement", batch) if use_measurement else None
-            (loss, measured), scores = run(engine.params, engine.buffers, batch, probes, measurement_probes, on_device)
-        check_finite(loss, "train", index)
+            (loss, measured, flags, stages), scores = run(engine.params, engine.buffers, batch, probes,
+                                                         measurement_probes, on_device)
         if measured is not None:
             check_finite(measured, "measurement", index)
+        messages = [finite.GRADIENTS] * (len(stages) - 1) + [finite.PRECONDITIONED]
+        finite.raise_not_finite(flags, loss, "train", index, stages, messages, "The self-influence")
         for layer, block in scores.items():
             blocks[layer].append(block)
         examples += batch_examples(batch)
