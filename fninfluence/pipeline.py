@@ -24,6 +24,7 @@ from . import arguments
 from . import distributed as parallel
 from . import finite
 from . import partitions as parts
+from . import postprocess
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
 from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
 from .data import Data, batches, num_batches
@@ -112,6 +113,21 @@ def _on_batch(what: str, index: int):
         raise
 
 
+def _gradient_stats(engine: ModelTap, objective: str, params, buffers, batch, probes):
+    """:meth:`ModelTap.layer_stats` with the task's ``post_process_per_sample_gradient`` applied to the
+    per-example gradients (:mod:`.postprocess`); the covariance pass reads raw statistics instead."""
+    loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
+    post_process = postprocess.post_process_of(engine.task)
+    if post_process is not None and engine.per_example:
+        raise InfluenceError(
+            "per_example_vmap=True runs each example alone, so post_process_per_sample_gradient would see "
+            "per-example instead of per-row gradients. Drop per_example_vmap (or the post-processing)."
+        )
+    if post_process is not None:
+        stats = postprocess.post_processed_stats(post_process, engine.specs, stats, batch)
+    return loss, stats
+
+
 def _check_damping(damping: Optional[float]) -> None:
     arguments.check_damping(damping)
 
@@ -191,7 +207,10 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
         if pass_name != "covariance" else state_dtype
 
     def step(params, buffers, batch, probes, state, earlier):
-        loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
+        if pass_name == "covariance":  # sums of raw a a^T and g g^T: no per-example gradient to post-process
+            loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
+        else:
+            loss, stats = _gradient_stats(engine, objective, params, buffers, batch, probes)
         stats = {layer: _cast_stats(s, compute_dtype) for layer, s in stats.items()}
         checked = (loss, finite.finite_flags(loss, stats), stats)
         return checked, {layer: fit_passes[layer].update(state[layer], stats[layer], earlier[layer])
@@ -445,7 +464,7 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
         return factors.estimator_for(layer).precondition(layer_factors, grads.to(precondition_dtype), damping)
 
     def step(params, buffers, batch, probes, layer_factors):
-        loss, stats = engine.layer_stats("measurement", params, buffers, batch, probes)
+        loss, stats = _gradient_stats(engine, "measurement", params, buffers, batch, probes)
         grads = {layer: per_example_grads(_cast_stats(s, grad_dtype), engine.specs[layer].in_features)
                  for layer, s in stats.items()}
         if aggregate:
@@ -551,7 +570,7 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
     specs = engine.specs
 
     def step(params, buffers, batch, probes, group):
-        loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
+        loss, stats = _gradient_stats(engine, "train", params, buffers, batch, probes)
         stats = {layer: _cast_stats(s, score_dtype) for layer, s in stats.items()}
         columns = {}
         for layer, s in stats.items():
@@ -661,6 +680,11 @@ def pairwise_scores(
         arguments.check_positive(value, name)
     if per_token and aggregate_train:
         raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
+    if per_token and postprocess.post_process_of(task) is not None:
+        raise InfluenceError(
+            "per_token scores are not defined with post_process_per_sample_gradient: a post-processed gradient "
+            "has no tokens. Drop per_token, or set enable_post_process_per_sample_gradient = False."
+        )
     model, task = parallel.unwrap(model, task)
     group = parallel.ranks(distributed)
     progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
@@ -711,14 +735,14 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
     score_dtype = precision.compute(precision.score_dtype, engine.dtype)
 
     def step(params, buffers, batch, probes, measurement_probes, layer_factors):
-        loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
+        loss, stats = _gradient_stats(engine, "train", params, buffers, batch, probes)
         stats = {layer: _cast_stats(s, grad_dtype) for layer, s in stats.items()}
         if not use_measurement:
             scores = {layer: factors.estimator_for(layer).self_score(
                           layer_factors[layer], _cast_stats(s, precondition_dtype), damping).to(score_dtype)
                       for layer, s in stats.items()}
             return (loss, None, finite.finite_flags(loss, stats, scores), (stats, scores)), scores
-        measured, measured_stats = engine.layer_stats("measurement", params, buffers, batch, measurement_probes)
+        measured, measured_stats = _gradient_stats(engine, "measurement", params, buffers, batch, measurement_probes)
         scores = {}
         for layer, s in stats.items():
             grads = per_example_grads(_cast_stats(measured_stats[layer], grad_dtype),

@@ -51,6 +51,18 @@ class Task:
         """A ``[batch, tokens]`` mask of the tokens that count, or ``None``."""
         return None
 
+    #: Set to ``True`` to have :meth:`post_process_per_sample_gradient` applied (as in Kronfluence).
+    enable_post_process_per_sample_gradient: bool = False
+
+    def post_process_per_sample_gradient(self, module_name: str, gradient: torch.Tensor) -> torch.Tensor:
+        """Map a layer's per-row gradients ``[rows, out, in]`` to one per example, ``[batch, out, in]``.
+
+        Called only when :attr:`enable_post_process_per_sample_gradient` is true, wherever a per-example
+        gradient is formed (not in the covariance pass); see :mod:`fninfluence.postprocess`.
+        """
+        del module_name
+        return gradient
+
 
 class FunctionTask(Task):
     """A Task assembled from plain functions; see :func:`task_from_functions`."""

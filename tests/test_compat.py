@@ -384,16 +384,6 @@ def test_prepare_model_and_analyzer_reject_bad_tasks(tmp_path):
     with pytest.raises(compat.IllegalTaskConfigurationError, match="Tanh"):
         compat.prepare_model(model, ClassificationTask(["1"]))
 
-    class PostProcessing(compat.Task):
-        enable_post_process_per_sample_gradient = True
-
-        def compute_train_loss(self, batch, model, sample=False):
-            return ClassificationTask().compute_train_loss(batch, model, sample)
-
-    with pytest.raises(compat.IllegalTaskConfigurationError, match="post_process_per_sample_gradient"):
-        compat.prepare_model(model, PostProcessing())
-    with pytest.raises(compat.IllegalTaskConfigurationError, match="post_process_per_sample_gradient"):
-        compat.Analyzer("a", model, PostProcessing(), cpu=True, output_dir=str(tmp_path))
     assert compat.Task.enable_post_process_per_sample_gradient is False
 
 

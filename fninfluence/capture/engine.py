@@ -315,7 +315,9 @@ class ModelTap:
             )
         for layer, calls in record.calls.items():
             for call in calls:
-                if call.input_batch != examples:
+                # with post_process_per_sample_gradient the task maps the rows to examples (e.g. summing choices)
+                if call.input_batch != examples and not getattr(self.task, "enable_post_process_per_sample_gradient",
+                                                                False):
                     raise InfluenceError(
                         f"Layer {layer!r} received an input with leading dimension {call.input_batch} for a batch "
                         f"of {examples} examples: the tap needs the batch dimension first at every tracked layer "

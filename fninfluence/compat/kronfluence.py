@@ -232,8 +232,8 @@ class Task(_NativeTask):
 
     ``compute_train_loss(batch, model, sample=False)`` (summed), ``compute_measurement(batch, model)``,
     ``get_influence_tracked_modules()`` (or ``tracked_modules()``) and ``get_attention_mask(batch)`` work
-    as in Kronfluence. ``post_process_per_sample_gradient`` is not supported: a task that sets
-    ``enable_post_process_per_sample_gradient = True`` is refused with an error.
+    as in Kronfluence, and so does ``post_process_per_sample_gradient`` when
+    ``enable_post_process_per_sample_gradient = True`` (see :mod:`fninfluence.postprocess`).
     """
 
     enable_post_process_per_sample_gradient: bool = False
@@ -244,12 +244,6 @@ class Task(_NativeTask):
 
 def _check_task(model: nn.Module, task: Any) -> None:
     """The task's tracked modules exist in ``model`` and can be tracked; no unsupported task feature is on."""
-    if getattr(task, "enable_post_process_per_sample_gradient", False):
-        raise IllegalTaskConfigurationError(
-            f"{type(task).__name__}.enable_post_process_per_sample_gradient is True, but fninfluence does not "
-            "support post_process_per_sample_gradient: scores would silently ignore it. Set it to False (and, "
-            "if the hook rescales gradients, apply the scaling to the loss or the measurement instead)."
-        )
     from ..capture.layers import resolve_targets
 
     model, task = unwrap(model, task)  # a DistributedDataParallel model, names with or without "module."
