@@ -16,13 +16,20 @@ brought together without changing a single bit compared with a one-process run o
 
 Tensors travel as raw bytes with a small header (dtype code, shape), so any dtype crosses any backend
 unchanged. Collectives use the CPU for gloo and the current CUDA device for NCCL.
+
+A rank that stops answering (frozen by SIGSTOP, a hung host) is named after ``FNINFLUENCE_RANK_TIMEOUT``
+seconds (default 120; 0 turns the check off) by the ranks waiting for it, instead of after the backend's own
+timeout (gloo's default is 30 minutes): see :class:`Heartbeat`. A rank that is merely slow keeps beating.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -64,13 +71,134 @@ class Ranks:
         return list(items[self.rank::self.world])
 
     def barrier(self) -> None:
-        torch.distributed.barrier()
+        wait(self, torch.distributed.barrier(async_op=True), "barrier")
 
     def total(self, count: int) -> int:
         """The sum of an integer over all ranks (exact: int64)."""
         value = torch.tensor([count], dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(value)
+        wait(self, torch.distributed.all_reduce(value, async_op=True), "sum")
         return int(value.item())
+
+
+# -- a rank that stops answering -------------------------------------------------------------------------
+
+RANK_TIMEOUT_VARIABLE = "FNINFLUENCE_RANK_TIMEOUT"
+_BEAT_SECONDS = 1.0
+
+
+def rank_timeout() -> float:
+    """Seconds without a heartbeat after which a peer counts as stopped (0: never)."""
+    value = os.environ.get(RANK_TIMEOUT_VARIABLE, "120")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InfluenceError(f"{RANK_TIMEOUT_VARIABLE}={value!r} is not a number of seconds.") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InfluenceError(f"{RANK_TIMEOUT_VARIABLE} must be a number of seconds >= 0, got {value!r}.")
+    return seconds
+
+
+class Heartbeat:
+    """A daemon thread that bumps this rank's counter in the process group's store every second and reads
+    the other ranks' counters.
+
+    A rank waiting in a collective (:func:`wait`) asks :meth:`stopped` which peers' counters have not moved
+    for the timeout: a process that stops altogether (SIGSTOP, a hung host) stops beating, a slow one does
+    not (the thread runs while the main thread computes). Peers that have not beaten yet are not judged, so
+    a rank that starts late is not mistaken for a stopped one. Counters are compared for change, not as
+    times, so clocks on different hosts need not agree.
+    """
+
+    def __init__(self, store, rank: int, world: int):
+        self.store, self.rank = store, rank
+        self._key = lambda r: f"fninfluence/heartbeat/{r}"
+        self._seen: Dict[int, Tuple[Optional[bytes], float]] = {r: (None, time.monotonic())
+                                                              for r in range(world) if r != rank}
+        self._polled = time.monotonic()
+        self._lock = threading.Lock()
+        self._beats = 0
+        self.store.set(self._key(rank), "0")
+        threading.Thread(target=self._run, name="fninfluence-heartbeat", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._beats += 1
+                self.store.set(self._key(self.rank), str(self._beats))
+                for peer in self._seen:
+                    value = self.store.get(self._key(peer)) if self.store.check([self._key(peer)]) else None
+                    now = time.monotonic()
+                    with self._lock:
+                        if value != self._seen[peer][0]:
+                            self._seen[peer] = (value, now)
+                        self._polled = now
+                time.sleep(_BEAT_SECONDS)
+        except Exception:  # the process group (and its store) went away: nothing left to watch
+            return
+
+    def stopped(self, limit: float) -> List[str]:
+        """The peers (as text) silent for more than ``limit`` seconds; the store itself, if it does not answer."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._polled > limit + _BEAT_SECONDS:
+                return ["the process group's store (hosted by rank 0 or the launcher)"]
+            return [f"rank {peer}" for peer, (value, changed) in self._seen.items()
+                    if value is not None and now - changed > limit]
+
+
+_heartbeats: Dict[int, Heartbeat] = {}
+
+
+def _heartbeat(rank: int, world: int) -> Optional[Heartbeat]:
+    """This process's heartbeat for the current default process group (started on first use)."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    key = id(store)
+    if key not in _heartbeats:
+        _heartbeats.clear()  # an earlier process group's thread has stopped with its store
+        _heartbeats[key] = Heartbeat(store, rank, world)
+    return _heartbeats[key]
+
+
+def wait(group: "Ranks", work, what: str) -> None:
+    """Wait for an asynchronous collective, raising if a peer stops answering meanwhile (see :class:`Heartbeat`).
+
+    ``work.wait()`` runs in a helper thread (it releases the GIL) because gloo's point-to-point works report
+    completion only through ``wait``; the calling thread watches the heartbeats until it returns.
+    """
+    limit = rank_timeout()
+    heartbeat = _heartbeat(group.rank, group.world) if limit else None
+    if heartbeat is None:
+        work.wait()
+        return
+    failure: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            work.wait()
+        except BaseException as error:  # re-raised in the calling thread
+            failure.append(error)
+
+    waiter = threading.Thread(target=run, name=f"fninfluence-{what}", daemon=True)
+    waiter.start()
+    pause = 1e-4
+    while waiter.is_alive():
+        stopped = heartbeat.stopped(limit)
+        if stopped:
+            raise InfluenceError(
+                f"{', '.join(stopped)} stopped answering: no heartbeat for {limit:g} s while rank {group.rank} "
+                f"waited for it in a {what} (a frozen, stopped or hung process). Cells already written to a store "
+                f"are kept: end the job and rerun it. To wait longer, set {RANK_TIMEOUT_VARIABLE} (seconds)."
+            )
+        waiter.join(pause)
+        pause = min(2 * pause, 0.02)
+    if failure:
+        raise failure[0]
+
+
+# -- models, tasks and data --------------------------------------------------------------------------
 
 
 def ranks(distributed: Optional[bool]) -> Optional[Ranks]:
@@ -95,7 +223,10 @@ def ranks(distributed: Optional[bool]) -> Optional[Ranks]:
     world = torch.distributed.get_world_size()
     if world == 1:
         return None
-    return Ranks(torch.distributed.get_rank(), world, _collective_device())
+    group = Ranks(torch.distributed.get_rank(), world, _collective_device())
+    if rank_timeout():
+        _heartbeat(group.rank, group.world)  # start beating now, before the first collective
+    return group
 
 
 def _collective_device() -> torch.device:
@@ -240,14 +371,14 @@ def broadcast(group: Ranks, tensor: Optional[torch.Tensor], source: int, device:
     original, tensor = tensor, (_dense(tensor) if group.rank == source else None)
     header = _header(tensor, group.device) if group.rank == source else \
         torch.zeros(_HEADER, dtype=torch.int64, device=group.device)
-    torch.distributed.broadcast(header, source)
+    wait(group, torch.distributed.broadcast(header, source, async_op=True), "broadcast")
     if group.rank == source:
         payload = _as_bytes(tensor.to(group.device))
     else:
         received = _empty_like_header(header, group.device)
         payload = _as_bytes(received)
     if payload.numel():
-        torch.distributed.broadcast(payload, source)
+        wait(group, torch.distributed.broadcast(payload, source, async_op=True), "broadcast")
     if group.rank == source:
         return original.to(device)
     return received.to(device)  # ``payload`` is a view of ``received``
@@ -255,19 +386,20 @@ def broadcast(group: Ranks, tensor: Optional[torch.Tensor], source: int, device:
 
 def _send(group: Ranks, tensor: torch.Tensor, destination: int) -> None:
     tensor = _dense(tensor)
-    torch.distributed.send(_header(tensor, group.device), destination)
+    header = _header(tensor, group.device)
+    wait(group, torch.distributed.isend(header, destination), "send")
     payload = _as_bytes(tensor.to(group.device))
     if payload.numel():
-        torch.distributed.send(payload, destination)
+        wait(group, torch.distributed.isend(payload, destination), "send")
 
 
 def _receive(group: Ranks, source: int, device: torch.device) -> torch.Tensor:
     header = torch.zeros(_HEADER, dtype=torch.int64, device=group.device)
-    torch.distributed.recv(header, source)
+    wait(group, torch.distributed.irecv(header, source), "receive")
     received = _empty_like_header(header, group.device)
     payload = _as_bytes(received)
     if payload.numel():
-        torch.distributed.recv(payload, source)
+        wait(group, torch.distributed.irecv(payload, source), "receive")
     return received.to(device)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -40,6 +41,16 @@ class FailingTask(ClassificationTask):
         if str(dist.get_rank() if dist.is_initialized() else -1) == os.environ.get("FAIL_RANK") and self.batches == 3:
             raise RuntimeError("simulated crash of this rank")  # batch 1 is the discovery pass, 3 the second real one
         return super().compute_train_loss(batch, model, sample)
+
+
+class FreezingTask(FailingTask):
+    """Stops its own process (SIGSTOP) on its second training batch in the rank named by FAIL_RANK."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        if str(dist.get_rank()) == os.environ.get("FAIL_RANK") and self.batches == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        self.batches += 1
+        return ClassificationTask.compute_train_loss(self, batch, model, sample)
 
 
 class CountingTask(ClassificationTask):
@@ -118,9 +129,9 @@ def kronfluence_api_scores(model, task, data, queries, output_dir: Path) -> torc
     return analyzer.load_pairwise_scores("scores")["all_modules"]
 
 
-def run_failing(store: Path) -> None:
+def run_failing(store: Path, task=None) -> None:
     model, data, _ = workload()
-    fit(model, FailingTask(), data, store=store)
+    fit(model, task or FailingTask(), data, store=store)
 
 
 if __name__ == "__main__":
@@ -129,6 +140,8 @@ if __name__ == "__main__":
     try:
         if scenario == "all":
             run_all(out, Path(sys.argv[3]))
+        elif scenario == "freeze-factors":
+            run_failing(Path(sys.argv[3]), FreezingTask())
         else:
             run_failing(Path(sys.argv[3]))
     finally:

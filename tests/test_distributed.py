@@ -35,16 +35,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, scenario: str, store: Path, fail_rank=None):
-    """Start WORLD ranks like torchrun does; return their (return code, stderr)."""
+def _start(out: Path, scenario: str, store: Path, fail_rank=None, **env_vars):
+    """Start WORLD ranks like torchrun does; return their processes."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", **env_vars)
     if fail_rank is not None:
         env["FAIL_RANK"] = str(fail_rank)
-    ranks = [subprocess.Popen([sys.executable, str(JOB), str(out), scenario, str(store)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
-             for r in range(WORLD)]
+    return [subprocess.Popen([sys.executable, str(JOB), str(out), scenario, str(store)],
+                             env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+            for r in range(WORLD)]
+
+
+def _launch(out: Path, scenario: str, store: Path, fail_rank=None):
+    """Start WORLD ranks like torchrun does; return their (return code, stderr)."""
+    ranks = _start(out, scenario, store, fail_rank)
     return [(p.wait(timeout=240), p.stderr.read()) for p in ranks]
 
 
@@ -104,6 +109,23 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             torch.testing.assert_close(ranks[1][f"factors/{layer}/{name}"], value, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ranks[1]["pairwise"], fi.pairwise_scores(model, task, whole, queries, data, **score),
                                rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_named_by_the_others_after_the_rank_timeout(tmp_path):
+    """Rank 1 stops itself (SIGSTOP) mid-pass; rank 0, waiting for it, fails naming it after
+    FNINFLUENCE_RANK_TIMEOUT=5 s instead of gloo's timeout (60 s in this job, 30 minutes by default)."""
+    healthy, frozen = _start(tmp_path, "freeze-factors", tmp_path / "factors", fail_rank=1,
+                             FNINFLUENCE_RANK_TIMEOUT="5")
+    try:
+        code = healthy.wait(timeout=240)
+        message = healthy.stderr.read()
+    finally:
+        frozen.kill()
+        frozen.wait()
+    # gloo's own timeout would fail with its own message; this one is the heartbeat's
+    assert code != 0 and "rank 1 stopped answering" in message, message[-2000:]
+    assert "FNINFLUENCE_RANK_TIMEOUT" in message
 
 
 @pytest.mark.slow
