@@ -145,3 +145,140 @@ W = torch.float64
 WIDE_FACTORS = dict(activation_covariance_dtype=W, gradient_covariance_dtype=W, eigendecomposition_dtype=W,
                     per_sample_gradient_dtype=W, lambda_dtype=W)
 WIDE_SCORES = dict(per_sample_gradient_dtype=W, precondition_dtype=W, score_dtype=W, query_gradient_svd_dtype=W)
+
+
+# -- low-rank query gradients (query_rank, full_svd) ------------------------------------------------
+
+TOKENS = 3
+
+
+class TokenMLP(nn.Module):
+    """Two linear layers applied to each of ``TOKENS`` positions: a query gradient has rank <= TOKENS."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class TokenClassification(fi.Task):
+    """Batches ``(x [B, T, 6], y [B, T])``: cross-entropy summed over tokens; the measurement is the same loss."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x).flatten(0, 1)
+        if sample:
+            with torch.no_grad():
+                y = torch.multinomial(logits.detach().softmax(-1), 1).view(x.shape[:2])
+        return F.cross_entropy(logits, y.flatten(), reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+
+def _token_problem(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TokenMLP().double().eval()
+    data = TensorDataset(torch.randn(n, TOKENS, 6, generator=g, dtype=torch.float64),
+                         torch.randint(0, 4, (n, TOKENS), generator=g))
+    return model, TokenClassification(), data
+
+
+def _oracle_layer_grads(model, task, data, specs, objective="train"):
+    from fninfluence.testing import layer_gradients, per_example_gradients
+    return layer_gradients(per_example_gradients(model, task, data, objective=objective), specs)
+
+
+def _truncate(matrix, rank):
+    """The best rank-``rank`` approximation (Eckart-Young) of each ``[..., out, in]`` matrix."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+
+
+def test_low_rank_queries_at_or_above_the_true_rank_are_exact():
+    """Under the identity curvature a query's gradient on a layer has rank <= TOKENS: a rank-TOKENS
+    factorisation, randomised or full, loses nothing, so the scores equal exact gradient dot products."""
+    model, task, data = _token_problem()
+    queries = Subset(data, [0, 1, 2])
+    factors = fi.fit_factors(model, task, data, strategy="identity", **QUIET)
+    grads = _oracle_layer_grads(model, task, data, factors.layers)
+    expected = sum(torch.einsum("qgoi,ngoi->qn", g[:3], g) for g in grads.values())
+    for full_svd in (False, True):
+        torch.manual_seed(0)
+        scores = fi.pairwise_scores(model, task, factors, queries, data, query_rank=TOKENS, full_svd=full_svd,
+                                    query_batch_size=2, **QUIET)
+        assert_close(scores, expected, rtol=1e-9)
+
+
+def test_full_svd_queries_below_the_true_rank_equal_the_best_rank_k_truncation():
+    """EKFAC-preconditioned query gradients have full rank; ``full_svd=True`` with ``query_rank=k`` scores
+    with their best rank-k approximations, computed here from the dense preconditioned gradients."""
+    model, task, data = _token_problem()
+    queries = Subset(data, [0, 1, 2])
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=True, **QUIET)
+    preconditioned = fi.query_gradients(model, task, factors, queries, **QUIET)
+    train = _oracle_layer_grads(model, task, data, factors.layers)
+    rank = 2
+    for layer, p in preconditioned.items():
+        assert torch.linalg.matrix_rank(p[0, 0]) > rank  # the truncation does lose something here
+    expected = {layer: torch.einsum("qgoi,ngoi->qn", _truncate(p, rank), train[layer])
+                for layer, p in preconditioned.items()}
+    scores = fi.pairwise_scores(model, task, factors, queries, data, query_rank=rank, full_svd=True,
+                                per_module=True, **QUIET)
+    for layer in expected:
+        assert_close(scores[layer], expected[layer], rtol=1e-9)
+    dense = fi.pairwise_scores(model, task, factors, queries, data, per_module=True, **QUIET)
+    assert any(float((dense[k] - expected[k]).abs().max()) > 1e-6 * float(dense[k].abs().max()) for k in dense)
+
+
+def test_randomised_low_rank_queries_stay_within_twice_the_truncation_error():
+    """``full_svd=False`` (the default) projects each query onto a rank-k subspace found at random; its score
+    error is then at most ``|P - P_k|_F |G_n|_F`` per layer if its approximation is within twice the optimal
+    one, which it is for these spectra (two power iterations; :func:`test_randomised_factorisation_...`)."""
+    model, task, data = _token_problem()
+    queries = Subset(data, [0, 1, 2])
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=True, **QUIET)
+    preconditioned = fi.query_gradients(model, task, factors, queries, **QUIET)
+    train = _oracle_layer_grads(model, task, data, factors.layers)
+    rank = 2
+    torch.manual_seed(0)
+    scores = fi.pairwise_scores(model, task, factors, queries, data, query_rank=rank, per_module=True, **QUIET)
+    for layer, p in preconditioned.items():
+        exact = torch.einsum("qgoi,ngoi->qn", p, train[layer])
+        optimal = (p - _truncate(p, rank)).flatten(1).norm(dim=1)  # [Q]
+        bound = 2 * optimal[:, None] * train[layer].flatten(1).norm(dim=1)[None, :]
+        assert bool(((scores[layer] - exact).abs() <= bound).all()), layer
+        assert float((scores[layer] - exact).abs().max()) > 0  # it is an approximation: rank 2 < the true rank
+
+
+def test_randomised_factorisation_is_a_projection_no_better_than_the_truncation():
+    """The pure ``low_rank``: with ``full_svd=False`` ``L R = Q Q^T P`` for an orthonormal rank-k ``Q``, so
+    ``|P - LR|^2 = |P|^2 - |LR|^2`` (Pythagoras), ``|P - LR| >= |P - P_k|`` (Eckart-Young) and, on a decaying
+    spectrum, ``|P - LR| <= 2 |P - P_k|``; ``full_svd=True`` gives ``P_k`` itself; a rank at or above the
+    matrix rank reproduces it."""
+    from fninfluence.scores import low_rank
+
+    g = torch.Generator().manual_seed(0)
+    queries, groups, out, inp, rank = 3, 2, 9, 7, 3
+    u = torch.linalg.qr(torch.randn(queries, groups, out, inp, generator=g, dtype=W)).Q
+    v = torch.linalg.qr(torch.randn(queries, groups, inp, inp, generator=g, dtype=W)).Q
+    spectrum = 2.0 ** -torch.arange(inp, dtype=W)
+    p = (u * spectrum) @ v.transpose(-1, -2)
+    optimal = (p - _truncate(p, rank)).flatten(2).norm(dim=-1)
+    torch.manual_seed(0)
+    left, right = low_rank(p, rank, False, W, W)
+    assert left.shape == (queries, groups, out, rank) and right.shape == (queries, groups, rank, inp)
+    approx = left @ right
+    error = (p - approx).flatten(2).norm(dim=-1)
+    assert_close(error.square(), p.flatten(2).square().sum(-1) - approx.flatten(2).square().sum(-1), rtol=1e-10)
+    assert bool((error >= optimal * (1 - 1e-10)).all()) and bool((error <= 2 * optimal).all())
+    left, right = low_rank(p, rank, True, W, W)
+    assert_close(left @ right, _truncate(p, rank), rtol=1e-12)
+    low = (u[..., :rank] * spectrum[:rank]) @ v[..., :rank].transpose(-1, -2)  # rank exactly `rank`
+    for full_svd in (False, True):
+        left, right = low_rank(low, rank + 1, full_svd, W, W)
+        assert_close(left @ right, low, rtol=1e-10)
+    assert torch.equal(low_rank(p, inp, False, W, W), p)  # a rank that covers the smaller side: left dense
