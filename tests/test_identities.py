@@ -282,3 +282,61 @@ def test_randomised_factorisation_is_a_projection_no_better_than_the_truncation(
         left, right = low_rank(low, rank + 1, full_svd, W, W)
         assert_close(left @ right, low, rtol=1e-10)
     assert torch.equal(low_rank(p, inp, False, W, W), p)  # a rank that covers the smaller side: left dense
+
+
+# -- per-token scores of a layer called twice -------------------------------------------------------
+
+class TwiceBlock(nn.Module):
+    """``head(tanh(block(tanh(block(x)))))`` on every token: ``block`` is called twice at each position."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(torch.tanh(self.block(x)))))
+
+
+def _per_token_gradients(model, data):
+    """``{layer: [N, T, out, in + 1]}``: the gradient of example n's loss with respect to a perturbation of the
+    layer's weight (and bias, the last column) at position t only, shared by both calls at that position. This
+    is what a per-token score contracts with the preconditioned query, built from autograd alone."""
+    rows = {"block": [], "head": []}
+    for x, y in data:
+        deltas = {layer: torch.zeros(x.shape[0], m.out_features, m.in_features + 1, dtype=W, requires_grad=True)
+                  for layer, m in (("block", model.block), ("head", model.head))}
+
+        def apply(layer, h):
+            m = getattr(model, layer)
+            w = torch.cat([m.weight, m.bias[:, None]], dim=1)[None] + deltas[layer]  # [T, out, in + 1]
+            return torch.einsum("ti,toi->to", torch.cat([h, torch.ones(h.shape[0], 1, dtype=W)], dim=1), w)
+
+        logits = apply("head", torch.tanh(apply("block", torch.tanh(apply("block", x)))))
+        grads = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), list(deltas.values()))
+        for layer, grad in zip(deltas, grads):
+            rows[layer].append(grad)
+    return {layer: torch.stack(r) for layer, r in rows.items()}
+
+
+def test_per_token_scores_of_a_layer_called_twice_equal_the_per_position_oracle():
+    """Each token's score is ``<P_q, dL_n/dW_t>`` with both calls at position t counted (per layer and in
+    total), and the per-token scores sum over tokens to the pairwise scores."""
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model, task = TwiceBlock().double().eval(), TokenClassification()
+    data = TensorDataset(torch.randn(8, 4, 5, generator=g, dtype=W), torch.randint(0, 3, (8, 4), generator=g))
+    queries = Subset(data, [0, 5])
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=True, **QUIET)
+    assert factors.layers["block"].calls == 2
+    preconditioned = fi.query_gradients(model, task, factors, queries, **QUIET)
+    per_position = _per_token_gradients(model, data)
+    expected = {layer: torch.einsum("qoi,ntoi->qnt", preconditioned[layer][:, 0], per_position[layer])
+                for layer in per_position}
+    per_token = fi.pairwise_scores(model, task, factors, queries, data, per_token=True, per_module=True,
+                                   batch_size=3, **QUIET)
+    for layer in expected:
+        assert_close(per_token[layer], expected[layer], rtol=1e-9)
+    total = fi.pairwise_scores(model, task, factors, queries, data, per_token=True, batch_size=3, **QUIET)
+    assert_close(total, expected["block"] + expected["head"], rtol=1e-9)
+    pairwise = fi.pairwise_scores(model, task, factors, queries, data, batch_size=5, **QUIET)
+    assert_close(total.sum(-1), pairwise, rtol=1e-9)
