@@ -340,3 +340,114 @@ def test_per_token_scores_of_a_layer_called_twice_equal_the_per_position_oracle(
     assert_close(total, expected["block"] + expected["head"], rtol=1e-9)
     pairwise = fi.pairwise_scores(model, task, factors, queries, data, batch_size=5, **QUIET)
     assert_close(total.sum(-1), pairwise, rtol=1e-9)
+
+
+# -- true-Fisher label sampling -----------------------------------------------------------------------
+
+class AlwaysClassZero(fi.Task):
+    """Batches ``(x, y)`` with every ``y = 0``; with ``sample=True`` labels are drawn from the model's softmax."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.multinomial(logits.detach().softmax(-1), 1).squeeze(-1)
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+
+def test_true_fisher_gradient_covariance_matches_its_closed_form_expectation():
+    """For logits ``W x + b`` and labels drawn from the model, the output gradient is ``p - e_y`` and
+    ``E_y[(p - e_y)(p - e_y)^T] = diag(p) - p p^T``: the true-Fisher S must match
+    ``mean_n diag(p_n) - p_n p_n^T`` within 5 standard errors, entry by entry. The standard errors are exact:
+    ``sqrt(sum_n Var_y[g_i g_j]) / N``, the variances summed over the classes. The empirical Fisher (every
+    label 0) is far from it, and A does not depend on the labels."""
+    n, d, classes = 3000, 2, 3
+    g = torch.Generator().manual_seed(0)
+    x = 1.5 * torch.randn(n, d, generator=g, dtype=W)
+    data = TensorDataset(x, torch.zeros(n, dtype=torch.long))
+    torch.manual_seed(0)
+    model = nn.Linear(d, classes).double().eval()
+    with torch.no_grad():
+        p = model(x).softmax(-1)  # [N, C]
+    outcomes = p[:, None, :] - torch.eye(classes, dtype=W)[None]  # [N, y, C]: p_n - e_y
+    products = outcomes[..., :, None] * outcomes[..., None, :]  # [N, y, C, C]
+    weights = p[:, :, None, None]
+    mean = (weights * products).sum(1)  # [N, C, C]
+    torch.testing.assert_close(mean, torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    variance = (weights * products.square()).sum(1) - mean.square()
+    expected, stderr = mean.mean(0), variance.sum(0).sqrt() / n
+
+    torch.manual_seed(1)
+    true_fisher = fi.fit_factors(model, AlwaysClassZero(), data, strategy="kfac", batch_size=500, **QUIET)
+    s = true_fisher[""]["gradient_covariance"][0]
+    assert bool(((s - expected).abs() <= 5 * stderr).all()), ((s - expected) / stderr)
+    empirical = fi.fit_factors(model, AlwaysClassZero(), data, strategy="kfac", use_empirical_fisher=True,
+                               batch_size=500, **QUIET)
+    s_empirical = empirical[""]["gradient_covariance"][0]
+    assert float(((s_empirical - expected).abs() / stderr).max()) > 50
+    augmented = torch.cat([x, torch.ones(n, 1, dtype=W)], dim=1)
+    for factors in (true_fisher, empirical):
+        assert_close(factors[""]["activation_covariance"][0], augmented.T @ augmented / n, rtol=1e-12)
+
+
+def test_true_fisher_on_a_hugging_face_gpt2_through_the_compat_analyzer(tmp_path):
+    """A tiny random GPT-2 through the compat Analyzer with the default true Fisher: the task is asked for sampled
+    labels, which have the targets' shape and lie in the vocabulary, the factors are finite and differ from the
+    empirical Fisher's, and the scores are finite with positive self-influence."""
+    transformers = __import__("pytest").importorskip("transformers")
+    vocab, seq = 30, 6
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=vocab, n_positions=8,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    modules = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    sampled = []
+
+    class SampledCausalLM(compat.Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            (ids,) = batch
+            logits = model(input_ids=ids).logits[:, :-1].flatten(0, 1)
+            targets = ids[:, 1:].flatten()
+            if sample:
+                with torch.no_grad():
+                    targets = torch.multinomial(logits.detach().softmax(-1), 1).flatten()
+                sampled.append((tuple(targets.shape), ids.shape[0] * (seq - 1), targets.tolist()))
+            return F.cross_entropy(logits, targets, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return modules
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, vocab, (8, seq), generator=g))
+    task = SampledCausalLM()
+    analyzer = compat.Analyzer("gpt2", compat.prepare_model(model, task), task, cpu=True, disable_tqdm=True,
+                               output_dir=str(tmp_path))
+    torch.manual_seed(0)
+    analyzer.fit_all_factors("true", data, per_device_batch_size=4,
+                             factor_args=compat.FactorArguments(strategy="ekfac", **WIDE_FACTORS))
+    assert sampled, "the true Fisher never asked the task for sampled labels"
+    drawn = [label for _, _, labels in sampled for label in labels]
+    assert all(shape == (count,) for shape, count, _ in sampled)
+    assert min(drawn) >= 0 and max(drawn) < vocab and len(set(drawn)) > 1
+    analyzer.fit_all_factors("empirical", data, per_device_batch_size=4,
+                             factor_args=compat.FactorArguments(strategy="ekfac", use_empirical_fisher=True,
+                                                                **WIDE_FACTORS))
+    true, empirical = (analyzer.load_covariance_matrices(name) for name in ("true", "empirical"))
+    lambdas = analyzer.load_lambda_matrices("true")
+    for layer in modules:
+        for factors in (true["gradient_covariance"], true["activation_covariance"], lambdas["lambda_matrix"]):
+            assert bool(torch.isfinite(factors[layer]).all())
+        torch.testing.assert_close(true["activation_covariance"][layer], empirical["activation_covariance"][layer])
+    assert any(not torch.allclose(true["gradient_covariance"][m], empirical["gradient_covariance"][m])
+               for m in modules)
+    scores = analyzer.compute_pairwise_scores("s", "true", data, data, per_device_query_batch_size=4,
+                                              per_device_train_batch_size=4,
+                                              score_args=compat.ScoreArguments(**WIDE_SCORES))["all_modules"]
+    assert bool(torch.isfinite(scores).all()) and float(scores.diagonal().min()) > 0
