@@ -451,3 +451,142 @@ def test_true_fisher_on_a_hugging_face_gpt2_through_the_compat_analyzer(tmp_path
                                               per_device_train_batch_size=4,
                                               score_args=compat.ScoreArguments(**WIDE_SCORES))["all_modules"]
     assert bool(torch.isfinite(scores).all()) and float(scores.diagonal().min()) > 0
+
+
+# -- scoring options: identities against plain pairwise scores -----------------------------------------
+
+def _three_layers():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+
+
+def _options_problem():
+    """A three-layer MLP, EKFAC factors, and a measurement (minus the margin) that is not the training loss."""
+    from models import ClassificationTask, classification_data
+
+    model, task, data = _three_layers(), ClassificationTask(), classification_data(n=13)
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=True, batch_size=5, **QUIET)
+    return model, task, data, Subset(data, [0, 4, 7, 9, 12]), factors
+
+
+def test_aggregated_gradients_give_the_sums_of_pairwise_scores():
+    """``aggregate_train`` sums each query's scores over the training examples (``[Q, 1]``), ``aggregate_queries``
+    sums each example's over the queries (``[1, N]``): scores are linear in both gradients. Per layer too, in memory
+    and through a store with data and module partitions."""
+    model, task, data, queries, factors = _options_problem()
+    score = lambda **options: fi.pairwise_scores(model, task, factors, queries, data, batch_size=4,
+                                                 query_batch_size=2, per_module=True, **options, **QUIET)
+    pairwise = score()
+    expected = {"aggregate_train": {k: v.sum(1, keepdim=True) for k, v in pairwise.items()},
+                "aggregate_queries": {k: v.sum(0, keepdim=True) for k, v in pairwise.items()}}
+    both = {k: v.sum().reshape(1, 1) for k, v in pairwise.items()}
+    for option, wanted in expected.items():
+        for layer, value in score(**{option: True}).items():
+            assert_close(value, wanted[layer])
+    for layer, value in score(aggregate_train=True, aggregate_queries=True).items():
+        assert_close(value, both[layer])
+    assert_close(score(aggregate_train=True, queries_per_pass=2)["4"], expected["aggregate_train"]["4"])
+
+
+def test_aggregated_gradients_through_a_partitioned_store(tmp_path):
+    model, task, data, queries, factors = _options_problem()
+    pairwise = fi.pairwise_scores(model, task, factors, queries, data, per_module=True, **QUIET)
+    for option, dim in (("aggregate_train", 1), ("aggregate_queries", 0)):
+        stored = fi.pairwise_scores(model, task, factors, queries, data, batch_size=3, per_module=True,
+                                    store=tmp_path / option, data_partitions=3, module_partitions=2,
+                                    **{option: True}, **QUIET)
+        assert set(stored) == set(pairwise)
+        for layer, value in stored.items():
+            assert_close(value, pairwise[layer].sum(dim, keepdim=True))
+        total = fi.pairwise_scores(model, task, factors, queries, data, batch_size=3,
+                                   store=tmp_path / f"{option}-total", data_partitions=3, module_partitions=2, **{option: True}, **QUIET)
+        assert_close(total, sum(pairwise.values()).sum(dim, keepdim=True))
+
+
+def test_any_number_of_queries_per_pass_equals_one_pass():
+    """``queries_per_pass`` only groups the queries into passes over the training data: any value, with query
+    batches that do or do not divide it, gives the one-pass scores (per layer and in total, per token too)."""
+    model, task, data, queries, factors = _options_problem()
+    one_pass = fi.pairwise_scores(model, task, factors, queries, data, per_module=True, **QUIET)
+    for per_pass, query_batch_size in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (9, 2)):
+        grouped = fi.pairwise_scores(model, task, factors, queries, data, batch_size=4,
+                                     query_batch_size=query_batch_size, queries_per_pass=per_pass,
+                                     per_module=True, **QUIET)
+        for layer in one_pass:
+            assert_close(grouped[layer], one_pass[layer])
+    model, task, data = _token_problem()
+    factors = fi.fit_factors(model, task, data, strategy="kfac", use_empirical_fisher=True, **QUIET)
+    tokens = fi.pairwise_scores(model, task, factors, Subset(data, [0, 1, 2]), data, per_token=True, **QUIET)
+    grouped = fi.pairwise_scores(model, task, factors, Subset(data, [0, 1, 2]), data, per_token=True,
+                                 query_batch_size=1, queries_per_pass=2, **QUIET)
+    assert_close(grouped, tokens)
+
+
+def test_self_scores_with_the_measurement_are_the_diagonal_of_pairwise_scores(tmp_path):
+    """docs/concepts.md: with ``use_measurement=True`` self-influence is ``<P(grad f(z_n)), grad L(z_n)>``, the
+    diagonal of pairwise scores with the data as queries (the measurement side) and as training examples (the
+    loss side). The measurement here is not the loss, so the default self scores differ from it; and both equal
+    exact preconditioned dot products of autograd gradients."""
+    model, task, data, _, factors = _options_problem()
+    pairwise = fi.pairwise_scores(model, task, factors, data, data, batch_size=4, per_module=True, **QUIET)
+    measured = fi.self_scores(model, task, factors, data, use_measurement=True, batch_size=5, per_module=True,
+                              **QUIET)
+    plain = fi.self_scores(model, task, factors, data, batch_size=5, per_module=True, **QUIET)
+    preconditioned_loss = fi.query_gradients(model, _LossAsMeasurement(task), factors, data, **QUIET)
+    train = _oracle_layer_grads(model, task, data, factors.layers)
+    for layer in pairwise:
+        assert_close(measured[layer], pairwise[layer].diagonal())
+        assert_close(plain[layer], torch.einsum("ngoi,ngoi->n", preconditioned_loss[layer], train[layer]))
+        assert float((plain[layer] - measured[layer]).abs().max()) > 1e-3 * float(plain[layer].abs().max())
+    stored = fi.self_scores(model, task, factors, data, use_measurement=True, batch_size=5, store=tmp_path / "s",
+                            data_partitions=2, module_partitions=2, per_module=True, **QUIET)
+    for layer in pairwise:
+        assert_close(stored[layer], pairwise[layer].diagonal())
+
+
+class _LossAsMeasurement(fi.Task):
+    """``task`` with its training loss as the measurement."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return self.task.compute_train_loss(batch, model, sample)
+
+    def compute_measurement(self, batch, model):
+        return self.task.compute_train_loss(batch, model)
+
+
+def test_stored_scores_with_module_partitions_equal_unpartitioned_and_modules_sum_to_the_total(tmp_path):
+    """A store filled cell by cell (3 data x 2 module partitions, each cell by its own call) holds the in-memory
+    per-module scores, and its total is their sum; pairwise, per-token and self scores."""
+    model, task, data, queries, factors = _options_problem()
+    memory = fi.pairwise_scores(model, task, factors, queries, data, per_module=True, **QUIET)
+    cells = dict(store=tmp_path / "p", data_partitions=3, module_partitions=2, batch_size=3, **QUIET)
+    for m in range(2):
+        for d in range(3):
+            partial = fi.pairwise_scores(model, task, factors, queries, data, per_module=True,
+                                         target_data_partitions=[d], target_module_partitions=[m], **cells)
+    assert partial is not None  # the last cell completes the store
+    for layer in memory:
+        assert_close(partial[layer], memory[layer])
+    total = fi.pairwise_scores(model, task, factors, queries, data, **dict(cells, store=tmp_path / "total"))
+    assert_close(total, sum(memory.values()))
+    assert_close(total, fi.pairwise_scores(model, task, factors, queries, data, **QUIET))
+
+    self_memory = fi.self_scores(model, task, factors, data, per_module=True, **QUIET)
+    self_stored = fi.self_scores(model, task, factors, data, per_module=True, store=tmp_path / "self",
+                                 data_partitions=2, module_partitions=3, batch_size=4, **QUIET)
+    for layer in self_memory:
+        assert_close(self_stored[layer], self_memory[layer])
+    assert_close(fi.self_scores(model, task, factors, data, store=tmp_path / "self-total", data_partitions=2,
+                                module_partitions=3, batch_size=4, **QUIET), sum(self_memory.values()))
+
+    model, task, data = _token_problem()
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=True, **QUIET)
+    tokens = fi.pairwise_scores(model, task, factors, Subset(data, [0, 1]), data, per_token=True, per_module=True,
+                                **QUIET)
+    stored = fi.pairwise_scores(model, task, factors, Subset(data, [0, 1]), data, per_token=True, per_module=True,
+                                store=tmp_path / "t", data_partitions=2, module_partitions=2, batch_size=3, **QUIET)
+    for layer in tokens:
+        assert_close(stored[layer], tokens[layer])
