@@ -590,3 +590,47 @@ def test_stored_scores_with_module_partitions_equal_unpartitioned_and_modules_su
                                 store=tmp_path / "t", data_partitions=2, module_partitions=2, batch_size=3, **QUIET)
     for layer in tokens:
         assert_close(stored[layer], tokens[layer])
+
+
+def test_compat_scoring_options_are_identities_of_plain_pairwise_scores(tmp_path):
+    """The compat Analyzer's ScoreArguments: aggregate_train_gradients / aggregate_query_gradients give the sums,
+    query_gradient_accumulation_steps and data / module partitions change nothing (modules sum to the total), and
+    use_measurement_for_self_influence gives the diagonal of pairwise scores of the data against itself."""
+    model, task, data, queries, _ = _options_problem()
+    analyzer = compat.Analyzer("options", model, task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path))
+    analyzer.fit_all_factors("f", data, per_device_batch_size=5, factor_args=compat.FactorArguments(
+        strategy="ekfac", use_empirical_fisher=True, **WIDE_FACTORS))
+
+    def pairwise(name, query_data=queries, **fields):
+        return analyzer.compute_pairwise_scores(
+            name, "f", query_data, data, per_device_query_batch_size=2, per_device_train_batch_size=4,
+            score_args=compat.ScoreArguments(damping_factor=None, **WIDE_SCORES, **fields))
+
+    per_module = pairwise("base", compute_per_module_scores=True)
+    layers = ["0", "2", "4"]
+    assert sorted(per_module) == layers
+    total = pairwise("total")["all_modules"]
+    assert_close(total, sum(per_module.values()))
+    sums = {"aggregate_train_gradients": lambda v: v.sum(1, keepdim=True),
+            "aggregate_query_gradients": lambda v: v.sum(0, keepdim=True)}
+    for option, reduce in sums.items():
+        aggregated = pairwise(option, compute_per_module_scores=True, **{option: True})
+        for layer in layers:
+            assert_close(aggregated[layer], reduce(per_module[layer]))
+    for steps in (2,):
+        assert_close(pairwise(f"steps{steps}", query_gradient_accumulation_steps=steps)["all_modules"], total)
+    partitioned = pairwise("parts", compute_per_module_scores=True, data_partitions=2, module_partitions=2)
+    for layer in layers:
+        assert_close(partitioned[layer], per_module[layer])
+    assert_close(pairwise("parts-total", data_partitions=3, module_partitions=2)["all_modules"], total)
+
+    train_train = pairwise("train-train", query_data=data, compute_per_module_scores=True)
+    measured = analyzer.compute_self_scores("measured", "f", data, per_device_train_batch_size=5,
+                                            score_args=compat.ScoreArguments(
+                                                damping_factor=None, use_measurement_for_self_influence=True,
+                                                compute_per_module_scores=True, module_partitions=2, **WIDE_SCORES))
+    plain = analyzer.compute_self_scores("plain", "f", data, per_device_train_batch_size=5,
+                                         score_args=compat.ScoreArguments(damping_factor=None, **WIDE_SCORES))
+    for layer in layers:
+        assert_close(measured[layer], train_train[layer].diagonal())
+    assert float((plain["all_modules"] - sum(measured.values())).abs().max()) > 1e-3 * float(plain["all_modules"].abs().max())
