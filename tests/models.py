@@ -41,6 +41,11 @@ class TinyTransformerLM(nn.Module):
         self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
+    def reset_parameters(self):
+        """Only ``pos`` is this module's own; the layers reset themselves (see :func:`deterministic`)."""
+        with torch.no_grad():
+            self.pos.copy_(0.1 * torch.randn(self.pos.shape, dtype=self.pos.dtype))
+
     def forward(self, ids):
         b, t = ids.shape
         x = self.embed(ids) + self.pos[:t]
@@ -113,6 +118,31 @@ class ClassificationTask(fi.Task):
         return self.modules
 
 
-def float64(model):
+def deterministic(model, seed=0):
+    """``model`` with every parameter re-drawn from ``seed``, module by module, by the modules' own initialisers.
+
+    A model's weights then do not depend on what the random generator did before it was built (which tests ran
+    first, in which order), and the generator's state outside this call is left as it was. A parameter that no
+    ``reset_parameters`` re-draws is an error: give its module one.
+    """
+    versions = {name: p._version for name, p in model.named_parameters()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+            if callable(reset):
+                reset()
+    stale = [name for name, p in model.named_parameters() if p._version == versions[name]]
+    if stale:
+        raise ValueError(f"No reset_parameters() re-draws {stale}: add one to their module.")
+    return model
+
+
+def float64(model, seed=0):
+    """``model`` re-initialised from ``seed`` (:func:`deterministic`), in float64 and eval mode.
+
+    The global generator is then seeded too, so that what a test draws next (sampled labels) is reproducible.
+    """
+    deterministic(model, seed)
     torch.manual_seed(0)
     return model.double().eval()

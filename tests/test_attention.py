@@ -183,3 +183,54 @@ def test_per_example_vmap_mode_equals_the_batched_tap(strategy):
                         fi.self_scores(model, task, factors, data, per_example_vmap=vmap, progress=False)))
     for batched, vmapped in zip(*results):
         torch.testing.assert_close(vmapped, batched, rtol=1e-9, atol=1e-12)
+
+
+class KdimVdimAttention(nn.Module):
+    """Cross-attention whose keys and values have their own widths: q/k/v_proj_weight instead of in_proj_weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, 2, kdim=5, vdim=6, batch_first=True)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, keys, values):
+        return self.head(self.attn(x, keys, values, need_weights=False)[0][:, 0])
+
+
+class KdimVdimTask(fi.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        x, keys, values, y = batch
+        return F.cross_entropy(model(x, keys, values), y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def tracked_modules(self):
+        return ["attn", "head"]
+
+
+def test_attention_with_kdim_vdim_scores_every_parameter_or_is_refused():
+    """Naming an nn.MultiheadAttention(kdim, vdim) must not silently drop q/k/v_proj_weight or in_proj_bias:
+    either the identity scores equal the exact dot products of the gradients of *all* its parameters (and the
+    head's), or the call is refused with an InfluenceError."""
+    torch.manual_seed(0)
+    model, task = KdimVdimAttention().double().eval(), KdimVdimTask()
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    data = TensorDataset(torch.randn(n, SEQ, D, generator=g, dtype=torch.float64),
+                         torch.randn(n, 4, 5, generator=g, dtype=torch.float64),
+                         torch.randn(n, 4, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+    names = [name for name, _ in model.named_parameters()]
+    assert {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight", "attn.in_proj_bias"} <= set(names)
+    try:
+        factors = fi.fit_factors(model, task, data, strategy="identity", progress=False)
+    except fi.InfluenceError:
+        return  # refused: acceptable, as long as it is refused rather than silently partial
+    grads = per_example_gradients(model, task, data)
+    flat = torch.cat([grads[name].flatten(1) for name in names], dim=1)
+    scores = fi.pairwise_scores(model, task, factors, data, data, progress=False)
+    torch.testing.assert_close(scores, flat @ flat.T, rtol=1e-9, atol=1e-12)
+    for strategy in ("kfac", "ekfac"):
+        fitted = fi.fit_factors(model, task, data, strategy=strategy, use_empirical_fisher=True, progress=False)
+        pairwise = fi.pairwise_scores(model, task, fitted, data, data, progress=False)
+        torch.testing.assert_close(fi.self_scores(model, task, fitted, data, progress=False), pairwise.diagonal())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -163,3 +164,29 @@ def test_measurements_of_the_wrong_shape_are_refused():
     subsets = random_subsets(6, 3)
     with pytest.raises(fi.InfluenceError, match="one value per query"):
         lds_from_measurements(torch.zeros(2, 6), subsets, torch.zeros(3, 5))
+
+
+def test_lds_mean_and_standard_error_on_hand_computed_correlations():
+    """Five queries on four subsets, each query's Spearman correlation worked out by hand: 1, -1, 0.6, undefined
+    (its measurements are constant) and 0.8. The LDS is the mean of the defined ones and its standard error their
+    sample standard deviation (n - 1) over sqrt(number defined)."""
+    scores = torch.tensor([[1.0, 2.0, 4.0, 8.0]] * 5, dtype=torch.float64)
+    subsets = torch.tensor([[0, 1], [0, 2], [1, 3], [2, 3]])  # sums 3, 5, 10, 12: predictions -3, -5, -10, -12
+    measurements = torch.tensor([[4.0, 3.0, 2.0, 1.0],    # ranked as the predictions: 1
+                                 [1.0, 2.0, 3.0, 4.0],    # reversed: -1
+                                 [3.0, 4.0, 1.0, 2.0],    # ranks (2, 3, 0, 1) against (3, 2, 1, 0): 3 / 5
+                                 [5.0, 5.0, 5.0, 5.0],    # constant: undefined, left out
+                                 [4.0, 3.0, 1.0, 2.0]],   # ranks (3, 2, 0, 1): 4 / 5
+                                dtype=torch.float64).T    # [subsets, queries]
+    result = lds_from_measurements(scores, subsets, measurements)
+    defined = [1.0, -1.0, 0.6, 0.8]
+    mean = sum(defined) / 4
+    stderr = (sum((v - mean) ** 2 for v in defined) / 3) ** 0.5 / 4 ** 0.5
+    assert result.mean == pytest.approx(0.35, abs=1e-12) and mean == pytest.approx(0.35)
+    assert result.stderr == pytest.approx(stderr, abs=1e-12)
+    assert result.stderr == pytest.approx(0.45734742, abs=1e-8)  # sqrt(2.51 / 3) / 2
+    expected = torch.tensor([1.0, -1.0, 0.6, float("nan"), 0.8], dtype=torch.float64)
+    torch.testing.assert_close(result.per_query, expected, equal_nan=True, rtol=0, atol=1e-12)
+    # one defined query: a mean but no spread to estimate
+    single = lds_from_measurements(scores[:1], subsets, measurements[:, :1])
+    assert single.mean == pytest.approx(1.0) and math.isnan(single.stderr)
