@@ -128,6 +128,31 @@ def _gradient_stats(engine: ModelTap, objective: str, params, buffers, batch, pr
     return loss, stats
 
 
+def _shaped(value: Any, expected: Tuple[int, ...], what: str, layer: str):
+    """``value`` if it is a tensor of shape ``expected``; a custom estimator's output of another shape would
+    otherwise broadcast silently against the gradients or the scores."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(expected):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InfluenceError(
+            f"The estimator's {what} returned {got} for layer {layer!r}; it must return shape "
+            f"{tuple(expected)} (see fninfluence.curvature.base for each function's contract)."
+        )
+    return value
+
+
+def _updated(fit_pass, state: Dict[str, torch.Tensor], stats, earlier, layer: str):
+    """``fit_pass.update`` with its result checked against the state's keys and shapes."""
+    new = fit_pass.update(state, stats, earlier)
+    if not isinstance(new, Mapping) or set(new) != set(state):
+        raise InfluenceError(
+            f"The estimator's {fit_pass.name} update returned keys "
+            f"{sorted(new) if isinstance(new, Mapping) else type(new).__name__} for layer {layer!r}; it must return "
+            f"the state's keys {sorted(state)}."
+        )
+    return {key: _shaped(value, state[key].shape, f"{fit_pass.name} update [{key!r}]", layer)
+            for key, value in new.items()}
+
+
 def _check_damping(damping: Optional[float]) -> None:
     arguments.check_damping(damping)
 
@@ -213,7 +238,7 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
             loss, stats = _gradient_stats(engine, objective, params, buffers, batch, probes)
         stats = {layer: _cast_stats(s, compute_dtype) for layer, s in stats.items()}
         checked = (loss, finite.finite_flags(loss, stats), stats)
-        return checked, {layer: fit_passes[layer].update(state[layer], stats[layer], earlier[layer])
+        return checked, {layer: _updated(fit_passes[layer], state[layer], stats[layer], earlier[layer], layer)
                          for layer in state}
 
     run = _maybe_compile(step, compile)
@@ -461,7 +486,9 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
     precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
 
     def precondition(layer, layer_factors, grads):
-        return factors.estimator_for(layer).precondition(layer_factors, grads.to(precondition_dtype), damping)
+        estimator = factors.estimator_for(layer)
+        result = estimator.precondition(layer_factors, grads.to(precondition_dtype), damping)
+        return _shaped(result, grads.shape, f"({estimator.name}) precondition", layer)
 
     def step(params, buffers, batch, probes, layer_factors):
         loss, stats = _gradient_stats(engine, "measurement", params, buffers, batch, probes)
@@ -738,8 +765,10 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         loss, stats = _gradient_stats(engine, "train", params, buffers, batch, probes)
         stats = {layer: _cast_stats(s, grad_dtype) for layer, s in stats.items()}
         if not use_measurement:
-            scores = {layer: factors.estimator_for(layer).self_score(
-                          layer_factors[layer], _cast_stats(s, precondition_dtype), damping).to(score_dtype)
+            scores = {layer: _shaped(factors.estimator_for(layer).self_score(
+                          layer_factors[layer], _cast_stats(s, precondition_dtype), damping),
+                          (batch_examples(batch),), f"({factors.estimator_for(layer).name}) self_score", layer
+                          ).to(score_dtype)
                       for layer, s in stats.items()}
             return (loss, None, finite.finite_flags(loss, stats, scores), (stats, scores)), scores
         measured, measured_stats = _gradient_stats(engine, "measurement", params, buffers, batch, measurement_probes)
@@ -747,7 +776,9 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         for layer, s in stats.items():
             grads = per_example_grads(_cast_stats(measured_stats[layer], grad_dtype),
                                       engine.specs[layer].in_features).to(precondition_dtype)
-            preconditioned = factors.estimator_for(layer).precondition(layer_factors[layer], grads, damping).to(score_dtype)
+            estimator = factors.estimator_for(layer)
+            preconditioned = _shaped(estimator.precondition(layer_factors[layer], grads, damping), grads.shape,
+                                     f"({estimator.name}) precondition", layer).to(score_dtype)
             scores[layer] = example_grad_dot(preconditioned, _cast_stats(s, score_dtype))
         stages = (stats, measured_stats, scores)
         return (loss, measured, finite.finite_flags(loss, *stages), stages), scores

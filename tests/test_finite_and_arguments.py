@@ -163,3 +163,34 @@ def test_nan_gradients_with_a_finite_loss_are_refused():
         fi.pairwise_scores(model, task, factors, data, data, **QUIET)
     with pytest.raises(InfluenceError, match="training gradients.*derivative is infinite or undefined"):
         fi.pairwise_scores(model, task, factors, classification_data(n=4, seed=1), data, batch_size=4, **QUIET)
+
+
+# -- a custom estimator whose outputs have the wrong shape ---------------------------------------------
+
+def _broken(**replace):
+    return fi.ekfac._replace(name="broken", **replace)
+
+
+@pytest.mark.parametrize("estimator, call, match", [
+    # [N, G, out, in] -> [N, G, out, 1]: broadcasts against the training gradients without an error
+    (lambda: _broken(precondition=lambda f, g, d: fi.ekfac.precondition(f, g, d).sum(-1, keepdim=True)),
+     "pairwise", r"precondition returned \(\d+, 1, \d+, 1\)"),
+    (lambda: _broken(self_score=lambda f, s, d: fi.ekfac.self_score(f, s, d)[:, None]),
+     "self", r"self_score returned \(\d+, 1\)"),
+    (lambda: _broken(passes=(fi.ekfac.passes[0], fi.ekfac.passes[1]._replace(
+        update=lambda state, stats, f: {k: v.sum() for k, v in fi.ekfac.passes[1].update(state, stats, f).items()}))),
+     "fit", r"lambda update \['lambda_sum'\] returned \(\)"),
+], ids=["precondition", "self_score", "update"])
+def test_custom_estimator_outputs_of_the_wrong_shape_are_refused(estimator, call, match):
+    model, data, task = float64(mlp()), classification_data(n=8), ClassificationTask()
+    estimator = estimator()
+    if call == "fit":
+        with pytest.raises(InfluenceError, match=match):
+            fi.fit_factors(model, task, data, strategy=estimator, use_empirical_fisher=True, **QUIET)
+        return
+    factors = fi.fit_factors(model, task, data, strategy=estimator, use_empirical_fisher=True, **QUIET)
+    with pytest.raises(InfluenceError, match=match):
+        if call == "pairwise":
+            fi.pairwise_scores(model, task, factors, data, data, **QUIET)
+        else:
+            fi.self_scores(model, task, factors, data, **QUIET)
