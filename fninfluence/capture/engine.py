@@ -20,7 +20,7 @@ from ..errors import InfluenceError
 from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_parameter_layers, resolve_targets, specs_from_calls
 from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
-from .ops import layout
+from .ops import layout, weight_as_matrix
 from .tap import Tap, TrackedWeight
 
 
@@ -341,10 +341,80 @@ class ModelTap:
                         f"Layer {layer!r} looks different on this batch ({spec.op} {spec.shape}) than before "
                         f"({known.op} {known.shape}); tracked layers must not change with the data or the objective."
                     )
-        return {
+        probes = {
             layer: [torch.zeros(c.output_shape, dtype=c.output_dtype, device=self.device) for c in calls]
             for layer, calls in record.calls.items()
         }
+        self._check_exact(objective, batch, probes)
+        return probes
+
+    def _check_exact(self, objective: str, batch: Any, probes: Dict[str, List[torch.Tensor]]) -> None:
+        """The safety net behind the discovery pass: the tap must account for every use of a tracked weight.
+
+        Per layer, ``sum_n G_n = sum_{n,t} g_{n,t} a_{n,t}^T`` (unmasked) must equal the autograd gradient
+        of the summed objective with respect to the layer's weight (and bias): both come from one forward
+        pass, so the difference is rounding unless some use of the weight escaped the tap (a path through
+        ``__torch_function__`` subclasses, properties, Parameter-aware ops ...). The bound is
+        ``sqrt(eps) * sum_{n,t} |g_{n,t}| |a_{n,t}|``, the size of the terms summed. The global random state
+        is left as it was, so that the check changes no sampled label.
+        """
+        specs = {layer: spec for layer, spec in self.specs.items() if spec.op != "parameters" and layer in probes}
+        if not specs:
+            return
+        names = [n for spec in specs.values() for n in (spec.weight, spec.bias) if n is not None]
+        examples = batch_examples(batch)
+
+        def loss_of(probes, subset):
+            params = {**self.params, **subset}
+            tap = Tap(self._tracked(params), probes, examples=examples, per_example=self.per_example)
+            with tap:
+                loss = self._call(objective, params, self.buffers, batch)
+            return loss, tap.record.inputs
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), unfused():
+            (probe_grads, grads), inputs = torch.func.grad(loss_of, argnums=(0, 1), has_aux=True)(
+                probes, {n: self.params[n] for n in names})
+        for layer, spec in specs.items():
+            _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
+            g_calls = [output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
+            tapped, scale, eps = _summed_gradient(inputs[layer], g_calls, spec.in_features if spec.one_hot else None)
+            expected = weight_as_matrix(grads[spec.weight], grads[spec.bias] if spec.has_bias else None,
+                                        spec.groups, spec.op).to(tapped.dtype)
+            error = float(torch.linalg.vector_norm(tapped - expected))
+            if not error <= eps ** 0.5 * float(scale):
+                raise InfluenceError(
+                    f"The tap's gradient of layer {layer!r} differs from autograd's on the first batch "
+                    f"(|difference| {error:.3g}, terms {float(scale):.3g}): its weight {spec.weight!r} is also used "
+                    f"in a way the tap cannot see (e.g. through a tensor subclass, a property or a custom op), so "
+                    "its per-example gradients would be wrong. Use the weight only through its module call, leave "
+                    f"{layer!r} out of Task.tracked_modules(), or name the parameter {spec.weight!r} itself there "
+                    "(its gradient then comes from per-example vmap, which sees every use)."
+                )
+
+
+def _summed_gradient(a_calls, g_calls, vocabulary: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """``(sum_{n,t} g a^T as [G, out, in], sum_{n,t} |g| |a|, machine epsilon of the inputs)`` over all calls.
+
+    Summed in at least float32. For an embedding ``a`` is a one-hot row ``id_values * e_ids``, so
+    ``g a^T`` adds ``id_values * g`` to column ``ids`` of a ``[1, D, V]`` matrix.
+    """
+    total, scale, eps = None, 0.0, 0.0
+    for a, g in zip(a_calls, g_calls):
+        dtypes = [g.dtype, (a["id_values"] if vocabulary is not None else a).dtype]
+        wide = torch.promote_types(torch.promote_types(*dtypes), torch.float32)
+        eps = max([eps] + [torch.finfo(d).eps for d in dtypes])
+        if vocabulary is not None:
+            rows = g.to(wide).reshape(-1, g.shape[-1]) * a["id_values"].to(wide).reshape(-1, 1)  # [B T, D]
+            term = rows.new_zeros(vocabulary, rows.shape[-1]).index_add(0, a["ids"].reshape(-1), rows).T[None]
+            size = torch.linalg.vector_norm(rows, dim=-1).sum()
+        else:
+            a, g = a.to(wide), g.to(wide)
+            term = torch.einsum("btgo,btgi->goi", g, a)
+            size = (torch.linalg.vector_norm(g, dim=-1) * torch.linalg.vector_norm(a, dim=-1)).sum()
+        total = term if total is None else total + term
+        scale = scale + size
+    return total, scale, eps
 
 
 _OBJECTIVE_NAMES = {

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 import torch.nn.functional as F
 
@@ -26,12 +27,35 @@ from . import attention
 from ..errors import InfluenceError
 from .ops import HANDLERS, OpHandler, layout, with_bias_column
 
-# Functions that only read a tensor's metadata; a tracked weight passing through them is harmless.
+# Functions that read a tensor's metadata or attributes. A tracked weight passing through them is harmless,
+# unless what comes out is a view of it (``weight.T``, ``.mT``, ``.data``): that alias is followed, see
+# :meth:`Tap._note_other_uses`.
 _METADATA_FUNCS = frozenset({
     "__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "is_complex",
     "element_size", "nelement", "ndimension", "data_ptr", "get_device", "__len__", "__format__", "__repr__",
     "requires_grad_", "storage_offset", "untyped_storage", "__hash__", "__eq__", "__bool__", "dtype", "device",
 })
+
+
+def _name(func) -> str:
+    """A function's name as an error message shows it; a property reads as ``.T``."""
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return "." + getattr(getattr(func, "__self__", None), "__name__", "<attribute>")
+    return name
+
+
+def tensors_in(tree) -> List[torch.Tensor]:
+    """The tensors among the leaves of a pytree (arguments are often lists, e.g. ``torch.cat([w, x])``)."""
+    leaves, _ = tree_flatten(tree)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass without storage: assume the worst
+        return True
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,9 @@ class Tap(TorchFunctionMode):
         self.probes = probes
         self.discover = discover
         self.record = TapRecord()
+        # discovery only: views of tracked tensors (weight.T ...) -> the layers they belong to. Holding the
+        # tensors keeps their ids from being reused while the pass runs.
+        self._aliases: List[Tuple[torch.Tensor, str, str]] = []  # (view, layer, how it was made, e.g. ".T")
 
     def _layer_of(self, weight) -> Optional[TrackedWeight]:
         for t in self.tracked:
@@ -106,9 +133,10 @@ class Tap(TorchFunctionMode):
             # an embedding's weight in F.linear (or a linear weight in F.embedding) is a tied weight: another use
             if tracked is not None and handler.one_hot == tracked.one_hot:
                 return self._tracked_call(func, handler, tracked, call, args, kwargs)
+        out = func(*args, **kwargs)
         if self.discover:
-            self._note_other_uses(func, args, kwargs)
-        return func(*args, **kwargs)
+            self._note_other_uses(func, args, kwargs, out)
+        return out
 
     def _tracked_call(self, func, handler: OpHandler, tracked: TrackedWeight, call, args, kwargs):
         layer = tracked.layer
@@ -150,11 +178,33 @@ class Tap(TorchFunctionMode):
             out = out + layer_probes[calls_so_far]
         return out
 
-    def _note_other_uses(self, func, args, kwargs) -> None:
-        name = getattr(func, "__name__", repr(func))
-        if name in _METADATA_FUNCS:
+    def _owners(self, tensor: torch.Tensor) -> List[Tuple[str, str]]:
+        """The tracked layers ``tensor`` belongs to, as ``(layer, how the alias was made or "")``."""
+        owners = [(t.layer, "") for t in self.tracked
+                  if tensor is t.weight or (t.bias is not None and tensor is t.bias)]
+        return owners + [(layer, via) for alias, layer, via in self._aliases if tensor is alias]
+
+    def _note_other_uses(self, func, args, kwargs, out) -> None:
+        """Record every use of a tracked weight or bias that is not one of its layer calls.
+
+        What counts is what comes out: a metadata read is harmless, unless it returns a view of the
+        tensor (``weight.T``, ``.mT``, ``.data``), which is then followed as the tensor itself, so that
+        ``x @ layer.weight.T`` is a use of ``layer`` like ``torch.mm(x, layer.weight)``. Any other
+        function that receives a tracked tensor or one of its aliases is a use the tap cannot follow.
+        """
+        sources = [(value, self._owners(value)) for value in tensors_in((args, kwargs))]
+        sources = [(value, owners) for value, owners in sources if owners]
+        if not sources:
             return
-        for value in list(args) + list(kwargs.values()):
-            for t in self.tracked:
-                if value is t.weight or (t.bias is not None and value is t.bias):
-                    self.record.other_uses.setdefault(t.layer, []).append(name)
+        if getattr(func, "__name__", None) in _METADATA_FUNCS:
+            for result in tensors_in(out):
+                if self._owners(result):
+                    continue  # the tensor itself (e.g. requires_grad_ returns self)
+                for value, owners in sources:
+                    if _shares_storage(result, value):
+                        self._aliases += [(result, layer, via + _name(func)) for layer, via in owners]
+            return
+        name = _name(func)
+        for layer, via in (owner for _, owners in sources for owner in owners):
+            self.record.other_uses.setdefault(layer, []).append(f"{name} of its {via}" if via else name)
+

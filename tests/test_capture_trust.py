@@ -1,0 +1,172 @@
+"""The tap never answers silently wrong: every use of a tracked weight is followed or refused.
+
+Oracles: identity scores are exact gradient dot products ``<G_q, G_n>`` of per-example autograd gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import fninfluence as fi
+from fninfluence import InfluenceError
+
+QUIET = dict(progress=False)
+
+
+class CrossEntropy(fi.Task):
+    def __init__(self, modules=None):
+        self.modules = modules
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def tracked_modules(self):
+        return self.modules
+
+
+def _vectors(n=8, d=5, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g))
+
+
+def _tokens(n=6, length=4, vocab=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randint(0, vocab, (n, length), generator=g), torch.randint(0, vocab, (n, length), generator=g))
+
+
+def exact_identity_scores(model, task, data, parameter_names):
+    """``<G_i, G_j>`` over the named parameters, from one autograd call per example."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(len(data)):
+        batch = tuple(t[None] for t in data[i])
+        grads = torch.autograd.grad(task.compute_train_loss(batch, model), [params[n] for n in parameter_names])
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    grads = torch.stack(rows)
+    return grads @ grads.T
+
+
+def _identity_scores(model, task, data):
+    factors = fi.fit_factors(model, task, data, strategy="identity", **QUIET)
+    return fi.pairwise_scores(model, task, factors, data, data, **QUIET)
+
+
+# -- item A: aliases of a tracked weight --------------------------------------------------------------
+
+
+class BesideTheModule(nn.Module):
+    """The tracked weight is used a second time through a property view, next to its module call."""
+
+    def __init__(self, view=lambda w: w.T):
+        super().__init__()
+        self.view = view
+        self.fc, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x) + torch.mm(x, self.view(self.fc.weight))))
+
+
+class TiedThroughT(nn.Module):
+    """An LM head tied to the embedding as ``h @ wte.weight.T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.mix = nn.Embedding(11, 6), nn.Linear(6, 6)
+
+    def forward(self, ids):
+        return torch.tanh(self.mix(self.wte(ids))) @ self.wte.weight.T
+
+
+@pytest.mark.parametrize("view", [lambda w: w.T, lambda w: w.mT, lambda w: w.H, lambda w: w.mH],
+                         ids=[".T", ".mT", ".H", ".mH"])
+def test_a_weight_used_through_a_property_view_beside_its_module_is_refused(view):
+    torch.manual_seed(0)
+    with pytest.raises(InfluenceError, match=r"fc: \['mm of its \.m?[TH]'\]"):
+        _identity_scores(BesideTheModule(view).double(), CrossEntropy(["fc"]), _vectors())
+
+
+def test_an_lm_head_tied_through_dot_t_is_refused_while_the_embedding_is_tracked():
+    torch.manual_seed(0)
+    with pytest.raises(InfluenceError, match=r"wte: \['matmul of its \.T'\]"):
+        _identity_scores(TiedThroughT().double(), CrossEntropy(["wte"]), _tokens())
+
+
+def test_a_view_of_a_view_is_followed():
+    torch.manual_seed(0)
+    with pytest.raises(InfluenceError, match=r"fc: \['mm of its \.T\.mT\.T'\]"):
+        _identity_scores(BesideTheModule(lambda w: w.T.mT.T).double(), CrossEntropy(["fc"]), _vectors())
+
+
+def test_the_tied_head_is_exact_when_the_weight_is_named_as_a_parameter():
+    """The refusal's fix works: naming ``wte.weight`` analyses every use of it, exactly."""
+    torch.manual_seed(0)
+    model, data, task = TiedThroughT().double(), _tokens(), CrossEntropy(["wte.weight"])
+    scores = _identity_scores(model, task, data)
+    torch.testing.assert_close(scores, exact_identity_scores(model, task, data, ["wte.weight"]), rtol=1e-10, atol=1e-10)
+
+
+class ReadsMetadata(nn.Module):
+    """A legitimate model that reads its weights' attributes (shapes, dtypes, views of them) around the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        assert self.fc.weight.T.shape == (5, 4) and self.fc.weight.mT.dtype == x.dtype
+        assert self.head.weight.data.device == x.device and self.head.bias.data.numel() == 3
+        return self.head(torch.tanh(self.fc(x.to(self.fc.weight.dtype))))
+
+
+def test_a_model_that_only_reads_weight_attributes_is_accepted_and_exact():
+    torch.manual_seed(0)
+    model, data, task = ReadsMetadata().double(), _vectors(), CrossEntropy()
+    names = ["fc.weight", "fc.bias", "head.weight", "head.bias"]
+    torch.testing.assert_close(_identity_scores(model, task, data), exact_identity_scores(model, task, data, names),
+                               rtol=1e-10, atol=1e-10)
+
+
+class Escapes(nn.Module):
+    """Uses the tracked weight where no torch function mode can see it: only the exactness check notices."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch._C.DisableTorchFunction():
+            hidden = torch.mm(x, self.fc.weight.t())
+        return self.head(torch.tanh(self.fc(x) + hidden))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_use_the_tap_cannot_see_is_caught_by_the_exactness_check(dtype):
+    torch.manual_seed(0)
+    data = TensorDataset(*(t.to(dtype) if t.is_floating_point() else t for t in _vectors().tensors))
+    with pytest.raises(InfluenceError, match="'fc' differs from autograd's.*fc.weight"):
+        _identity_scores(Escapes().to(dtype), CrossEntropy(["fc"]), data)
+
+
+def test_the_exactness_check_leaves_the_random_state_alone():
+    """True-Fisher label sampling draws from the global generator: the check must not draw more than the pass."""
+    from fninfluence.capture import ModelTap
+
+    torch.manual_seed(0)
+    model, data = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double(), _vectors()
+    task = fi.classification_task()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        task.compute_train_loss(data.tensors, model, sample=True)  # what the discovery pass itself draws
+    expected = torch.random.get_rng_state()
+    torch.manual_seed(3)
+    ModelTap(model, task).probes_for("train_sampled", data.tensors)
+    assert torch.equal(torch.random.get_rng_state(), expected)
