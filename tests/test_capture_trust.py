@@ -170,3 +170,86 @@ def test_the_exactness_check_leaves_the_random_state_alone():
     torch.manual_seed(3)
     ModelTap(model, task).probes_for("train_sampled", data.tensors)
     assert torch.equal(torch.random.get_rng_state(), expected)
+
+
+# -- item B: random ops in training mode ---------------------------------------------------------------
+
+
+class Noisy(nn.Module):
+    def __init__(self, noise):
+        super().__init__()
+        self.noise = noise
+        self.fc, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.noise(torch.tanh(self.fc(x))))
+
+
+NOISES = {
+    "Dropout": nn.Dropout(0.3),
+    "Dropout1d": nn.Dropout1d(0.3),
+    "AlphaDropout": nn.AlphaDropout(0.3),
+    "RReLU": nn.RReLU(),
+    "randn_like": lambda h: h + 0.1 * torch.randn_like(h),
+    "bernoulli": lambda h: h * torch.bernoulli(torch.full_like(h, 0.5)),
+    "functional dropout": lambda h: F.dropout(h, 0.2),
+}
+
+
+def _noisy(name):
+    torch.manual_seed(0)
+    noise = NOISES[name]
+    return Noisy(noise if isinstance(noise, nn.Module) else _Lambda(noise)).double().train()
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("empirical", [True, False], ids=["empirical", "true-fisher"])
+@pytest.mark.parametrize("name", list(NOISES))
+def test_a_random_op_in_the_model_is_refused_naming_model_eval(name, empirical):
+    with pytest.raises(InfluenceError, match=r"model draws random numbers.*model\.eval\(\)"):
+        fi.fit_factors(_noisy(name), fi.classification_task(), _vectors(), strategy="identity",
+                       use_empirical_fisher=empirical, **QUIET)
+
+
+def test_dropout_in_eval_mode_is_accepted_and_exact():
+    model, data, task = _noisy("Dropout").eval(), _vectors(), CrossEntropy()
+    names = [n for n, _ in model.named_parameters()]
+    torch.testing.assert_close(_identity_scores(model, task, data), exact_identity_scores(model, task, data, names),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_attention_dropout_in_training_mode_is_refused():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    for tracked in (["head"], ["attn", "head"]):  # run natively (untracked) and through the tap's rewrite
+        with pytest.raises(InfluenceError, match="multi_head_attention_forward \\(training=True, dropout_p=0.1\\)"):
+            fi.fit_factors(Attention().double().train(), CrossEntropy(tracked), data, strategy="identity", **QUIET)
+
+
+def test_a_random_op_in_the_task_is_refused_but_true_fisher_label_sampling_is_not():
+    class NoisyLoss(CrossEntropy):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            return super().compute_train_loss((x + 0.1 * torch.randn_like(x), y), model)
+
+    model = _noisy("Dropout").eval()
+    with pytest.raises(InfluenceError, match=r"task draws random numbers.*randn_like"):
+        fi.fit_factors(model, NoisyLoss(), _vectors(), strategy="identity", use_empirical_fisher=True, **QUIET)
+    factors = fi.fit_factors(model, fi.classification_task(), _vectors(), strategy="kfac", **QUIET)  # multinomial
+    assert torch.isfinite(factors["fc"]["gradient_covariance"]).all() and factors["fc"]["gradient_covariance"].any()

@@ -292,11 +292,13 @@ class ModelTap:
 
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)
-        tap = Tap(self._tracked(self.params), None, discover=True, examples=examples, per_example=self.per_example)
+        tap = Tap(self._tracked(self.params), None, discover=True, examples=examples, per_example=self.per_example,
+                  outer=self._callers[objective])
         with torch.no_grad(), unfused(), tap:
             loss = self._call(objective, self.params, self.buffers, batch)
         _check_loss(loss, objective)
         record = tap.record
+        _check_random(record.random_calls, objective)
         missing = [t.layer for t in self.targets if t.layer not in record.calls]
         if missing:
             raise InfluenceError(
@@ -422,6 +424,25 @@ _OBJECTIVE_NAMES = {
     "train_sampled": "training loss with sampled labels (Task.compute_train_loss, sample=True)",
     "measurement": "measurement (Task.compute_measurement)",
 }
+
+
+def _check_random(random_calls: Sequence[Tuple[str, bool]], objective: str) -> None:
+    """Refuse an objective that draws random numbers, except true-Fisher label sampling in the task itself.
+
+    A random op (dropout, rrelu or noise in training mode) makes the same example's gradient differ from
+    call to call, so scores would be noise; the sampled labels of ``compute_train_loss(sample=True)`` are
+    the one randomness the method asks for, and they are drawn by the task, not inside the model.
+    """
+    for how, inside_model in random_calls:
+        if objective == "train_sampled" and not inside_model and "training=True" not in how:
+            continue
+        where = "the model" if inside_model else "the task"
+        raise InfluenceError(
+            f"{where[0].upper()}{where[1:]} draws random numbers while computing the {_OBJECTIVE_NAMES[objective]}: "
+            f"{how}. Every call would then give other gradients and other scores (dropout and similar layers are "
+            "random in training mode). Call model.eval() before computing influence, or remove the random op; only "
+            "the labels of Task.compute_train_loss(sample=True) may be sampled, in the task's own code."
+        )
 
 
 def _check_loss(loss: Any, objective: str) -> None:

@@ -15,9 +15,13 @@ match list must be built inside the transformed function, from those very tensor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import sys
+
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -35,6 +39,70 @@ _METADATA_FUNCS = frozenset({
     "element_size", "nelement", "ndimension", "data_ptr", "get_device", "__len__", "__format__", "__repr__",
     "requires_grad_", "storage_offset", "untyped_storage", "__hash__", "__eq__", "__bool__", "dtype", "device",
 })
+
+
+# Functions whose output is random only in training: func -> ((training at, name, default), (p at, name, default)).
+# A training position of None means always; a p of None means any p (rrelu draws its slopes whatever they are).
+_DROPOUT, _VF_DROPOUT = ((2, "training", True), (1, "p", 0.5)), ((2, "train", None), (1, "p", None))
+_RANDOM_IN_TRAINING = {
+    **{f: _DROPOUT for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)},
+    **{f: ((2, "training", False), (1, "p", 0.5)) for f in (F.alpha_dropout, F.feature_alpha_dropout)},
+    **{f: _VF_DROPOUT for f in (torch.dropout, torch.dropout_, torch.alpha_dropout, torch.alpha_dropout_,
+                                torch.feature_dropout, torch.feature_dropout_, torch.feature_alpha_dropout,
+                                torch.feature_alpha_dropout_)},
+    **{f: ((3, "training", False), None) for f in (F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_)},
+    F.scaled_dot_product_attention: ((None, "", True), (4, "dropout_p", 0.0)),
+    F.multi_head_attention_forward: ((13, "training", True), (10, "dropout_p", None)),
+}
+# Functions that always draw random numbers (by name, so that torch.x, Tensor.x and Tensor.x_ are all caught).
+_RANDOM_NAMES = frozenset({
+    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "bernoulli_",
+    "multinomial", "normal", "normal_", "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_", "random_",
+    "poisson", "binomial", "_standard_gamma", "_sample_dirichlet", "native_dropout", "gumbel_softmax",
+})
+# Random unless their samples are passed in (argument 5, ``_random_samples``).
+_RANDOM_UNLESS_SAMPLES = frozenset({"fractional_max_pool2d_with_indices", "_fractional_max_pool2d",
+                                    "fractional_max_pool3d_with_indices", "_fractional_max_pool3d"})
+
+
+def _argument(args: tuple, kwargs: dict, position: Optional[int], name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if position is not None and position < len(args) else default
+
+
+def random_call(func, args: tuple, kwargs: dict) -> Optional[str]:
+    """How ``func(*args, **kwargs)`` is random (e.g. ``"dropout (training=True, p=0.1)"``), or None if it is not."""
+    name = getattr(func, "__name__", None)
+    if func in _RANDOM_IN_TRAINING:
+        training, p = _RANDOM_IN_TRAINING[func]
+        if training[0] is not None and not _argument(args, kwargs, *training):
+            return None
+        if p is None:
+            return f"{name} (training=True)"
+        rate = _argument(args, kwargs, *p)
+        return f"{name} (training=True, {p[1]}={rate})" if rate else None
+    if name in _RANDOM_NAMES:
+        return name
+    if name in _RANDOM_UNLESS_SAMPLES and _argument(args, kwargs, 5, "_random_samples", None) is None:
+        return name
+    return None
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _inside_a_module(outer: Optional[nn.Module]) -> bool:
+    """Whether the caller runs inside the forward of a module other than ``outer`` (the task's wrapper).
+
+    Tells the user's model apart from the task's own code (true-Fisher label sampling) without a hook.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is not outer:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _name(func) -> str:
@@ -89,6 +157,8 @@ class TapRecord:
     handlers: Dict[str, List[OpHandler]] = field(default_factory=dict)
     calls: Dict[str, List[CallRecord]] = field(default_factory=dict)
     other_uses: Dict[str, List[str]] = field(default_factory=dict)  # layer -> functions it cannot handle
+    # (how a call was random, whether it ran inside the user's model rather than the task's own code)
+    random_calls: List[Tuple[str, bool]] = field(default_factory=list)
     versions: List[Tuple[str, torch.Tensor, int]] = field(default_factory=list)
 
 
@@ -99,8 +169,10 @@ class Tap(TorchFunctionMode):
     """
 
     def __init__(self, tracked: Sequence[TrackedWeight], probes: Optional[Dict[str, List[torch.Tensor]]] = None,
-                 discover: bool = False, examples: int = 0, per_example: bool = False):
+                 discover: bool = False, examples: int = 0, per_example: bool = False,
+                 outer: Optional[nn.Module] = None):
         super().__init__()
+        self.outer = outer  # discovery: the module that calls the task, to tell the task's code from the model's
         self.examples = examples
         self.per_example = per_example
         self.tracked = tuple(tracked)
@@ -119,6 +191,10 @@ class Tap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.discover:
+            randomness = random_call(func, args, kwargs)
+            if randomness is not None:
+                self.record.random_calls.append((randomness, _inside_a_module(self.outer)))
         if func is F.multi_head_attention_forward:
             bound = attention.bind(args, kwargs)
             in_proj = self._layer_of(bound["in_proj_weight"])
