@@ -253,3 +253,155 @@ def test_a_random_op_in_the_task_is_refused_but_true_fisher_label_sampling_is_no
         fi.fit_factors(model, NoisyLoss(), _vectors(), strategy="identity", use_empirical_fisher=True, **QUIET)
     factors = fi.fit_factors(model, fi.classification_task(), _vectors(), strategy="kfac", **QUIET)  # multinomial
     assert torch.isfinite(factors["fc"]["gradient_covariance"]).all() and factors["fc"]["gradient_covariance"].any()
+
+
+# -- items C and D: activation checkpointing, requires_grad_ -------------------------------------------
+
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+
+
+class Checkpointed(nn.Module):
+    """The same network run plainly or under each form of torch.utils.checkpoint."""
+
+    def __init__(self, how="none"):
+        super().__init__()
+        self.how = how
+        self.block, self.mid, self.head = nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def _block(self, x):
+        return torch.tanh(self.block(x))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+        layers = nn.Sequential(self.block, nn.Tanh(), self.mid, nn.Tanh())
+        if self.how == "none":
+            return self.head(layers(x))
+        if self.how == "sequential":
+            return self.head(checkpoint_sequential(layers, 2, x, use_reentrant=False))
+        if self.how == "decorator":
+            h = checkpoint(use_reentrant=False)(self._block)(x)
+        else:
+            h = checkpoint(self._block, x, use_reentrant=self.how == "reentrant")
+        return self.head(checkpoint(lambda z: torch.tanh(self.mid(z)), h, use_reentrant=self.how == "reentrant"))
+
+
+def _all_scores(model, task, data, strategy, use_empirical_fisher=False, **options):
+    factors = fi.fit_factors(model, task, data, strategy=strategy, batch_size=4, use_empirical_fisher=use_empirical_fisher,
+                             **QUIET, **options)
+    return (fi.pairwise_scores(model, task, factors, data, data, batch_size=4, **QUIET, **options),
+            fi.self_scores(model, task, factors, data, batch_size=4, **QUIET, **options))
+
+
+def _checkpointed(how):
+    torch.manual_seed(0)
+    return Checkpointed(how).double().eval()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("how", ["reentrant", "non-reentrant", "decorator", "sequential"])
+def test_activation_checkpointing_gives_the_scores_of_the_unchecked_model(how, strategy):
+    data = _vectors(n=8, d=6)
+    task = fi.classification_task()  # true Fisher: the sampled labels must match too
+    torch.manual_seed(5)
+    expected = _all_scores(_checkpointed("none"), task, data, strategy)
+    torch.manual_seed(5)
+    for got, want in zip(_all_scores(_checkpointed(how), task, data, strategy), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_activation_checkpointing_in_the_task_and_with_compile():
+    from torch.utils.checkpoint import checkpoint
+
+    class CheckpointingTask(CrossEntropy):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            return F.cross_entropy(checkpoint(model, x, use_reentrant=False), y, reduction="sum")
+
+    data, model = _vectors(n=8, d=6), _checkpointed("none")
+    expected = _all_scores(model, CrossEntropy(), data, "ekfac", use_empirical_fisher=True)
+    with pytest.warns(UserWarning, match="compile is ignored"):
+        got = _all_scores(model, CheckpointingTask(), data, "ekfac", use_empirical_fisher=True, compile=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_checkpointing_leaves_torch_utils_checkpoint_as_it_was():
+    import torch.utils.checkpoint as checkpoint_module
+
+    before = checkpoint_module._checkpoint_impl
+    _all_scores(_checkpointed("reentrant"), CrossEntropy(), _vectors(n=8, d=6), "identity")
+    assert checkpoint_module._checkpoint_impl is before
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)  # and ordinary checkpointing still recomputes
+    model = _checkpointed("non-reentrant")
+    model(x).sum().backward()
+    assert x.grad is not None
+
+
+class RequiresGrad(nn.Module):
+    """Calls requires_grad_ in its forward, as Hugging Face's enable_input_require_grads hook does."""
+
+    def __init__(self, call=True):
+        super().__init__()
+        self.call = call
+        self.fc, self.norm, self.head = nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.call:
+            h.requires_grad_(True)
+        return self.head(torch.tanh(self.norm(h)))
+
+
+@pytest.mark.parametrize("strategy", ["identity", "ekfac"])
+def test_requires_grad_in_the_forward_is_harmless(strategy):
+    data, task = _vectors(), CrossEntropy(["fc", "norm", "head"])  # "norm" goes through per-example vmap gradients
+    models = []
+    for call in (True, False):
+        torch.manual_seed(0)
+        models.append(RequiresGrad(call).double().eval())
+    got, expected = (_all_scores(m, task, data, strategy, use_empirical_fisher=True) for m in models)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    if strategy == "identity":
+        names = [n for n, _ in models[0].named_parameters()]
+        torch.testing.assert_close(got[0], exact_identity_scores(models[0], task, data, names), rtol=1e-10, atol=1e-10)
+
+
+VOCAB = 13
+
+
+def _tiny_gpt2():
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=VOCAB, n_positions=8, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+class NextToken(fi.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        ids = batch[0]
+        logits = model(input_ids=ids).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def tracked_modules(self):
+        return ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn", "transformer.h.1.ln_2"]
+
+
+def test_hugging_face_gradient_checkpointing():
+    """In eval mode nothing is checkpointed but HF's input-grad hook calls requires_grad_ (item 13); in train mode
+    (no dropout) every block runs under torch.utils.checkpoint. Both give the plain eval model's scores."""
+    data = TensorDataset(torch.randint(0, VOCAB, (6, 5), generator=torch.Generator().manual_seed(0)))
+    expected = _all_scores(_tiny_gpt2().eval(), NextToken(), data, "ekfac", use_empirical_fisher=True)
+    for mode in ("eval", "train"):
+        model = _tiny_gpt2()
+        model.gradient_checkpointing_enable()
+        getattr(model, mode)()
+        got = _all_scores(model, NextToken(), data, "ekfac", use_empirical_fisher=True)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

@@ -10,10 +10,13 @@ the pipeline composes with curvature updates and score contractions, and what ``
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+import torch.utils.checkpoint as _checkpoint
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InfluenceError
@@ -21,7 +24,7 @@ from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_parameter_layers, resolve_targets, specs_from_calls
 from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
 from .ops import layout, weight_as_matrix
-from .tap import Tap, TrackedWeight
+from .tap import ObjectiveMode, Tap, TrackedWeight
 
 
 OBJECTIVES = ("train", "train_sampled", "measurement")
@@ -57,6 +60,59 @@ def unfused():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+class _DirectCheckpoints:
+    """While active in a thread, ``torch.utils.checkpoint`` calls made there run their function directly.
+
+    Checkpointing only trades memory for time: its forward is the function's own, and it recomputes that
+    forward during autograd's backward, which ``torch.func.grad`` cannot run (an ``autograd.Function`` without
+    ``setup_context``, or saved-tensor hooks). Running the function directly gives the very same values and
+    gradients. Every form of checkpoint (``checkpoint(fn, ...)``, the decorator, ``checkpoint_sequential``,
+    Hugging Face's ``_gradient_checkpointing_func``) goes through ``torch.utils.checkpoint._checkpoint_impl``,
+    looked up when called, so that is what is replaced, while any thread is inside; other threads keep the
+    original behaviour.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._original = None
+        self._local = threading.local()
+
+    def _impl(self, function, args, kwargs, **settings):
+        if getattr(self._local, "depth", 0):
+            self._local.calls = self.calls() + 1
+            return function(*args, **kwargs)
+        return self._original(function, args, kwargs, **settings)
+
+    def calls(self) -> int:
+        """How many checkpointed functions this thread has run directly so far."""
+        return getattr(self._local, "calls", 0)
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not hasattr(_checkpoint, "_checkpoint_impl"):  # another torch: checkpointing stays refused
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._original = _checkpoint._checkpoint_impl
+                _checkpoint._checkpoint_impl = self._impl
+            self._users += 1
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    _checkpoint._checkpoint_impl = self._original
+                    self._original = None
+
+
+direct_checkpoints = _DirectCheckpoints()
 
 
 def batch_examples(batch: Any) -> int:
@@ -160,6 +216,7 @@ class ModelTap:
         self.specs: Optional[Dict[str, LayerSpec]] = None
         self._callers = {k: _Objective(model, fn) for k, fn in _objective_fns(task).items()}
         self._probes: Dict[Tuple, Dict[str, List[torch.Tensor]]] = {}
+        self.checkpointed = False  # whether the objective uses activation checkpointing (seen by discovery)
         first = self.params[self.targets[0].weight if self.targets else next(iter(self.parameter_layers.values()))[0]]
         self.device, self.dtype = first.device, first.dtype
 
@@ -172,7 +229,9 @@ class ModelTap:
     def _call(self, objective: str, params, buffers, batch) -> torch.Tensor:
         tensors = {"model." + k: v for k, v in params.items()}
         tensors.update({"model." + k: v for k, v in buffers.items()})
-        with self._autocast():
+        # a compiled caller enters direct_checkpoints outside the graph (pipeline._maybe_compile)
+        checkpoints = contextlib.nullcontext() if torch.compiler.is_compiling() else direct_checkpoints()
+        with self._autocast(), checkpoints:
             return torch.func.functional_call(self._callers[objective], tensors, (batch,))
 
     def _autocast(self):
@@ -241,7 +300,8 @@ class ModelTap:
 
         def example_loss(subset, example):
             single = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, example)
-            return self._call(objective, {**params, **subset}, buffers, single)
+            with ObjectiveMode():
+                return self._call(objective, {**params, **subset}, buffers, single)
 
         in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
         grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, in_dims), randomness="different")(
@@ -290,7 +350,27 @@ class ModelTap:
             for layer, group in self.parameter_layers.items()
         }
 
+    def compile_option(self, compile):
+        """``compile``, or False when the objective uses activation checkpointing.
+
+        ``torch.compile`` traces ``torch.utils.checkpoint.checkpoint`` as one opaque higher-order op before
+        :data:`direct_checkpoints` can run its function, so the tap would not see the layers inside;
+        eager runs give the same numbers.
+        """
+        if compile and self.checkpointed:
+            warnings.warn("compile is ignored: the model uses activation checkpointing, which torch.compile hides "
+                          "from the tap; running eagerly (the results are the same).", stacklevel=3)
+            return False
+        return compile
+
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
+        checkpoints_before = direct_checkpoints.calls()
+        try:
+            return self._discover_once(objective, batch)
+        finally:
+            self.checkpointed |= direct_checkpoints.calls() > checkpoints_before
+
+    def _discover_once(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)
         tap = Tap(self._tracked(self.params), None, discover=True, examples=examples, per_example=self.per_example,
                   outer=self._callers[objective])

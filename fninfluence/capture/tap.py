@@ -37,7 +37,7 @@ from .ops import HANDLERS, OpHandler, layout, with_bias_column
 _METADATA_FUNCS = frozenset({
     "__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "is_complex",
     "element_size", "nelement", "ndimension", "data_ptr", "get_device", "__len__", "__format__", "__repr__",
-    "requires_grad_", "storage_offset", "untyped_storage", "__hash__", "__eq__", "__bool__", "dtype", "device",
+    "storage_offset", "untyped_storage", "__hash__", "__eq__", "__bool__", "dtype", "device",
 })
 
 
@@ -162,7 +162,21 @@ class TapRecord:
     versions: List[Tuple[str, torch.Tensor, int]] = field(default_factory=list)
 
 
-class Tap(TorchFunctionMode):
+class ObjectiveMode(TorchFunctionMode):
+    """What every run of the task's objective needs under ``torch.func``: ``requires_grad_`` is a no-op.
+
+    Under ``torch.func.grad`` every tensor is already differentiated, and ``requires_grad_`` raises there
+    (Hugging Face's ``enable_input_require_grads`` calls it on the input embeddings' output, e.g. after
+    ``gradient_checkpointing_enable()``); it changes no value, so skipping it is exact.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "requires_grad_":
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+class Tap(ObjectiveMode):
     """Records tracked layer inputs and adds ``probes[layer][k]`` to the output of the k-th call.
 
     With ``probes=None`` it only records (the discovery pass).
@@ -191,6 +205,8 @@ class Tap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "requires_grad_":
+            return args[0]  # see ObjectiveMode
         if self.discover:
             randomness = random_call(func, args, kwargs)
             if randomness is not None:
