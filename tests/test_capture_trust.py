@@ -405,3 +405,39 @@ def test_hugging_face_gradient_checkpointing():
         got = _all_scores(model, NextToken(), data, "ekfac", use_empirical_fisher=True)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+# -- item E: attention with kdim / vdim other than embed_dim ------------------------------------------
+
+
+class CrossAttention(nn.Module):
+    """Queries of width 4 attend to keys of width 3 and values of width 5: separate q/k/v projection weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, kdim=3, vdim=5, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = x[..., :4], x[..., 4:7], x[..., 7:]
+        return self.head(torch.tanh(self.attn(q, k, v, need_weights=False)[0]).mean(1))
+
+
+def test_attention_with_separate_projection_weights_tracks_every_parameter():
+    from fninfluence.capture import ModelTap
+
+    torch.manual_seed(0)
+    model = CrossAttention().double().eval()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(6, 3, 12, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+    task = CrossEntropy(["attn"])
+    engine = ModelTap(model, task)
+    engine.probes_for("train", data.tensors)
+    assert set(engine.specs) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.in_proj_bias", "attn.out_proj"}
+    names = ["attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight", "attn.in_proj_bias",
+             "attn.out_proj.weight", "attn.out_proj.bias"]
+    assert {n for spec in engine.specs.values() for n in (spec.weight, spec.bias, *spec.parameters) if n} == set(names)
+    torch.testing.assert_close(_identity_scores(model, task, data), exact_identity_scores(model, task, data, names),
+                               rtol=1e-10, atol=1e-10)
+    kfac = fi.fit_factors(model, task, data, strategy="kfac", use_empirical_fisher=True, **QUIET)
+    assert kfac["attn.k_proj"]["activation_covariance"].shape[-1] == 3  # kdim, no bias column of its own

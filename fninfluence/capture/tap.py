@@ -214,7 +214,8 @@ class Tap(ObjectiveMode):
         if func is F.multi_head_attention_forward:
             bound = attention.bind(args, kwargs)
             in_proj = self._layer_of(bound["in_proj_weight"])
-            tracked = in_proj or self._layer_of(bound["out_proj_weight"])
+            weights = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight")
+            tracked = next((t for t in map(self._layer_of, (bound[w] for w in weights)) if t is not None), None)
             if tracked is not None:
                 with self:  # re-enter the mode so that the projections inside are tapped
                     return attention.attention_forward(tracked.layer, bound, in_proj is not None)
@@ -236,7 +237,11 @@ class Tap(ObjectiveMode):
         out = func(*args, **kwargs)
         has_bias = call.bias is not None and call.bias is tracked.bias
         if self.discover and call.bias is not None and not has_bias:
-            self.record.other_uses.setdefault(layer, []).append(f"{handler.name} with a bias that is not {layer}'s own")
+            # another tensor as the bias leaves this weight's gradient exact; that tensor's own gradient is a use
+            # the tap does not follow (unless it is nobody's, e.g. a chunk of attention's shared in_proj_bias)
+            owners = [(layer, "")] if tracked.bias is not None else []
+            for owner, via in owners + self._owners(call.bias):
+                self.record.other_uses.setdefault(owner, []).append(f"{handler.name} with a bias that is not {layer}'s own")
         layer_input, _ = layout(handler, self.per_example)
         flat_rows = handler.flat_rows or layer_input is not handler.layer_input
         if flat_rows and call.input.shape[0] % self.examples:
