@@ -453,14 +453,17 @@ class ModelTap:
                 loss = self._call(objective, params, self.buffers, batch)
             return loss, tap.record.inputs
 
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), unfused():
+        accelerator = self.device.type != "cpu"
+        with torch.random.fork_rng(devices=[self.device] if accelerator else [], device_type=self.device.type), \
+                unfused():
             (probe_grads, grads), inputs = torch.func.grad(loss_of, argnums=(0, 1), has_aux=True)(
                 probes, {n: self.params[n] for n in names})
         for layer, spec in specs.items():
             _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
             g_calls = [output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
             tapped, scale, eps = _summed_gradient(inputs[layer], g_calls, spec.in_features if spec.one_hot else None)
+            if accelerator and tapped.dtype == torch.float32:
+                eps = max(eps, 2.0 ** -10)  # float32 matmuls and convolutions may run in TF32 there
             expected = weight_as_matrix(grads[spec.weight], grads[spec.bias] if spec.has_bias else None,
                                         spec.groups, spec.op).to(tapped.dtype)
             error = float(torch.linalg.vector_norm(tapped - expected))

@@ -14,11 +14,9 @@ match list must be built inside the transformed function, from those very tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-from typing import Dict, List, Optional, Sequence, Tuple
-
 import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
