@@ -99,10 +99,11 @@ def _on_batch(what: str, index: int):
         message = str(error)
         if "setup_context staticmethod" in message or "saved tensor hooks" in message:
             raise InfluenceError(
-                "The model uses activation checkpointing (torch.utils.checkpoint) or another autograd.Function / "
-                "saved-tensor hook that torch.func.grad cannot run. Turn it off while computing influence (e.g. "
-                "model.gradient_checkpointing_disable() for Hugging Face models, or call the checkpointed blocks "
-                f"directly); checkpointing only trades memory for time, the results do not change. [{what}, batch {index}]"
+                "The model uses an autograd.Function without setup_context or a saved-tensor hook (e.g. activation "
+                "checkpointing or offloading by a library other than torch.utils.checkpoint) that torch.func.grad "
+                "cannot run. Turn it off while computing influence (e.g. model.gradient_checkpointing_disable() for "
+                "Hugging Face models, or call the checkpointed blocks directly); checkpointing only trades memory for "
+                f"time, the results do not change. (torch.utils.checkpoint itself is supported.) [{what}, batch {index}]"
             ) from error
         if hasattr(error, "add_note"):
             error.add_note(f"fninfluence: raised while computing {what} on batch {index}.")
@@ -241,7 +242,7 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
         return checked, {layer: _updated(fit_passes[layer], state[layer], stats[layer], earlier[layer], layer)
                          for layer in state}
 
-    run = _maybe_compile(step, compile)
+    run = _maybe_compile(step, engine.compile_option(compile))
     state, examples = None, 0
     bar = _progress(data, batch_size, label, progress, "data")
     for index, batch in enumerate(batches(data, batch_size, engine.device)):
@@ -500,7 +501,7 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
         preconditioned = {layer: precondition(layer, layer_factors[layer], g) for layer, g in grads.items()}
         return (loss, finite.finite_flags(loss, grads, preconditioned), grads), preconditioned
 
-    run = _maybe_compile(step, compile)
+    run = _maybe_compile(step, engine.compile_option(compile))
     chunks: List[Dict[str, torch.Tensor]] = []
     bar = _progress(query_data, batch_size, "query gradients", progress, "query_data")
     started, examples = time.perf_counter(), 0
@@ -608,7 +609,7 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
                                             for q in group], dim=0)
         return (loss, finite.finite_flags(loss, stats, columns), stats), columns
 
-    run = _maybe_compile(step, compile)
+    run = _maybe_compile(step, engine.compile_option(compile))
     results: Dict[str, List[torch.Tensor]] = {}
     for group in _group_queries(queries, queries_per_pass):
         columns: Dict[str, List[torch.Tensor]] = {layer: [] for layer in specs}
@@ -783,7 +784,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         stages = (stats, measured_stats, scores)
         return (loss, measured, finite.finite_flags(loss, *stages), stages), scores
 
-    run = _maybe_compile(step, compile, batched=(2, 3, 4))
+    run = _maybe_compile(step, engine.compile_option(compile), batched=(2, 3, 4))
     blocks: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
     bar = _progress(data, batch_size, label, progress, "data")
     started, examples = time.perf_counter(), 0

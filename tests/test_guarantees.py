@@ -261,22 +261,6 @@ def test_attention_mask_excludes_tokens_from_the_statistics():
     assert float(factors[""]["num_tokens"]) == float(keep.sum())
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_activation_checkpointing_is_refused_with_the_fix(use_reentrant):
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block, self.head = nn.Linear(6, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(checkpoint(lambda h: torch.tanh(self.block(h)), x, use_reentrant=use_reentrant))
-
-    with pytest.raises(InfluenceError, match="activation checkpointing.*gradient_checkpointing_disable"):
-        fi.fit_factors(Checkpointed().double().eval(), ClassificationTask(), classification_data(), **QUIET)
-
-
 def test_a_data_dependent_number_of_layer_calls_is_refused():
     class Loop(nn.Module):
         def __init__(self):

@@ -10,18 +10,21 @@ the pipeline composes with curvature updates and score contractions, and what ``
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+import torch.utils.checkpoint as _checkpoint
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InfluenceError
 from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_parameter_layers, resolve_targets, specs_from_calls
 from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
-from .ops import layout
-from .tap import Tap, TrackedWeight
+from .ops import layout, weight_as_matrix
+from .tap import ObjectiveMode, Tap, TrackedWeight
 
 
 OBJECTIVES = ("train", "train_sampled", "measurement")
@@ -57,6 +60,59 @@ def unfused():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+class _DirectCheckpoints:
+    """While active in a thread, ``torch.utils.checkpoint`` calls made there run their function directly.
+
+    Checkpointing only trades memory for time: its forward is the function's own, and it recomputes that
+    forward during autograd's backward, which ``torch.func.grad`` cannot run (an ``autograd.Function`` without
+    ``setup_context``, or saved-tensor hooks). Running the function directly gives the very same values and
+    gradients. Every form of checkpoint (``checkpoint(fn, ...)``, the decorator, ``checkpoint_sequential``,
+    Hugging Face's ``_gradient_checkpointing_func``) goes through ``torch.utils.checkpoint._checkpoint_impl``,
+    looked up when called, so that is what is replaced, while any thread is inside; other threads keep the
+    original behaviour.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._original = None
+        self._local = threading.local()
+
+    def _impl(self, function, args, kwargs, **settings):
+        if getattr(self._local, "depth", 0):
+            self._local.calls = self.calls() + 1
+            return function(*args, **kwargs)
+        return self._original(function, args, kwargs, **settings)
+
+    def calls(self) -> int:
+        """How many checkpointed functions this thread has run directly so far."""
+        return getattr(self._local, "calls", 0)
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not hasattr(_checkpoint, "_checkpoint_impl"):  # another torch: checkpointing stays refused
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._original = _checkpoint._checkpoint_impl
+                _checkpoint._checkpoint_impl = self._impl
+            self._users += 1
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    _checkpoint._checkpoint_impl = self._original
+                    self._original = None
+
+
+direct_checkpoints = _DirectCheckpoints()
 
 
 def batch_examples(batch: Any) -> int:
@@ -160,6 +216,7 @@ class ModelTap:
         self.specs: Optional[Dict[str, LayerSpec]] = None
         self._callers = {k: _Objective(model, fn) for k, fn in _objective_fns(task).items()}
         self._probes: Dict[Tuple, Dict[str, List[torch.Tensor]]] = {}
+        self.checkpointed = False  # whether the objective uses activation checkpointing (seen by discovery)
         first = self.params[self.targets[0].weight if self.targets else next(iter(self.parameter_layers.values()))[0]]
         self.device, self.dtype = first.device, first.dtype
 
@@ -172,7 +229,9 @@ class ModelTap:
     def _call(self, objective: str, params, buffers, batch) -> torch.Tensor:
         tensors = {"model." + k: v for k, v in params.items()}
         tensors.update({"model." + k: v for k, v in buffers.items()})
-        with self._autocast():
+        # a compiled caller enters direct_checkpoints outside the graph (pipeline._maybe_compile)
+        checkpoints = contextlib.nullcontext() if torch.compiler.is_compiling() else direct_checkpoints()
+        with self._autocast(), checkpoints:
             return torch.func.functional_call(self._callers[objective], tensors, (batch,))
 
     def _autocast(self):
@@ -241,7 +300,8 @@ class ModelTap:
 
         def example_loss(subset, example):
             single = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, example)
-            return self._call(objective, {**params, **subset}, buffers, single)
+            with ObjectiveMode():
+                return self._call(objective, {**params, **subset}, buffers, single)
 
         in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
         grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, in_dims), randomness="different")(
@@ -290,13 +350,35 @@ class ModelTap:
             for layer, group in self.parameter_layers.items()
         }
 
+    def compile_option(self, compile):
+        """``compile``, or False when the objective uses activation checkpointing.
+
+        ``torch.compile`` traces ``torch.utils.checkpoint.checkpoint`` as one opaque higher-order op before
+        :data:`direct_checkpoints` can run its function, so the tap would not see the layers inside;
+        eager runs give the same numbers.
+        """
+        if compile and self.checkpointed:
+            warnings.warn("compile is ignored: the model uses activation checkpointing, which torch.compile hides "
+                          "from the tap; running eagerly (the results are the same).", stacklevel=3)
+            return False
+        return compile
+
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
+        checkpoints_before = direct_checkpoints.calls()
+        try:
+            return self._discover_once(objective, batch)
+        finally:
+            self.checkpointed |= direct_checkpoints.calls() > checkpoints_before
+
+    def _discover_once(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         examples = batch_examples(batch)
-        tap = Tap(self._tracked(self.params), None, discover=True, examples=examples, per_example=self.per_example)
+        tap = Tap(self._tracked(self.params), None, discover=True, examples=examples, per_example=self.per_example,
+                  outer=self._callers[objective])
         with torch.no_grad(), unfused(), tap:
             loss = self._call(objective, self.params, self.buffers, batch)
         _check_loss(loss, objective)
         record = tap.record
+        _check_random(record.random_calls, objective)
         missing = [t.layer for t in self.targets if t.layer not in record.calls]
         if missing:
             raise InfluenceError(
@@ -343,10 +425,83 @@ class ModelTap:
                         f"Layer {layer!r} looks different on this batch ({spec.op} {spec.shape}) than before "
                         f"({known.op} {known.shape}); tracked layers must not change with the data or the objective."
                     )
-        return {
+        probes = {
             layer: [torch.zeros(c.output_shape, dtype=c.output_dtype, device=self.device) for c in calls]
             for layer, calls in record.calls.items()
         }
+        self._check_exact(objective, batch, probes)
+        return probes
+
+    def _check_exact(self, objective: str, batch: Any, probes: Dict[str, List[torch.Tensor]]) -> None:
+        """The safety net behind the discovery pass: the tap must account for every use of a tracked weight.
+
+        Per layer, ``sum_n G_n = sum_{n,t} g_{n,t} a_{n,t}^T`` (unmasked) must equal the autograd gradient
+        of the summed objective with respect to the layer's weight (and bias): both come from one forward
+        pass, so the difference is rounding unless some use of the weight escaped the tap (a path through
+        ``__torch_function__`` subclasses, properties, Parameter-aware ops ...). The bound is
+        ``sqrt(eps) * sum_{n,t} |g_{n,t}| |a_{n,t}|``, the size of the terms summed. The global random state
+        is left as it was, so that the check changes no sampled label.
+        """
+        specs = {layer: spec for layer, spec in self.specs.items() if spec.op != "parameters" and layer in probes}
+        if not specs:
+            return
+        names = [n for spec in specs.values() for n in (spec.weight, spec.bias) if n is not None]
+        examples = batch_examples(batch)
+
+        def loss_of(probes, subset):
+            params = {**self.params, **subset}
+            tap = Tap(self._tracked(params), probes, examples=examples, per_example=self.per_example)
+            with tap:
+                loss = self._call(objective, params, self.buffers, batch)
+            return loss, tap.record.inputs
+
+        accelerator = self.device.type != "cpu"
+        with torch.random.fork_rng(devices=[self.device] if accelerator else [], device_type=self.device.type), \
+                unfused():
+            (probe_grads, grads), inputs = torch.func.grad(loss_of, argnums=(0, 1), has_aux=True)(
+                probes, {n: self.params[n] for n in names})
+        for layer, spec in specs.items():
+            _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
+            g_calls = [output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
+            tapped, scale, eps = _summed_gradient(inputs[layer], g_calls, spec.in_features if spec.one_hot else None)
+            if accelerator and tapped.dtype == torch.float32:
+                eps = max(eps, 2.0 ** -10)  # float32 matmuls and convolutions may run in TF32 there
+            expected = weight_as_matrix(grads[spec.weight], grads[spec.bias] if spec.has_bias else None,
+                                        spec.groups, spec.op).to(tapped.dtype)
+            error = float(torch.linalg.vector_norm(tapped - expected))
+            if not error <= eps ** 0.5 * float(scale):
+                raise InfluenceError(
+                    f"The tap's gradient of layer {layer!r} differs from autograd's on the first batch "
+                    f"(|difference| {error:.3g}, terms {float(scale):.3g}): its weight {spec.weight!r} is also used "
+                    f"in a way the tap cannot see (e.g. through a tensor subclass, a property or a custom op), so "
+                    "its per-example gradients would be wrong. Use the weight only through its module call, leave "
+                    f"{layer!r} out of Task.tracked_modules(), or name the parameter {spec.weight!r} itself there "
+                    "(its gradient then comes from per-example vmap, which sees every use)."
+                )
+
+
+def _summed_gradient(a_calls, g_calls, vocabulary: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """``(sum_{n,t} g a^T as [G, out, in], sum_{n,t} |g| |a|, machine epsilon of the inputs)`` over all calls.
+
+    Summed in at least float32. For an embedding ``a`` is a one-hot row ``id_values * e_ids``, so
+    ``g a^T`` adds ``id_values * g`` to column ``ids`` of a ``[1, D, V]`` matrix.
+    """
+    total, scale, eps = None, 0.0, 0.0
+    for a, g in zip(a_calls, g_calls):
+        dtypes = [g.dtype, (a["id_values"] if vocabulary is not None else a).dtype]
+        wide = torch.promote_types(torch.promote_types(*dtypes), torch.float32)
+        eps = max([eps] + [torch.finfo(d).eps for d in dtypes])
+        if vocabulary is not None:
+            rows = g.to(wide).reshape(-1, g.shape[-1]) * a["id_values"].to(wide).reshape(-1, 1)  # [B T, D]
+            term = rows.new_zeros(vocabulary, rows.shape[-1]).index_add(0, a["ids"].reshape(-1), rows).T[None]
+            size = torch.linalg.vector_norm(rows, dim=-1).sum()
+        else:
+            a, g = a.to(wide), g.to(wide)
+            term = torch.einsum("btgo,btgi->goi", g, a)
+            size = (torch.linalg.vector_norm(g, dim=-1) * torch.linalg.vector_norm(a, dim=-1)).sum()
+        total = term if total is None else total + term
+        scale = scale + size
+    return total, scale, eps
 
 
 _OBJECTIVE_NAMES = {
@@ -354,6 +509,25 @@ _OBJECTIVE_NAMES = {
     "train_sampled": "training loss with sampled labels (Task.compute_train_loss, sample=True)",
     "measurement": "measurement (Task.compute_measurement)",
 }
+
+
+def _check_random(random_calls: Sequence[Tuple[str, bool]], objective: str) -> None:
+    """Refuse an objective that draws random numbers, except true-Fisher label sampling in the task itself.
+
+    A random op (dropout, rrelu or noise in training mode) makes the same example's gradient differ from
+    call to call, so scores would be noise; the sampled labels of ``compute_train_loss(sample=True)`` are
+    the one randomness the method asks for, and they are drawn by the task, not inside the model.
+    """
+    for how, inside_model in random_calls:
+        if objective == "train_sampled" and not inside_model and "training=True" not in how:
+            continue
+        where = "the model" if inside_model else "the task"
+        raise InfluenceError(
+            f"{where[0].upper()}{where[1:]} draws random numbers while computing the {_OBJECTIVE_NAMES[objective]}: "
+            f"{how}. Every call would then give other gradients and other scores (dropout and similar layers are "
+            "random in training mode). Call model.eval() before computing influence, or remove the random op; only "
+            "the labels of Task.compute_train_loss(sample=True) may be sampled, in the task's own code."
+        )
 
 
 def _check_loss(loss: Any, objective: str) -> None:

@@ -79,9 +79,26 @@ def _catalog(model: nn.Module) -> Dict[str, Tuple[nn.Module, str, str]]:
     for name, module in model.named_modules():
         if is_supported(module) or isinstance(module, nn.Embedding):
             catalog[name] = (module, "weight", "bias")
-        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            catalog[f"{name}.in_proj" if name else "in_proj"] = (module, "in_proj_weight", "in_proj_bias")
+        elif isinstance(module, nn.MultiheadAttention):
+            catalog.update({_join(name, layer): (module, weight, bias) for layer, weight, bias in _attention_layers(module)})
     return catalog
+
+
+def _join(module: str, layer: str) -> str:
+    return f"{module}.{layer}" if module else layer
+
+
+def _attention_layers(module: nn.MultiheadAttention) -> List[Tuple[str, str, str]]:
+    """``(layer, weight attribute, bias attribute)`` of an attention module's input projections.
+
+    With ``kdim``/``vdim`` other than ``embed_dim`` the query, key and value projections are separate
+    weights (``q_proj_weight`` ...) that share one bias vector, ``in_proj_bias``: they are three layers
+    without a bias of their own, and ``in_proj_bias`` is a parameter layer (see
+    :func:`resolve_parameter_layers`) when the module is named.
+    """
+    if module.in_proj_weight is not None:
+        return [("in_proj", "in_proj_weight", "in_proj_bias")]
+    return [(f"{x}_proj", f"{x}_proj_weight", "") for x in "qkv"]
 
 
 def _supported_names(model: nn.Module) -> List[str]:
@@ -116,8 +133,9 @@ def _requested(model: nn.Module, catalog, names: Sequence[str]) -> List[str]:
             chosen.append(name)
             continue
         module = modules.get(name)
-        if isinstance(module, nn.MultiheadAttention):  # both of its projections
-            chosen += [n for n in (f"{name}.in_proj", f"{name}.out_proj") if n in catalog]
+        if isinstance(module, nn.MultiheadAttention):  # its input projections and out_proj
+            chosen += [n for n in [_join(name, layer) for layer, _, _ in _attention_layers(module)]
+                       + [_join(name, "out_proj")] if n in catalog]
             continue
         if module is None and name in _parameter_names(model):
             continue  # a single parameter, see resolve_parameter_layers
@@ -158,7 +176,12 @@ def resolve_parameter_layers(model: nn.Module, tracked_modules: Optional[Sequenc
             layers[name] = [canonical[id(parameters[name])]]
             continue
         module = modules.get(name)
-        if name in catalog or module is None or isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention):
+            # separate q/k/v weights share in_proj_bias, which no single projection owns (see _attention_layers)
+            if module.in_proj_weight is None and module.in_proj_bias is not None:
+                layers[_join(name, "in_proj_bias")] = [canonical[id(module.in_proj_bias)]]
+            continue
+        if name in catalog or module is None:
             continue
         own = [canonical[id(p)] for p in _own_parameters(module) if id(p) in canonical]
         if own:
