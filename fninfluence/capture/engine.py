@@ -10,6 +10,7 @@ the pipeline composes with curvature updates and score contractions, and what ``
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -469,6 +470,8 @@ class ModelTap:
             expected = weight_as_matrix(grads[spec.weight], grads[spec.bias] if spec.has_bias else None,
                                         spec.groups, spec.op).to(tapped.dtype)
             error = float(torch.linalg.vector_norm(tapped - expected))
+            if not (math.isfinite(error) and math.isfinite(float(scale))):
+                continue  # NaN/Inf gradients: the pass's finiteness checks name the cause, not a hidden use
             if not error <= eps ** 0.5 * float(scale):
                 raise InfluenceError(
                     f"The tap's gradient of layer {layer!r} differs from autograd's on the first batch "
