@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import arguments
 from . import distributed as parallel
 from . import partitions as parts
+from . import sampling
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
 from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
 from .data import Data, batches, num_batches
@@ -153,7 +154,10 @@ def _first_batch(data: Data, batch_size: Optional[int], device: torch.device, ar
 
 def _discover(model, task, data, batch_size, objective, amp_dtype, argument="data", per_example=False) -> ModelTap:
     engine = ModelTap(model, task, amp_dtype=amp_dtype, per_example=per_example)
-    engine.probes_for(objective, _first_batch(data, batch_size, engine.device, argument))
+    first = _first_batch(data, batch_size, engine.device, argument)
+    if objective == "train_sampled":  # a SeededTask's batches carry their examples' indices
+        first = sampling.with_example_ids(first, 0, batch_examples(first), engine.device)
+    engine.probes_for(objective, first)
     return engine
 
 
@@ -182,8 +186,11 @@ def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype)
 
 
 def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data: Data, batch_size, earlier,
-              precision: Precision, compile: CompileOption, progress: bool, label: str):
-    """Sum over ``data`` of each layer's state of pass ``pass_name`` (``fit_passes[layer]``): ``(states, examples)``."""
+              precision: Precision, compile: CompileOption, progress: bool, label: str, first: int = 0, seed: int = 0):
+    """Sum over ``data`` of each layer's state of pass ``pass_name`` (``fit_passes[layer]``): ``(states, examples)``.
+
+    ``data``'s examples are examples ``first, first + 1, ...`` of the whole dataset: with sampled labels each batch
+    carries those indices, so that every example's labels depend on (seed, index) only (:mod:`.sampling`)."""
     model_dtype = engine.dtype
     state_dtype = _state_dtype(precision, pass_name, model_dtype)
     compute_dtype = precision.compute(precision.per_sample_gradient_dtype, model_dtype) \
@@ -198,8 +205,13 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
     run = _maybe_compile(step, compile)
     state, examples = None, 0
     bar = _progress(data, batch_size, label, progress, "data")
+    sampled = objective == "train_sampled"
     for index, batch in enumerate(batches(data, batch_size, engine.device)):
-        with _on_batch(label, index):
+        size = batch_examples(batch)
+        with _on_batch(label, index), (sampling.seeded_generators(seed, first + examples, engine.device)
+                                       if sampled else contextlib.nullcontext()):
+            if sampled:
+                batch = sampling.with_example_ids(batch, first + examples, size, engine.device)
             probes = engine.probes_for(objective, batch)
             if state is None:
                 state = {layer: fit_passes[layer].init(spec.shape, state_dtype, engine.device)
@@ -207,7 +219,7 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
             loss, state = run(engine.params, engine.buffers, batch, probes, state,
                               {layer: earlier.get(layer, {}) for layer in engine.specs})
         check_finite(loss, objective, index)
-        examples += batch_examples(batch)
+        examples += size
         bar.update(1)
     bar.close()
     return state, examples
@@ -239,11 +251,16 @@ def fit_factors(
     precision: Optional[Precision] = None,
     per_example_vmap: bool = False,
     distributed: Optional[bool] = None,
+    seed: int = 0,
 ) -> Optional[Factors]:
     """Fit the curvature factors of ``strategy`` on ``data``.
 
     With ``use_empirical_fisher=False`` (the default) the task is asked for labels sampled from the
     model (``sample=True``), which gives the true Fisher; with True the batch's own labels are used.
+    Sampled labels are reproducible: while ``compute_train_loss(..., sample=True)`` runs, PyTorch's random
+    functions (``torch.multinomial``, ``bernoulli``, ``rand``, ``randn``, ...) draw from a generator keyed by
+    (``seed``, the example's index in ``data``), so batch size, partitions, resume, order of cells and ranks do
+    not change the factors (see :mod:`fninfluence.sampling` for the exact rule and its fallback).
     ``compile`` may be True or a dict of ``torch.compile`` options (``fullgraph=True`` is always set).
 
     ``strategy`` may be a dict ``{layer name: strategy}`` with ``"*"`` for the others, e.g.
@@ -275,6 +292,8 @@ def fit_factors(
     if group is not None:
         parallel.check_data(data, "data")
     objective = "train" if use_empirical_fisher else "train_sampled"
+    if not use_empirical_fisher:
+        task = sampling.SeededTask(task, seed)
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     estimators = resolve_strategies(strategy, specs)
@@ -303,7 +322,8 @@ def fit_factors(
     if store is not None:
         saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
             Path(store), model=model, data=data, estimators=estimators, specs=specs, plan=plan,
-            arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict()},
+            arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict(),
+                       "seed": None if use_empirical_fisher else int(seed)},
             state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
             overwrite=fresh,
         ), overwrite)
@@ -351,7 +371,8 @@ def fit_factors(
                              for layer in groups[m]}, 0
             else:
                 states, n = _fit_cell(engines[m], name, fit_passes, objective, cell_data, batch_size, factors,
-                                      precision, compile, progress, f"{label} {name} [{cell}]")
+                                      precision, compile, progress, f"{label} {name} [{cell}]",
+                                      first=ranges[d].start if ranges[d] is not None else 0, seed=seed)
             pass_examples += n if m == 0 else 0  # each example once, not once per module partition
             if saved is not None:
                 saved.write_cell(name, d, states, cell, n)
