@@ -550,7 +550,7 @@ def _rows(query: Query) -> int:
 
 def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_data: Data, *, damping, batch_size,
                    query_batch_size, compile, progress, precision, per_token, rank, full_svd, aggregate_queries,
-                   aggregate_train, queries_per_pass, label, chunks=None) -> Dict[str, torch.Tensor]:
+                   aggregate_train, queries_per_pass, label, chunks=None, conv_tokens=True) -> Dict[str, torch.Tensor]:
     """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``).
 
     ``chunks``: the query gradients of :func:`_query_gradients`, when already computed."""
@@ -569,8 +569,10 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
             if aggregate_train:
                 columns[layer] = torch.cat([summed_train_scores(q[layer], s) for q in group])[:, None]
             else:
-                columns[layer] = torch.cat([pairwise_layer_scores(q[layer], s, per_token, specs[layer].calls)
-                                            for q in group], dim=0)
+                with_tokens = per_token and _has_tokens(specs[layer], conv_tokens)
+                block = torch.cat([pairwise_layer_scores(q[layer], s, with_tokens, specs[layer].calls)
+                                   for q in group], dim=0)
+                columns[layer] = block if with_tokens or not per_token else block[..., None]
         return loss, columns
 
     run = _maybe_compile(step, compile)
@@ -605,14 +607,29 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
     return per_layer
 
 
+CONV_OPS = ("conv1d", "conv2d")
+
+
+def _has_tokens(spec: LayerSpec, conv_tokens: bool) -> bool:
+    """Whether a layer's per-token scores keep its tokens: a conv layer's output positions count as tokens
+    only with ``conv_tokens`` (else, as in Kronfluence, its scores are summed over them)."""
+    return conv_tokens or spec.op not in CONV_OPS
+
+
+def _token_count_error(lengths) -> InfluenceError:
+    return InfluenceError(
+        f"Per-token scores need one token count across layers, but the tracked layers have {sorted(lengths)} "
+        "tokens (or output positions) per example. Track layers that share a sequence length, or pass "
+        "conv_tokens=False (conv layers then give one score per example, summed over their positions, as in "
+        "Kronfluence), or use per_module=True with per_token=False."
+    )
+
+
 def _align_tokens(per_layer: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Layers without a token dimension (T = 1) spread their scores evenly over the others' tokens."""
     lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1}
     if len(lengths) > 1:
-        raise InfluenceError(
-            f"Per-token scores need one token count across layers, but the tracked layers have {sorted(lengths)} "
-            "tokens per example. Track layers that share a sequence length, or use per_module=True."
-        )
+        raise _token_count_error(lengths)
     if not lengths:
         return per_layer
     tokens = lengths.pop()
@@ -633,6 +650,7 @@ def pairwise_scores(
     compile: CompileOption = False,
     progress: bool = True,
     per_token: bool = False,
+    conv_tokens: bool = True,
     query_rank: Optional[int] = None,
     full_svd: bool = False,
     aggregate_queries: bool = False,
@@ -657,7 +675,10 @@ def pairwise_scores(
     many per pass over the training data, bounding the per-batch score tensors; every query is still
     preconditioned and kept for the whole call).
 
-    Options: ``per_token`` gives ``[Q, N, T]`` (layers without tokens spread evenly over them);
+    Options: ``per_token`` gives ``[Q, N, T]`` (layers without tokens spread evenly over them; a conv layer's
+    tokens are its output positions, or with ``conv_tokens=False`` it counts as a layer without tokens, its scores
+    summed over positions, which is what Kronfluence's per-token scores do, so that a CNN whose conv layers see
+    different numbers of positions gets ``[Q, N, 1]``);
     ``query_rank`` keeps a rank-r SVD of each preconditioned query gradient (``full_svd`` for an exact
     SVD instead of the randomised one); ``aggregate_queries`` / ``aggregate_train`` sum the gradients of
     all queries / all training examples (``[1, N]`` / ``[Q, 1]``). ``store``, partitions, targets and
@@ -682,7 +703,8 @@ def pairwise_scores(
                        per_example_vmap)
     specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, query_batch_size=query_batch_size or batch_size,
-                   compile=compile, progress=progress, precision=precision, per_token=per_token, rank=query_rank,
+                   compile=compile, progress=progress, precision=precision, per_token=per_token,
+                   conv_tokens=conv_tokens, rank=query_rank,
                    full_svd=full_svd, aggregate_queries=aggregate_queries, aggregate_train=aggregate_train,
                    queries_per_pass=queries_per_pass)
     if store is None and data_partitions == 1 and module_partitions == 1:
@@ -902,8 +924,9 @@ def _score_shape(kind, engine, query_data, train_data, options) -> Tuple[int, ..
         return (queries, 1)
     if options["per_token"]:
         first = _first_batch(train_data, options["batch_size"], engine.device, "train_data")
-        lengths = {length for length in engine.tokens_per_call("train", first).values() if length != 1}
+        lengths = {length for layer, length in engine.tokens_per_call("train", first).items()
+                   if length != 1 and _has_tokens(engine.specs[layer], options["conv_tokens"])}
         if len(lengths) > 1:
-            raise InfluenceError(f"Per-token scores need one token count across layers; tracked layers have {sorted(lengths)}.")
+            raise _token_count_error(lengths)
         return (queries, examples, lengths.pop() if lengths else 1)
     return (queries, examples)
