@@ -550,8 +550,12 @@ def _rows(query: Query) -> int:
 
 def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_data: Data, *, damping, batch_size,
                    query_batch_size, compile, progress, precision, per_token, rank, full_svd, aggregate_queries,
-                   aggregate_train, queries_per_pass, label, chunks=None, conv_tokens=True) -> Dict[str, torch.Tensor]:
+                   aggregate_train, queries_per_pass, label, chunks=None, conv_tokens=True,
+                   tokens=None) -> Dict[str, torch.Tensor]:
     """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``).
+
+    ``tokens``: with ``per_token``, the token count T of the whole model (:func:`_token_count`), which a module
+    partition without any layer with tokens must spread its scores over as well.
 
     ``chunks``: the query gradients of :func:`_query_gradients`, when already computed."""
     if chunks is None:
@@ -599,11 +603,11 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
             results.setdefault(layer, []).append(joined)
     if not results:
         rows = sum(_rows(next(iter(c.values()))) for c in queries)
-        return {layer: torch.zeros(rows, 1 if aggregate_train else 0, dtype=score_dtype, device=engine.device)
-                for layer in specs}
+        shape = (rows, 1) if aggregate_train else (rows, 0, tokens) if per_token else (rows, 0)
+        return {layer: torch.zeros(shape, dtype=score_dtype, device=engine.device) for layer in specs}
     per_layer = {layer: torch.cat(blocks, dim=0) for layer, blocks in results.items()}
     if per_token:
-        per_layer = _align_tokens(per_layer)
+        per_layer = _align_tokens(per_layer, tokens)
     return per_layer
 
 
@@ -625,9 +629,20 @@ def _token_count_error(lengths) -> InfluenceError:
     )
 
 
-def _align_tokens(per_layer: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Layers without a token dimension (T = 1) spread their scores evenly over the others' tokens."""
-    lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1}
+def _token_count(engine: ModelTap, train_data: Data, batch_size, conv_tokens: bool) -> int:
+    """The one token count T of per-token scores (1 when no layer has tokens), or an error naming the counts."""
+    first = _first_batch(train_data, batch_size, engine.device, "train_data")
+    lengths = {length for layer, length in engine.tokens_per_call("train", first).items()
+               if length != 1 and _has_tokens(engine.specs[layer], conv_tokens)}
+    if len(lengths) > 1:
+        raise _token_count_error(lengths)
+    return lengths.pop() if lengths else 1
+
+
+def _align_tokens(per_layer: Dict[str, torch.Tensor], tokens: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Layers without a token dimension (T = 1) spread their scores evenly over the ``tokens`` of the model
+    (by default, those of the other layers here)."""
+    lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1} | ({tokens} - {None, 1})
     if len(lengths) > 1:
         raise _token_count_error(lengths)
     if not lengths:
@@ -704,7 +719,8 @@ def pairwise_scores(
     specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, query_batch_size=query_batch_size or batch_size,
                    compile=compile, progress=progress, precision=precision, per_token=per_token,
-                   conv_tokens=conv_tokens, rank=query_rank,
+                   conv_tokens=conv_tokens, tokens=_token_count(engine, train_data, batch_size, conv_tokens)
+                   if per_token else None, rank=query_rank,
                    full_svd=full_svd, aggregate_queries=aggregate_queries, aggregate_train=aggregate_train,
                    queries_per_pass=queries_per_pass)
     if store is None and data_partitions == 1 and module_partitions == 1:
@@ -856,7 +872,8 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             query_data=query_data, ranges=ranges, groups=groups, per_module=per_module,
             shape=_score_shape(kind, engine, query_data, train_data, options),
             arguments={k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile",
-                                                                     "progress", "queries_per_pass", "precision")}
+                                                                     "progress", "queries_per_pass", "precision",
+                                                                     "tokens")}
             | {"precision": options["precision"].as_dict()},
             overwrite=fresh, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
         ), overwrite)
@@ -923,10 +940,5 @@ def _score_shape(kind, engine, query_data, train_data, options) -> Tuple[int, ..
     if options["aggregate_train"]:
         return (queries, 1)
     if options["per_token"]:
-        first = _first_batch(train_data, options["batch_size"], engine.device, "train_data")
-        lengths = {length for layer, length in engine.tokens_per_call("train", first).items()
-                   if length != 1 and _has_tokens(engine.specs[layer], options["conv_tokens"])}
-        if len(lengths) > 1:
-            raise _token_count_error(lengths)
-        return (queries, examples, lengths.pop() if lengths else 1)
+        return (queries, examples, options["tokens"])
     return (queries, examples)

@@ -146,3 +146,37 @@ def test_compat_cnn_per_token_scores_match_kronfluence(tmp_path, monkeypatch):
         for key, value in expected.items():
             assert got[key].shape == value.shape == (3, len(data))
             torch.testing.assert_close(got[key], value, rtol=1e-7, atol=1e-9)
+
+
+class _PooledSequenceClassifier(torch.nn.Module):
+    """A layer with 5 tokens, then a head on the mean-pooled sequence (no tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.encoder(x)).mean(1))
+
+
+def test_a_module_partition_without_tokens_spreads_over_the_models_tokens(tmp_path):
+    """The head alone in a module partition: before, in memory an error, with a store every token got the head's
+    whole score (off by a factor T) instead of 1/T of it."""
+    torch.manual_seed(0)
+    model = _PooledSequenceClassifier().double().eval()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(6, 5, 3, generator=g, dtype=W),
+                                          torch.randint(0, 2, (6,), generator=g))
+    task = ClassificationTask()
+    factors, queries = _fit(model, task, data), Subset(data, range(2))
+    expected = _scores(model, task, factors, queries, data, per_token=True, per_module=True)
+    pairwise = _scores(model, task, factors, queries, data, per_module=True)
+    torch.testing.assert_close(expected["head"], pairwise["head"][..., None].expand(-1, -1, 5) / 5)
+    for options in (dict(), dict(store=tmp_path / "s", data_partitions=2)):
+        modules = _scores(model, task, factors, queries, data, per_token=True, per_module=True,
+                          module_partitions=2, **options)
+        summed = _scores(model, task, factors, queries, data, per_token=True, module_partitions=2,
+                         **({k: (v.parent / "t" if k == "store" else v) for k, v in options.items()}))
+        for layer, value in expected.items():
+            torch.testing.assert_close(modules[layer], value, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(summed, sum(expected.values()), rtol=1e-10, atol=1e-12)
