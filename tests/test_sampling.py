@@ -166,6 +166,29 @@ def test_a_compiled_true_fisher_fit_is_one_graph_and_equals_eager():
     assert_same_factors(compiled, fit(model, task, data, batch_size=5))
 
 
+def test_every_path_draws_the_documented_labels():
+    """The diagonal Fisher of a tapped layer (the head) and of a parameter layer (a LayerNorm, through
+    vmap(grad)) equals an autograd loop whose labels are drawn, one example at a time, by the documented rule:
+    ExampleDraws keyed by (seed, the example's index). So both paths draw the same labels for an example."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    data = classification_data(n=12)
+    factors = fit(model, ClassificationTask(modules=["1", "3"]), data, batch_size=5, strategy="diagonal", seed=7)
+    squares = {"1": [], "3": []}
+    for index in range(len(data)):
+        x, _ = data[index]
+        logits = model(x[None])
+        with ExampleDraws(torch.tensor([index]), seed=7):
+            label = torch.multinomial(logits.detach().softmax(-1), 1).flatten()
+        params = [model[1].weight, model[1].bias, model[3].weight, model[3].bias]
+        grads = torch.autograd.grad(F.cross_entropy(logits, label, reduction="sum"), params)
+        squares["1"].append(torch.cat([grads[0], grads[1]]).square())
+        squares["3"].append(torch.cat([grads[2], grads[3][:, None]], dim=1).square())
+    torch.testing.assert_close(factors["1"]["lambda"].flatten(), torch.stack(squares["1"]).mean(0), rtol=1e-10,
+                               atol=1e-14)
+    torch.testing.assert_close(factors["3"]["lambda"][0], torch.stack(squares["3"]).mean(0), rtol=1e-10, atol=1e-14)
+
+
 # -- the draws themselves ----------------------------------------------------------------------------
 
 def test_sampled_labels_follow_the_softmax_through_the_pipeline():
