@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -524,9 +525,22 @@ def query_gradients(
 
 
 def _compress(chunks: List[Dict[str, torch.Tensor]], rank, full_svd, precision: Precision, dtype) -> List[Dict[str, Query]]:
+    """Each chunk's low-rank queries. The randomised SVD draws from PyTorch's generators seeded by (layer, first
+    query of the chunk), so every cell, partition, resume and rank gets the same approximation of a query (drawn
+    from the global state, the data partitions of one call differed by 13 % from an unpartitioned call)."""
     svd_dtype = precision.compute(precision.svd_dtype, dtype)
     score_dtype = precision.compute(precision.score_dtype, dtype)
-    return [{layer: low_rank(g, rank, full_svd, svd_dtype, score_dtype) for layer, g in c.items()} for c in chunks]
+    randomised = rank is not None and not full_svd
+    compressed, first = [], 0
+    for chunk in chunks:
+        queries = {}
+        for layer, g in chunk.items():
+            with (sampling.seeded_generators(zlib.crc32(layer.encode()), first, g.device) if randomised
+                  else contextlib.nullcontext()):
+                queries[layer] = low_rank(g, rank, full_svd, svd_dtype, score_dtype)
+        compressed.append(queries)
+        first += next(iter(chunk.values())).shape[0] if chunk else 0
+    return compressed
 
 
 def _group_queries(chunks: List[Dict[str, Query]], per_pass: Optional[int]) -> List[List[Dict[str, Query]]]:
