@@ -98,6 +98,27 @@ def _factory(kwargs: Dict[str, Any], default_dtype: Optional[torch.dtype] = None
     return options
 
 
+def _check_probabilities(probs: torch.Tensor, what: str, upper: bool) -> None:
+    """Refuse what ``torch.multinomial`` / ``torch.bernoulli`` refuse (NaN, Inf, negative, above 1 for a
+    probability, or an all-zero row), as they would: a ``RuntimeError``. Not where values cannot be read
+    without breaking the transform (compiled, or under vmap): there the non-finite loss is refused instead."""
+    if torch.compiler.is_compiling():
+        return
+    try:
+        bad = ~torch.isfinite(probs) | (probs < 0)
+        if upper:
+            bad = bad | (probs > 1)
+        invalid = bool(bad.any()) or (not upper and bool((probs.sum(-1) <= 0).any()))
+    except RuntimeError:  # vmap: a data-dependent check is not possible
+        return
+    if invalid:
+        problem = "NaN or values outside [0, 1]" if upper else "NaN, Inf or negative values, or a row that sums to 0"
+        raise RuntimeError(
+            f"{what} was given probabilities with {problem} while sampling labels for the true Fisher. Check the "
+            "model's outputs on this batch for NaN/Inf (or fit with use_empirical_fisher=True)."
+        )
+
+
 class ExampleDraws(TorchFunctionMode):
     """Answers PyTorch's random functions with per-example counter-based draws (see the module docstring).
 
@@ -140,6 +161,7 @@ class ExampleDraws(TorchFunctionMode):
 
     def _multinomial(self, input, num_samples, replacement=False):
         probs = input if input.dim() == 2 else input[None]
+        _check_probabilities(probs.detach(), "torch.multinomial", upper=False)
         rows, categories = probs.shape
         if replacement or num_samples == 1:
             (u,) = self._draw((rows, num_samples))
@@ -155,7 +177,9 @@ class ExampleDraws(TorchFunctionMode):
     def _bernoulli(self, input, p=None):
         (u,) = self._draw(input.shape)
         probs = input.detach() if p is None else p
-        probs = probs.to(torch.float64) if isinstance(probs, torch.Tensor) else probs
+        if isinstance(probs, torch.Tensor):
+            _check_probabilities(probs.detach(), "torch.bernoulli", upper=True)
+            probs = probs.to(torch.float64)
         return (u < probs).to(input.dtype)
 
     def _bernoulli_(self, input, p=0.5):

@@ -249,6 +249,16 @@ def test_an_example_draws_the_same_in_any_batch():
         assert not torch.equal(torch.multinomial(probs, 1), together)
 
 
+def test_invalid_probabilities_are_refused_as_torch_refuses_them():
+    with ExampleDraws(torch.arange(2)):
+        with pytest.raises(RuntimeError, match="multinomial"):
+            torch.multinomial(torch.tensor([[0.5, float("nan")], [0.5, 0.5]]), 1)
+        with pytest.raises(RuntimeError, match="sums to 0"):
+            torch.multinomial(torch.tensor([[0.0, 0.0], [0.5, 0.5]]), 1)
+        with pytest.raises(RuntimeError, match="bernoulli"):
+            torch.bernoulli(torch.tensor([0.5, 1.5]))
+
+
 def test_uniforms_are_exact_and_in_the_open_interval():
     u = uniforms(0, 0, 0, torch.tensor([0, 2**40, 2**62]), 1000)
     assert u.dtype == torch.float64 and (u > 0).all() and (u < 1).all()
