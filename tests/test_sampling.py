@@ -300,3 +300,32 @@ def test_randomised_low_rank_is_exact_on_rank_one_queries():
     low = fi.pairwise_scores(model, task, factors, queries, data, query_rank=1, **options)
     torch.testing.assert_close(low, fi.pairwise_scores(model, task, factors, queries, data, **options), rtol=1e-9,
                                atol=1e-12)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_sample_the_labels_of_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sampling_job
+
+    here = Path(__file__).resolve()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here.parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    ranks = [subprocess.Popen([sys.executable, str(here.with_name("sampling_job.py")), str(tmp_path)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in ranks]
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    expected = sampling_job.fit_true_fisher(distributed=False).tensors
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for layer, tensors in expected.items():
+            for name, value in tensors.items():
+                assert torch.equal(got[layer][name], value), (rank, layer, name)
