@@ -245,6 +245,11 @@ def test_an_example_draws_the_same_in_any_batch():
         later = torch.multinomial(probs[12:], 1)
         later_normals = torch.randn(6, 3, 2)
     assert torch.equal(later, together[12:]) and torch.equal(later_normals, normals[4:])
+    logits = torch.randn(10, 7, generator=torch.Generator().manual_seed(1))
+    with ExampleDraws(torch.arange(10), seed=0):  # torch.distributions samples through torch.multinomial
+        categorical = torch.distributions.Categorical(logits=logits).sample()
+    with ExampleDraws(torch.arange(6, 10), seed=0):
+        assert torch.equal(torch.distributions.Categorical(logits=logits[6:]).sample(), categorical[6:])
     with ExampleDraws(torch.arange(10), seed=1):
         assert not torch.equal(torch.multinomial(probs, 1), together)
 
