@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -25,6 +26,7 @@ from . import distributed as parallel
 from . import finite
 from . import partitions as parts
 from . import postprocess
+from . import sampling
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
 from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
 from .data import Data, batches, num_batches
@@ -196,7 +198,10 @@ def _first_batch(data: Data, batch_size: Optional[int], device: torch.device, ar
 
 def _discover(model, task, data, batch_size, objective, amp_dtype, argument="data", per_example=False) -> ModelTap:
     engine = ModelTap(model, task, amp_dtype=amp_dtype, per_example=per_example)
-    engine.probes_for(objective, _first_batch(data, batch_size, engine.device, argument))
+    first = _first_batch(data, batch_size, engine.device, argument)
+    if objective == "train_sampled":  # a SeededTask's batches carry their examples' indices
+        first = sampling.with_example_ids(first, 0, batch_examples(first), engine.device)
+    engine.probes_for(objective, first)
     return engine
 
 
@@ -225,8 +230,11 @@ def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype)
 
 
 def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data: Data, batch_size, earlier,
-              precision: Precision, compile: CompileOption, progress: bool, label: str):
-    """Sum over ``data`` of each layer's state of pass ``pass_name`` (``fit_passes[layer]``): ``(states, examples)``."""
+              precision: Precision, compile: CompileOption, progress: bool, label: str, first: int = 0, seed: int = 0):
+    """Sum over ``data`` of each layer's state of pass ``pass_name`` (``fit_passes[layer]``): ``(states, examples)``.
+
+    ``data``'s examples are examples ``first, first + 1, ...`` of the whole dataset: with sampled labels each batch
+    carries those indices, so that every example's labels depend on (seed, index) only (:mod:`.sampling`)."""
     model_dtype = engine.dtype
     state_dtype = _state_dtype(precision, pass_name, model_dtype)
     compute_dtype = precision.compute(precision.per_sample_gradient_dtype, model_dtype) \
@@ -245,8 +253,13 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
     run = _maybe_compile(step, engine.compile_option(compile))
     state, examples = None, 0
     bar = _progress(data, batch_size, label, progress, "data")
+    sampled = objective == "train_sampled"
     for index, batch in enumerate(batches(data, batch_size, engine.device)):
-        with _on_batch(label, index):
+        size = batch_examples(batch)
+        with _on_batch(label, index), (sampling.seeded_generators(seed, first + examples, engine.device)
+                                       if sampled else contextlib.nullcontext()):
+            if sampled:
+                batch = sampling.with_example_ids(batch, first + examples, size, engine.device)
             probes = engine.probes_for(objective, batch)
             if state is None:
                 state = {layer: fit_passes[layer].init(spec.shape, state_dtype, engine.device)
@@ -255,7 +268,7 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
                                               {layer: earlier.get(layer, {}) for layer in engine.specs})
         finite.raise_not_finite(flags, loss, objective, index, [stats], [finite.STATISTICS],
                                 f"The {pass_name} statistics")
-        examples += batch_examples(batch)
+        examples += size
         bar.update(1)
     bar.close()
     return state, examples
@@ -287,11 +300,16 @@ def fit_factors(
     precision: Optional[Precision] = None,
     per_example_vmap: bool = False,
     distributed: Optional[bool] = None,
+    seed: int = 0,
 ) -> Optional[Factors]:
     """Fit the curvature factors of ``strategy`` on ``data``.
 
     With ``use_empirical_fisher=False`` (the default) the task is asked for labels sampled from the
     model (``sample=True``), which gives the true Fisher; with True the batch's own labels are used.
+    Sampled labels are reproducible: while ``compute_train_loss(..., sample=True)`` runs, PyTorch's random
+    functions (``torch.multinomial``, ``bernoulli``, ``rand``, ``randn``, ...) draw from a generator keyed by
+    (``seed``, the example's index in ``data``), so batch size, partitions, resume, order of cells and ranks do
+    not change the factors (see :mod:`fninfluence.sampling` for the exact rule and its fallback).
     ``compile`` may be True or a dict of ``torch.compile`` options (``fullgraph=True`` is always set).
 
     ``strategy`` may be a dict ``{layer name: strategy}`` with ``"*"`` for the others, e.g.
@@ -323,6 +341,8 @@ def fit_factors(
     if group is not None:
         parallel.check_data(data, "data")
     objective = "train" if use_empirical_fisher else "train_sampled"
+    if not use_empirical_fisher:
+        task = sampling.SeededTask(task, seed)
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     estimators = resolve_strategies(strategy, specs)
@@ -351,7 +371,8 @@ def fit_factors(
     if store is not None:
         saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
             Path(store), model=model, data=data, estimators=estimators, specs=specs, plan=plan,
-            arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict()},
+            arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict(),
+                       "seed": None if use_empirical_fisher else int(seed)},
             state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
             overwrite=fresh,
         ), overwrite)
@@ -399,7 +420,8 @@ def fit_factors(
                              for layer in groups[m]}, 0
             else:
                 states, n = _fit_cell(engines[m], name, fit_passes, objective, cell_data, batch_size, factors,
-                                      precision, compile, progress, f"{label} {name} [{cell}]")
+                                      precision, compile, progress, f"{label} {name} [{cell}]",
+                                      first=ranges[d].start if ranges[d] is not None else 0, seed=seed)
             pass_examples += n if m == 0 else 0  # each example once, not once per module partition
             if saved is not None:
                 saved.write_cell(name, d, states, cell, n)
@@ -560,9 +582,22 @@ def query_gradients(
 
 
 def _compress(chunks: List[Dict[str, torch.Tensor]], rank, full_svd, precision: Precision, dtype) -> List[Dict[str, Query]]:
+    """Each chunk's low-rank queries. The randomised SVD draws from PyTorch's generators seeded by (layer, first
+    query of the chunk), so every cell, partition, resume and rank gets the same approximation of a query (drawn
+    from the global state, the data partitions of one call differed by 13 % from an unpartitioned call)."""
     svd_dtype = precision.compute(precision.svd_dtype, dtype)
     score_dtype = precision.compute(precision.score_dtype, dtype)
-    return [{layer: low_rank(g, rank, full_svd, svd_dtype, score_dtype) for layer, g in c.items()} for c in chunks]
+    randomised = rank is not None and not full_svd
+    compressed, first = [], 0
+    for chunk in chunks:
+        queries = {}
+        for layer, g in chunk.items():
+            with (sampling.seeded_generators(zlib.crc32(layer.encode()), first, g.device) if randomised
+                  else contextlib.nullcontext()):
+                queries[layer] = low_rank(g, rank, full_svd, svd_dtype, score_dtype)
+        compressed.append(queries)
+        first += next(iter(chunk.values())).shape[0] if chunk else 0
+    return compressed
 
 
 def _group_queries(chunks: List[Dict[str, Query]], per_pass: Optional[int]) -> List[List[Dict[str, Query]]]:
@@ -586,8 +621,12 @@ def _rows(query: Query) -> int:
 
 def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_data: Data, *, damping, batch_size,
                    query_batch_size, compile, progress, precision, per_token, rank, full_svd, aggregate_queries,
-                   aggregate_train, queries_per_pass, label, chunks=None) -> Dict[str, torch.Tensor]:
+                   aggregate_train, queries_per_pass, label, chunks=None, conv_tokens=True,
+                   tokens=None) -> Dict[str, torch.Tensor]:
     """Per-layer scores of every query against ``train_data``: ``{layer: [Q, N]}`` (or ``[Q, N, T]`` / ``[Q, 1]``).
+
+    ``tokens``: with ``per_token``, the token count T of the whole model (:func:`_token_count`), which a module
+    partition without any layer with tokens must spread its scores over as well.
 
     ``chunks``: the query gradients of :func:`_query_gradients`, when already computed."""
     if chunks is None:
@@ -605,8 +644,10 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
             if aggregate_train:
                 columns[layer] = torch.cat([summed_train_scores(q[layer], s) for q in group])[:, None]
             else:
-                columns[layer] = torch.cat([pairwise_layer_scores(q[layer], s, per_token, specs[layer].calls)
-                                            for q in group], dim=0)
+                with_tokens = per_token and _has_tokens(specs[layer], conv_tokens)
+                block = torch.cat([pairwise_layer_scores(q[layer], s, with_tokens, specs[layer].calls)
+                                   for q in group], dim=0)
+                columns[layer] = block if with_tokens or not per_token else block[..., None]
         return (loss, finite.finite_flags(loss, stats, columns), stats), columns
 
     run = _maybe_compile(step, engine.compile_option(compile))
@@ -634,22 +675,48 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
             results.setdefault(layer, []).append(joined)
     if not results:
         rows = sum(_rows(next(iter(c.values()))) for c in queries)
-        return {layer: torch.zeros(rows, 1 if aggregate_train else 0, dtype=score_dtype, device=engine.device)
-                for layer in specs}
+        shape = (rows, 1) if aggregate_train else (rows, 0, tokens) if per_token else (rows, 0)
+        return {layer: torch.zeros(shape, dtype=score_dtype, device=engine.device) for layer in specs}
     per_layer = {layer: torch.cat(blocks, dim=0) for layer, blocks in results.items()}
     if per_token:
-        per_layer = _align_tokens(per_layer)
+        per_layer = _align_tokens(per_layer, tokens)
     return per_layer
 
 
-def _align_tokens(per_layer: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Layers without a token dimension (T = 1) spread their scores evenly over the others' tokens."""
-    lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1}
+CONV_OPS = ("conv1d", "conv2d")
+
+
+def _has_tokens(spec: LayerSpec, conv_tokens: bool) -> bool:
+    """Whether a layer's per-token scores keep its tokens: a conv layer's output positions count as tokens
+    only with ``conv_tokens`` (else, as in Kronfluence, its scores are summed over them)."""
+    return conv_tokens or spec.op not in CONV_OPS
+
+
+def _token_count_error(lengths) -> InfluenceError:
+    return InfluenceError(
+        f"Per-token scores need one token count across layers, but the tracked layers have {sorted(lengths)} "
+        "tokens (or output positions) per example. Track layers that share a sequence length, or pass "
+        "conv_tokens=False (conv layers then give one score per example, summed over their positions, as in "
+        "Kronfluence), or use per_module=True with per_token=False."
+    )
+
+
+def _token_count(engine: ModelTap, train_data: Data, batch_size, conv_tokens: bool) -> int:
+    """The one token count T of per-token scores (1 when no layer has tokens), or an error naming the counts."""
+    first = _first_batch(train_data, batch_size, engine.device, "train_data")
+    lengths = {length for layer, length in engine.tokens_per_call("train", first).items()
+               if length != 1 and _has_tokens(engine.specs[layer], conv_tokens)}
     if len(lengths) > 1:
-        raise InfluenceError(
-            f"Per-token scores need one token count across layers, but the tracked layers have {sorted(lengths)} "
-            "tokens per example. Track layers that share a sequence length, or use per_module=True."
-        )
+        raise _token_count_error(lengths)
+    return lengths.pop() if lengths else 1
+
+
+def _align_tokens(per_layer: Dict[str, torch.Tensor], tokens: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Layers without a token dimension (T = 1) spread their scores evenly over the ``tokens`` of the model
+    (by default, those of the other layers here)."""
+    lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1} | ({tokens} - {None, 1})
+    if len(lengths) > 1:
+        raise _token_count_error(lengths)
     if not lengths:
         return per_layer
     tokens = lengths.pop()
@@ -670,6 +737,7 @@ def pairwise_scores(
     compile: CompileOption = False,
     progress: bool = True,
     per_token: bool = False,
+    conv_tokens: bool = True,
     query_rank: Optional[int] = None,
     full_svd: bool = False,
     aggregate_queries: bool = False,
@@ -694,7 +762,10 @@ def pairwise_scores(
     many per pass over the training data, bounding the per-batch score tensors; every query is still
     preconditioned and kept for the whole call).
 
-    Options: ``per_token`` gives ``[Q, N, T]`` (layers without tokens spread evenly over them);
+    Options: ``per_token`` gives ``[Q, N, T]`` (layers without tokens spread evenly over them; a conv layer's
+    tokens are its output positions, or with ``conv_tokens=False`` it counts as a layer without tokens, its scores
+    summed over positions, which is what Kronfluence's per-token scores do, so that a CNN whose conv layers see
+    different numbers of positions gets ``[Q, N, 1]``);
     ``query_rank`` keeps a rank-r SVD of each preconditioned query gradient (``full_svd`` for an exact
     SVD instead of the randomised one); ``aggregate_queries`` / ``aggregate_train`` sum the gradients of
     all queries / all training examples (``[1, N]`` / ``[Q, 1]``). ``store``, partitions, targets and
@@ -724,7 +795,9 @@ def pairwise_scores(
                        per_example_vmap)
     specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, query_batch_size=query_batch_size or batch_size,
-                   compile=compile, progress=progress, precision=precision, per_token=per_token, rank=query_rank,
+                   compile=compile, progress=progress, precision=precision, per_token=per_token,
+                   conv_tokens=conv_tokens, tokens=_token_count(engine, train_data, batch_size, conv_tokens)
+                   if per_token else None, rank=query_rank,
                    full_svd=full_svd, aggregate_queries=aggregate_queries, aggregate_train=aggregate_train,
                    queries_per_pass=queries_per_pass)
     if store is None and data_partitions == 1 and module_partitions == 1:
@@ -883,7 +956,8 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             query_data=query_data, ranges=ranges, groups=groups, per_module=per_module,
             shape=_score_shape(kind, engine, query_data, train_data, options),
             arguments={k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile",
-                                                                     "progress", "queries_per_pass", "precision")}
+                                                                     "progress", "queries_per_pass", "precision",
+                                                                     "tokens")}
             | {"precision": options["precision"].as_dict()},
             overwrite=fresh, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
         ), overwrite)
@@ -950,9 +1024,5 @@ def _score_shape(kind, engine, query_data, train_data, options) -> Tuple[int, ..
     if options["aggregate_train"]:
         return (queries, 1)
     if options["per_token"]:
-        first = _first_batch(train_data, options["batch_size"], engine.device, "train_data")
-        lengths = {length for length in engine.tokens_per_call("train", first).values() if length != 1}
-        if len(lengths) > 1:
-            raise InfluenceError(f"Per-token scores need one token count across layers; tracked layers have {sorted(lengths)}.")
-        return (queries, examples, lengths.pop() if lengths else 1)
+        return (queries, examples, options["tokens"])
     return (queries, examples)

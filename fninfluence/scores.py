@@ -83,7 +83,7 @@ def low_rank(preconditioned: torch.Tensor, rank: Optional[int], full_svd: bool, 
     """``P ~ L R`` by a rank-``rank`` SVD per query and group, when the rank is below both matrix sides.
 
     With ``full_svd=False`` the randomised ``torch.svd_lowrank`` is used (as in Kronfluence); its result
-    varies with the random state.
+    depends on PyTorch's random state, which the pipeline seeds per (layer, query chunk) so that it is reproducible.
     """
     out, inp = preconditioned.shape[-2:]
     if rank is None or min(out, inp) <= rank:

@@ -161,7 +161,9 @@ class ScoreArguments(Arguments):
 
     Maps to :func:`fninfluence.pairwise_scores` / :func:`fninfluence.self_scores`: ``damping_factor`` ->
     ``damping`` (None: 0.1 x mean Lambda per module); ``compute_per_module_scores`` -> ``per_module``;
-    ``compute_per_token_scores`` -> ``per_token``; ``query_gradient_low_rank`` -> ``query_rank``;
+    ``compute_per_token_scores`` -> ``per_token`` with ``conv_tokens=False`` (as in Kronfluence, conv layers have no
+    per-token scores, and without any layer with tokens the scores are ``[Q, N]``); ``query_gradient_low_rank`` ->
+    ``query_rank``;
     ``use_full_svd`` -> ``full_svd``; ``aggregate_query_gradients`` / ``aggregate_train_gradients`` ->
     ``aggregate_queries`` / ``aggregate_train``; ``query_gradient_accumulation_steps`` -> ``queries_per_pass``
     (= query batch size x steps); ``use_measurement_for_self_influence`` -> ``use_measurement``; partitions
@@ -883,8 +885,8 @@ class Analyzer:
         if result is None:
             return None
         if isinstance(result, torch.Tensor):
-            return {ALL_MODULE_NAME: result}
-        return dict(result)
+            return _kronfluence_token_shape({ALL_MODULE_NAME: result}, per_token)
+        return _kronfluence_token_shape(dict(result), per_token)
 
     def compute_pairwise_scores(
         self,
@@ -926,7 +928,8 @@ class Analyzer:
             return pipeline.pairwise_scores(
                 self.model, self.task, factors, query_loader, self._loader(train, batch_size, dataloader_kwargs),
                 damping=args.damping_factor, per_module=args.compute_per_module_scores,
-                progress=not self.disable_tqdm, per_token=per_token, query_rank=args.query_gradient_low_rank,
+                progress=not self.disable_tqdm, per_token=per_token, conv_tokens=False,
+                query_rank=args.query_gradient_low_rank,
                 full_svd=args.use_full_svd, aggregate_queries=args.aggregate_query_gradients,
                 aggregate_train=args.aggregate_train_gradients, queries_per_pass=queries_per_pass,
                 store=directory, overwrite=overwrite_output_dir and first, data_partitions=args.data_partitions,
@@ -1002,7 +1005,7 @@ class Analyzer:
         info = _read_json(directory / SCORES_INFO_FILE)
         if info is None or info.get("kind") != kind:
             return None
-        return _scores_from_store(directory, bool(info.get("per_module")))
+        return _scores_from_store(directory, bool(info.get("per_module")), bool(info.get("per_token")))
 
     def load_pairwise_scores(self, scores_name: str) -> Optional[SCORE_TYPE]:
         """``{"all_modules": [Q, N]}`` (or per module), or None if missing or incomplete."""
@@ -1079,7 +1082,16 @@ def _store_kind(path: Path) -> Optional[str]:
     return attributes.get("fninfluence", {}).get("kind")
 
 
-def _scores_from_store(directory: Path, per_module: bool) -> Optional[SCORE_TYPE]:
+def _kronfluence_token_shape(scores: SCORE_TYPE, per_token: bool) -> SCORE_TYPE:
+    """Per-token scores as Kronfluence shapes them: ``[Q, N]`` when no tracked layer has tokens (an MLP, or a
+    CNN, whose conv layers Kronfluence sums over positions), where the native API keeps ``[Q, N, 1]``."""
+    if not per_token:
+        return scores
+    return {name: value[..., 0] if value.dim() == 3 and value.shape[-1] == 1 else value
+            for name, value in scores.items()}
+
+
+def _scores_from_store(directory: Path, per_module: bool, per_token: bool = False) -> Optional[SCORE_TYPE]:
     try:
         scores = read_scores(directory)
     except InfluenceError:
@@ -1088,7 +1100,7 @@ def _scores_from_store(directory: Path, per_module: bool) -> Optional[SCORE_TYPE
         scores.pop(ALL_MODULE_NAME, None)
     else:
         scores = {ALL_MODULE_NAME: scores[ALL_MODULE_NAME]}
-    return scores
+    return _kronfluence_token_shape(scores, per_token)
 
 
 def _kronfluence_file(path: Path) -> Optional[Dict[str, torch.Tensor]]:
@@ -1099,7 +1111,7 @@ def _kronfluence_file(path: Path) -> Optional[Dict[str, torch.Tensor]]:
     kind = _store_kind(directory)
     if kind in ("pairwise", "self") and stem == f"{kind}_scores":
         info = _read_json(directory / SCORES_INFO_FILE) or {}
-        return _scores_from_store(directory, bool(info.get("per_module")))
+        return _scores_from_store(directory, bool(info.get("per_module")), bool(info.get("per_token")))
     if kind == "factors" and stem in COVARIANCE_FACTOR_NAMES + EIGENDECOMPOSITION_FACTOR_NAMES + LAMBDA_FACTOR_NAMES:
         factors = _load_native_factors(directory)
         return None if factors is None else _kronfluence_factors(factors).get(stem)
