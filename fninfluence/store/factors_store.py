@@ -17,6 +17,7 @@ to module names. Loading reads only JSON and numeric arrays: nothing is unpickle
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -27,7 +28,7 @@ from torch import nn
 from ..capture import LayerSpec
 from ..curvature import pass_order
 from ..errors import InfluenceError
-from ..partitions import data_ranges
+from ..partitions import data_ranges, module_groups
 from .fingerprint import DataDigest, data_fingerprint, decode_examples, jsonable, model_fingerprint
 from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, chunk_files, done_cells,
                       identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker, remove_store,
@@ -84,6 +85,9 @@ def _meta_outputs(estimators, specs: Dict[str, LayerSpec], state_dtypes: Dict[st
     return states, outputs
 
 
+_CELL = re.compile(r"(?P<pass>.+)-data(?P<d>\d+)-modules(?P<m>\d+)")
+
+
 def _is_cell(name: str) -> bool:
     return "-data" in name and "-modules" in name
 
@@ -94,7 +98,22 @@ class FitStore:
     def __init__(self, path: Path, group, keys: Dict[str, str], states, outputs, plan, identity: str):
         self.path, self.group, self.keys = path, group, keys
         self.states, self.outputs, self.plan = states, outputs, plan
-        self.markers = Markers(path, identity)
+        self.markers = Markers(path, identity, self._expected_chunks)
+
+    def _expected_chunks(self, cell: str) -> List[str]:
+        """The chunks a cell's marker must certify: its data partition of its module partition's states."""
+        if cell == "complete":
+            return self._output_chunks(list(self.outputs))
+        if cell.startswith("pass-"):
+            return self._output_chunks([cell[len("pass-"):]])
+        match = _CELL.fullmatch(cell)
+        if match is None or match["pass"] not in self.states:
+            raise KeyError(cell)
+        pass_name, d, m = match["pass"], int(match["d"]), int(match["m"])
+        layers = module_groups(list(self.states[pass_name]), self.plan[pass_name][2])[m]
+        region = (slice(d, d + 1),)
+        return [chunk for layer in layers for name in self.states[pass_name][layer]
+                for chunk in chunk_files(self.group, f"passes/{pass_name}/{self.keys[layer]}/{name}", region)]
 
     # cells
     def cell_done(self, cell: str) -> bool:
@@ -286,7 +305,7 @@ def reuse_complete(path: Path, *, model: nn.Module, task, data, resolve: Callabl
         return None
     if any(expected.get(k) != header.get(k) for k in IDENTITY):
         return None
-    markers = Markers(path, identity_digest(header, IDENTITY))
+    markers = _stored_markers(path, header, estimators)
     if not markers.done("complete") or not all(markers.done(f"pass-{p}") for p in header.get("passes", [])):
         return None
     factors = _load(path, header, estimators)
@@ -367,6 +386,36 @@ def load_factors(path: Path, estimator=None):
     return _load(path, header, estimators)
 
 
+def _stored_markers(path: Path, header: Dict[str, Any], estimators: Dict[str, Any]) -> Markers:
+    """The markers of a finished store: each pass marker must certify exactly the stored factors of its pass
+    (and ``complete`` those of every pass), so a marker copied from another pass certifies nothing."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    records = header["layers"]
+
+    def outputs_of(pass_name: str) -> List[str]:
+        chunks = []
+        for record in records:
+            spec = _spec_from_record(record)
+            estimator = estimators[spec.name]
+            if not any(p.name == pass_name for p in estimator.passes):
+                continue
+            for name in sorted(_pass_output_names(estimator, pass_name, spec)):
+                if f"layers/{record['key']}/{name}" in group:
+                    chunks += chunk_files(group, f"layers/{record['key']}/{name}")
+        return chunks
+
+    def expected(cell: str) -> Optional[List[str]]:
+        if cell == "complete":
+            return [c for p in header.get("passes", []) for c in outputs_of(p)]
+        if cell.startswith("pass-"):
+            return outputs_of(cell[len("pass-"):])
+        return None  # cells are checked by the FitStore that fills the store
+
+    return Markers(path, identity_digest(header, IDENTITY), expected)
+
+
 def _check_spec(path: Path, spec: LayerSpec) -> None:
     for field in ("groups", "out_features", "in_features"):
         value = getattr(spec, field)
@@ -382,7 +431,7 @@ def _load(path: Path, header: Dict[str, Any], estimators: Dict[str, Any]):
 
     from ..factors import Factors
 
-    markers = Markers(path, identity_digest(header, IDENTITY))
+    markers = _stored_markers(path, header, estimators)
     passes = [p for p in header.get("passes", []) if isinstance(p, str)]
     damaged = markers.damaged([f"pass-{p}" for p in passes])
     if damaged:

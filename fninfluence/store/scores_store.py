@@ -43,7 +43,25 @@ class ScoreStore:
         self.axis = 0 if header["kind"] == "self" else 1
         self.summed_train = bool(header["arguments"].get("aggregate_train"))
         self.direct = not self.summed_train and len(groups) == 1
-        self.markers = Markers(path, identity_digest(header, IDENTITY))
+        self.markers = Markers(path, identity_digest(header, IDENTITY), self._expected_chunks)
+
+    def _expected_chunks(self, cell: str) -> List[str]:
+        """The chunks a cell's marker must certify: its data partition of its module partition's arrays."""
+        if cell == "complete":
+            return self._final_chunks()
+        prefix = f"{self.header['kind']}-data"
+        if not cell.startswith(prefix) or "-modules" not in cell:
+            raise KeyError(cell)
+        d, m = (int(x) for x in cell[len(prefix):].split("-modules"))
+        target = "all_modules" if self.direct else f"partials/modules{m}"
+        ndim = len(self.group[target].shape)
+        chunks = chunk_files(self.group, target, self._region(ndim, d))
+        if self.header["per_module"]:
+            for layer in self.groups[m]:
+                name = (f"partials/per_module/{self.keys[layer]}" if self.summed_train
+                        else f"per_module/{self.keys[layer]}")
+                chunks += chunk_files(self.group, name, self._region(ndim, d))
+        return chunks
 
     def _region(self, ndim: int, data_index: int) -> Tuple[slice, ...]:
         region = [slice(None)] * ndim
@@ -199,9 +217,23 @@ def reuse_complete(path: Path, *, kind: str, model, factors, train_data, query_d
         return None
     if any(expected.get(k) != header.get(k) for k in IDENTITY):
         return None
-    if not Markers(path, identity_digest(header, IDENTITY)).done("complete"):
+    if not _opened(path, header).markers.done("complete"):
         return None
     return read_scores(path)
+
+
+def _opened(path: Path, header: Dict[str, Any]) -> ScoreStore:
+    """A finished store, read-only, with its partitions from the header."""
+    import zarr
+
+    from ..partitions import data_ranges
+
+    partitions = header["partitions"]
+    axis = 0 if header["kind"] == "self" else 1
+    examples = int(header["shape"][axis]) if not header["arguments"].get("aggregate_train") else \
+        int(partitions["data"])
+    return ScoreStore(path, zarr.open_group(str(path), mode="r"), header, data_ranges(examples, int(partitions["data"])),
+                      partitions["modules"])
 
 
 def _version() -> str:
@@ -252,9 +284,9 @@ def read_scores(path: Path, allow_partial: bool = False) -> Dict[str, torch.Tens
             names.update({record["name"]: f"per_module/{record['key']}" for record in header["layers"]})
         group = zarr.open_group(str(path), mode="r")
         _check_arrays(path, group, header, list(names.values()))
-        markers = Markers(path, identity_digest(header, IDENTITY))
+        markers = _opened(path, header).markers
         complete = markers.done("complete")
-        if "complete" in done_cells(path) and not complete:
+        if "complete" in done_cells(path) and not complete and not (allow_partial and direct):
             raise InfluenceError(
                 f"{path} is damaged ({markers.problem('complete')}). Rerun the same call with this store to recompute "
                 "the damaged cells."

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -334,7 +334,7 @@ def _file_digest(path: Path) -> Optional[str]:
 def mark_done(path: Path, cell: str, info: Optional[Dict[str, Any]] = None, *, chunks: Sequence[str] = (),
               identity: Optional[str] = None) -> None:
     """Record that ``cell`` is complete, certifying ``chunks`` (written before it) and the store identity."""
-    record = {"time": time.time(), **(info or {}), "identity": identity,
+    record = {"time": time.time(), **(info or {}), "cell": cell, "identity": identity,
               "chunks": {name: _file_digest(Path(path) / name) for name in chunks}}
     _atomic_write_text(Path(path) / _DONE / f"{cell}.json", json.dumps(record))
 
@@ -347,8 +347,9 @@ def done_cells(path: Path) -> Set[str]:
     return {p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and not p.name.startswith(".")}
 
 
-def marker_problem(path: Path, cell: str, identity: str) -> Optional[str]:
-    """None if ``cell``'s marker certifies its chunks as they are now, else what is wrong with it."""
+def marker_problem(path: Path, cell: str, identity: str, expected: Optional[Sequence[str]] = None) -> Optional[str]:
+    """None if ``cell``'s marker certifies its chunks as they are now (exactly the ``expected`` chunks, when
+    given: a marker copied from another cell certifies the wrong ones), else what is wrong with it."""
     try:
         record = json.loads((Path(path) / _DONE / f"{cell}.json").read_text())
     except FileNotFoundError:
@@ -359,6 +360,8 @@ def marker_problem(path: Path, cell: str, identity: str) -> Optional[str]:
         return "its marker certifies no chunks (written by hand or by an older version)"
     if record.get("identity") != identity:
         return "its marker belongs to another store (other arguments, data or model)"
+    if record.get("cell") != cell or (expected is not None and set(record["chunks"]) != set(expected)):
+        return "its marker certifies the chunks of another cell"
     for name, digest in record["chunks"].items():
         if not isinstance(name, str) or ".." in name.split("/") or name.startswith("/"):
             return f"its marker names an invalid chunk {name!r}"
@@ -379,8 +382,8 @@ def read_marker(path: Path, cell: str) -> Dict[str, Any]:
 class Markers:
     """The certified markers of one store, each checked once while its file stays the same."""
 
-    def __init__(self, path: Path, identity: str):
-        self.path, self.identity = Path(path), identity
+    def __init__(self, path: Path, identity: str, expected: Optional[Callable[[str], Optional[Sequence[str]]]] = None):
+        self.path, self.identity, self.expected = Path(path), identity, expected
         self._checked: Dict[str, Tuple[Any, Optional[str]]] = {}
 
     def problem(self, cell: str) -> Optional[str]:
@@ -392,7 +395,12 @@ class Markers:
             return "no marker"
         cached = self._checked.get(cell)
         if cached is None or cached[0] != key:
-            cached = (key, marker_problem(self.path, cell, self.identity))
+            try:
+                expected = None if self.expected is None else self.expected(cell)
+            except (KeyError, ValueError, IndexError, TypeError, AttributeError):
+                cached = (key, "its marker names a cell this store does not have (or the metadata is damaged)")
+            else:
+                cached = (key, marker_problem(self.path, cell, self.identity, expected))
             self._checked[cell] = cached
         return cached[1]
 

@@ -1,0 +1,193 @@
+"""Stores that must not lose, invent or mix data: overwrite, copies, damaged chunks, forged markers, stale locks,
+other data or models, reruns that read nothing, and crafted metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+import fninfluence as fi
+from fninfluence import InfluenceError
+from fninfluence.store import zarr_io
+from fninfluence.store.scores_store import read_scores
+from models import ClassificationTask, classification_data, float64, mlp
+
+QUIET = dict(progress=False)
+N, Q = 12, 3
+
+
+def _fit(model, data, store=None, **kwargs):
+    return fi.fit_factors(model, ClassificationTask(), data, strategy="ekfac", use_empirical_fisher=True, batch_size=4,
+                          store=store, **QUIET, **kwargs)
+
+
+def _pairwise(model, factors, queries, train, store=None, **kwargs):
+    return fi.pairwise_scores(model, ClassificationTask(), factors, queries, train, batch_size=4, store=store, **QUIET,
+                              **kwargs)
+
+
+def _same_factors(a, b):
+    assert a.tensors.keys() == b.tensors.keys()
+    for layer in a.tensors:
+        assert a[layer].keys() == b[layer].keys()
+        for name, value in a[layer].items():
+            torch.testing.assert_close(b[layer][name], value, rtol=1e-12, atol=1e-14, msg=f"{layer}/{name}")
+
+
+@pytest.fixture
+def workload():
+    torch.manual_seed(0)
+    return float64(mlp()), classification_data(n=N)
+
+
+def _chunks(store: Path, folder: str):
+    return sorted(p for p in (store / folder).rglob("*") if p.is_file() and p.name != "zarr.json"
+                  and "/c/" in str(p.relative_to(store)) + "/" and p.parent.name != folder)
+
+
+# -- A: overwrite never deletes what is not a store ---------------------------------------------------
+
+def test_overwrite_refuses_to_delete_a_folder_that_is_not_a_store(workload, tmp_path):
+    model, data = workload
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("print('my code')\n")
+    (project / "paper.pdf").write_bytes(b"%PDF-1.4 ...")
+    with pytest.raises(InfluenceError, match=r"(?s)not an fninfluence store.*left alone"):
+        _fit(model, data, store=project, overwrite=True)
+    factors = _fit(model, data)
+    with pytest.raises(InfluenceError, match="not an fninfluence store"):
+        factors.save(project, overwrite=True)
+    assert (project / "src" / "train.py").read_text() == "print('my code')\n"
+    assert (project / "paper.pdf").read_bytes() == b"%PDF-1.4 ..."
+    # a real store is replaced
+    _fit(model, data, store=tmp_path / "store")
+    refit = _fit(model, data, store=tmp_path / "store", overwrite=True)
+    _same_factors(factors, refit)
+    factors.save(tmp_path / "saved")
+    factors.save(tmp_path / "saved", overwrite=True)
+    _same_factors(factors, fi.Factors.load(tmp_path / "saved"))
+
+
+# -- A: a store copied without its hidden ready file keeps its data ---------------------------------
+
+def test_a_store_copied_without_its_ready_file_is_not_reset(workload, tmp_path):
+    model, data = workload
+    queries = Subset(data, range(Q))
+    expected = _fit(model, data, store=tmp_path / "f", data_partitions=2)
+    factors = _fit(model, data)
+    _same_factors(factors, expected)
+    scores = _pairwise(model, factors, queries, data, store=tmp_path / "s", data_partitions=2)
+    for name in ("f", "s"):
+        shutil.copytree(tmp_path / name, tmp_path / f"{name}-copy", ignore=shutil.ignore_patterns(zarr_io._READY))
+        assert not (tmp_path / f"{name}-copy" / zarr_io._READY).exists()
+    markers = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f-copy" / "_done").iterdir()}
+    again = _fit(model, data, store=tmp_path / "f-copy", data_partitions=2)
+    _same_factors(expected, again)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f-copy" / "_done").iterdir()} == markers  # nothing redone
+    assert torch.equal(_pairwise(model, factors, queries, data, store=tmp_path / "s-copy", data_partitions=2), scores)
+    assert torch.equal(read_scores(tmp_path / "s-copy")["all_modules"], scores)
+
+
+# -- A: damaged chunks are found, then recomputed by the rerun --------------------------------------
+
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_a_damaged_factor_chunk_is_reported_and_recomputed(workload, tmp_path, damage):
+    model, data = workload
+    store = tmp_path / "f"
+    expected = _fit(model, data, store=store, data_partitions=2)
+    chunk = next(p for p in sorted((store / "layers").rglob("*")) if p.is_file() and p.name != "zarr.json"
+                 and "lambda" in str(p))
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        raw = bytearray(chunk.read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        chunk.write_bytes(bytes(raw))
+    with pytest.raises(InfluenceError, match=r"(?s)damaged.*pass-lambda.*(missing|changed).*Rerun"):
+        fi.Factors.load(store)
+    _same_factors(expected, _fit(model, data, store=store, data_partitions=2))
+    _same_factors(expected, fi.Factors.load(store))
+
+
+def test_a_damaged_partial_state_of_an_unfinished_pass_is_recomputed(workload, tmp_path):
+    model, data = workload
+    store = tmp_path / "f"
+    assert _fit(model, data, store=store, data_partitions=2, target_data_partitions=[0]) is None
+    for chunk in (store / "passes" / "covariance").rglob("*"):
+        if chunk.is_file() and chunk.name != "zarr.json":
+            chunk.unlink()  # cell 0's partial sums are lost, its marker stays
+    _same_factors(_fit(model, data), _fit(model, data, store=store, data_partitions=2))
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_a_damaged_scores_chunk_is_reported_and_recomputed(workload, tmp_path, damage):
+    model, data = workload
+    factors, queries, store = _fit(model, data), Subset(data, range(Q)), tmp_path / "s"
+    expected = _pairwise(model, factors, queries, data, store=store, data_partitions=3)
+    chunk = sorted(p for p in (store / "all_modules").rglob("*") if p.is_file() and p.name != "zarr.json")[1]
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        raw = bytearray(chunk.read_bytes())
+        raw[3] ^= 0xFF
+        chunk.write_bytes(bytes(raw))
+    with pytest.raises(InfluenceError, match="damaged"):
+        read_scores(store)
+    partial = read_scores(store, allow_partial=True)["all_modules"] if damage == "delete" else None
+    if partial is not None:  # the damaged cell reads as missing, never as its fill value under a marker
+        assert torch.isnan(partial[:, 4:8]).all() and torch.equal(partial[:, :4], expected[:, :4])
+    assert torch.equal(_pairwise(model, factors, queries, data, store=store, data_partitions=3), expected)
+    assert torch.equal(read_scores(store)["all_modules"], expected)
+
+
+def test_a_forged_marker_is_not_merged(workload, tmp_path):
+    model, data = workload
+    store = tmp_path / "f"
+    assert _fit(model, data, store=store, data_partitions=2, target_data_partitions=[0]) is None
+    (store / "_done" / "covariance-data1-modules0.json").write_text(json.dumps({"time": 0, "examples": 6}))
+    copied = json.loads((store / "_done" / "covariance-data0-modules0.json").read_text())
+    (store / "_done" / "covariance-data1-modules0.json").write_text(json.dumps(copied))  # another cell's marker
+    _same_factors(_fit(model, data), _fit(model, data, store=store, data_partitions=2))
+    scores = tmp_path / "s"
+    factors, queries = _fit(model, data), Subset(data, range(Q))
+    assert _pairwise(model, factors, queries, data, store=scores, data_partitions=2, target_data_partitions=[0]) is None
+    (scores / "_done" / "pairwise-data1-modules0.json").write_text("{}")
+    (scores / "_done" / "complete.json").write_text("{}")
+    with pytest.raises(InfluenceError, match="damaged"):
+        read_scores(scores)
+    assert torch.equal(_pairwise(model, factors, queries, data, store=scores, data_partitions=2),
+                       _pairwise(model, factors, queries, data, data_partitions=2))
+
+
+def test_a_lock_left_by_a_killed_process_is_broken(workload, tmp_path, monkeypatch):
+    model, data = workload
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = tmp_path / "f"
+    store.mkdir()
+    (store / zarr_io._LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "time": 0}))
+    monkeypatch.setattr(zarr_io, "LOCK_TIMEOUT_S", 5.0)  # the old code waited for this, then gave up
+    started = time.monotonic()
+    _same_factors(_fit(model, data), _fit(model, data, store=store))
+    assert time.monotonic() - started < 4.0
+    assert not (store / zarr_io._LOCK).exists()
+
+
+def test_a_lock_of_a_live_process_is_waited_for(workload, tmp_path, monkeypatch):
+    model, data = workload
+    store = tmp_path / "f"
+    store.mkdir()
+    (store / zarr_io._LOCK).write_text(json.dumps(zarr_io._owner()))  # this very process: alive
+    monkeypatch.setattr(zarr_io, "LOCK_TIMEOUT_S", 0.3)
+    with pytest.raises(InfluenceError, match="live process"):
+        _fit(model, data, store=store)
