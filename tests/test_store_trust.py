@@ -191,3 +191,119 @@ def test_a_lock_of_a_live_process_is_waited_for(workload, tmp_path, monkeypatch)
     monkeypatch.setattr(zarr_io, "LOCK_TIMEOUT_S", 0.3)
     with pytest.raises(InfluenceError, match="live process"):
         _fit(model, data, store=store)
+
+
+# -- B: a store refuses other data and other models ------------------------------------------------
+
+def _other(data, seed=7):
+    """The same size and shapes as ``data``, other values."""
+    return classification_data(n=len(data), seed=seed)
+
+
+def test_scores_refuse_other_query_or_training_data_in_another_partition(workload, tmp_path):
+    model, data = workload
+    factors, other = _fit(model, data), _other(data)
+    store = tmp_path / "s"
+    common = dict(store=store, data_partitions=2)
+    assert _pairwise(model, factors, Subset(data, range(Q)), data, target_data_partitions=[0], **common) is None
+    with pytest.raises(InfluenceError, match=r"(?s)read other query data than cell pairwise-data0-modules0.*overwrite"):
+        _pairwise(model, factors, Subset(other, range(Q)), other, target_data_partitions=[1], **common)
+    # the training data of one data partition, read by two module partitions
+    store2 = tmp_path / "s2"
+    common = dict(store=store2, data_partitions=2, module_partitions=2)
+    assert _pairwise(model, factors, Subset(data, range(Q)), data, target_module_partitions=[0], **common) is None
+    with pytest.raises(InfluenceError, match="read other training data"):
+        _pairwise(model, factors, Subset(data, range(Q)), other, target_module_partitions=[1], **common)
+    # the same data passes, and gives the unpartitioned scores
+    done = _pairwise(model, factors, Subset(data, range(Q)), data, **common)
+    torch.testing.assert_close(done, _pairwise(model, factors, Subset(data, range(Q)), data), rtol=1e-10, atol=1e-12)
+
+
+def test_factors_refuse_a_lambda_pass_or_a_module_partition_on_other_data(workload, tmp_path):
+    model, data = workload
+    other = _other(data)
+    store = tmp_path / "f"
+    assert _fit(model, data, store=store, passes=["covariance"]).passes_done == ("covariance",)
+    with pytest.raises(InfluenceError, match=r"(?s)cell lambda-data0-modules0 read other data than cell "
+                                             r"covariance-data0-modules0.*example 0"):
+        _fit(model, other, store=store)
+    _same_factors(_fit(model, data), _fit(model, data, store=store))
+    store2 = tmp_path / "f2"
+    assert _fit(model, data, store=store2, module_partitions=2, target_module_partitions=[0]) is None
+    with pytest.raises(InfluenceError, match="read other data"):
+        _fit(model, other, store=store2, module_partitions=2, target_module_partitions=[1])
+    # one changed example is named
+    changed = TensorDataset(data.tensors[0].clone(), data.tensors[1].clone())
+    changed.tensors[0][9, 2] += 1e-9
+    with pytest.raises(InfluenceError, match="example 9 "):
+        _fit(model, changed, store=store2, module_partitions=2, target_module_partitions=[1])
+
+
+def test_a_model_with_one_changed_weight_is_refused_naming_it(tmp_path):
+    torch.manual_seed(0)
+    model = float64(mlp(hidden=700))  # 4200 weights in layer 0: more than a sample of 4096 would see
+    data = classification_data(n=8)
+    factors = _fit(model, data, store=tmp_path / "f")
+    _pairwise(model, factors, Subset(data, range(2)), data, store=tmp_path / "s")
+    with torch.no_grad():
+        model[0].weight.view(-1)[4150] += 1e-6
+    with pytest.raises(InfluenceError, match=r"(?s)model.*0\.weight"):
+        _fit(model, data, store=tmp_path / "f")
+    with pytest.raises(InfluenceError, match=r"(?s)model.*0\.weight"):
+        _pairwise(model, factors, Subset(data, range(2)), data, store=tmp_path / "s")
+
+
+# -- C: a rerun with a complete store reads no data ------------------------------------------------
+
+class Counting(Dataset):
+    """``data`` that counts the items read."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.data[i]
+
+
+def test_a_rerun_with_a_complete_store_reads_no_data(workload, tmp_path):
+    model, data = workload
+    train, queries = Counting(data), Counting(Subset(data, range(Q)))
+    factors = _fit(model, train, store=tmp_path / "f", data_partitions=2)
+    scores = _pairwise(model, factors, queries, train, store=tmp_path / "s", data_partitions=2)
+    per_module = _pairwise(model, factors, queries, train, store=tmp_path / "m", per_module=True)
+    self_influence = fi.self_scores(model, ClassificationTask(), factors, train, batch_size=4, store=tmp_path / "self",
+                                    **QUIET)
+    train.reads = queries.reads = 0
+    _same_factors(factors, _fit(model, train, store=tmp_path / "f", data_partitions=2))
+    assert torch.equal(_pairwise(model, factors, queries, train, store=tmp_path / "s", data_partitions=2), scores)
+    again = _pairwise(model, factors, queries, train, store=tmp_path / "m", per_module=True)
+    assert again.keys() == per_module.keys() and all(torch.equal(again[k], v) for k, v in per_module.items())
+    assert torch.equal(fi.self_scores(model, ClassificationTask(), factors, train, batch_size=4,
+                                      store=tmp_path / "self", **QUIET), self_influence)
+    assert (train.reads, queries.reads) == (0, 0)
+    # a rerun with other arguments still reads (a batch, to say what differs) and refuses
+    with pytest.raises(InfluenceError, match="damping"):
+        _pairwise(model, factors, queries, train, store=tmp_path / "s", data_partitions=2, damping=0.5)
+
+
+def test_compat_reruns_with_complete_stores_read_no_data(tmp_path):
+    from fninfluence.compat import kronfluence as compat
+
+    task = ClassificationTask()
+    torch.manual_seed(0)
+    model = compat.prepare_model(float64(mlp()), task)
+    analyzer = compat.Analyzer("a", model, task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path))
+    train = Counting(classification_data(n=32))
+    queries = Counting(classification_data(n=8, seed=3))
+    args = compat.FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+    analyzer.fit_all_factors("f", train, factor_args=args)
+    scores = analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4)
+    train.reads = queries.reads = 0
+    analyzer.fit_all_factors("f", train, factor_args=args)
+    again = analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4)
+    assert torch.equal(again["all_modules"], scores["all_modules"])
+    assert (train.reads, queries.reads) == (0, 0)
