@@ -54,24 +54,24 @@ def data_fingerprint(data: Any) -> Dict[str, Any]:
     }
 
 
-def _tensor_bytes(value: torch.Tensor) -> bytes:
-    """The raw bytes of ``value`` in row-major order (any dtype, bfloat16 included)."""
+def _tensor_bytes(value: torch.Tensor) -> memoryview:
+    """The raw bytes of ``value`` in row-major order (any dtype, bfloat16 included), without a copy on the host."""
     flat = value.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def model_fingerprint(model: nn.Module) -> Dict[str, Any]:
     """A SHA-256 of every parameter and buffer (name, dtype, shape and all bytes), and a 16-hex digest of
-    each, so that a store can name the tensors that changed. Costs one copy of the model to the host."""
+    each, so that a store can name the tensors that changed. Costs one read of the model's bytes (one copy
+    to the host for a model on an accelerator)."""
     digest = hashlib.sha256()
     tensors: Dict[str, str] = {}
     named = list(model.named_parameters()) + [(f"buffer:{n}", b) for n, b in model.named_buffers()]
     for name, value in named:
-        raw = _tensor_bytes(value)
-        meta = f"{name}|{value.dtype}|{tuple(value.shape)}".encode()
-        digest.update(meta)
-        digest.update(raw)
-        tensors[name] = hashlib.blake2b(meta + raw, digest_size=8).hexdigest()
+        own = hashlib.sha256(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        own.update(_tensor_bytes(value))
+        tensors[name] = own.hexdigest()[:16]
+        digest.update(own.digest())
     return {"parameters": sum(1 for n in tensors if not n.startswith("buffer:")), "values_sha256": digest.hexdigest(),
             "tensors": tensors}
 
@@ -126,7 +126,8 @@ def example_digests(batch: Any) -> List[bytes]:
             shared.update(f"{leaf.dtype}|{tuple(leaf.shape[1:])}".encode())
             rows.append(flat.view(torch.uint8).numpy() if flat.shape[1] else None)
         elif isinstance(leaf, torch.Tensor):
-            shared.update(f"{leaf.dtype}|{tuple(leaf.shape)}".encode() + _tensor_bytes(leaf))
+            shared.update(f"{leaf.dtype}|{tuple(leaf.shape)}".encode())
+            shared.update(_tensor_bytes(leaf))
         else:
             shared.update(repr(leaf).encode())
     prefix = shared.digest()

@@ -11,7 +11,7 @@ Concurrency model (several processes filling one store):
   killed at any moment) never sees half a file. A cell whose marker is missing is recomputed.
 
 Trust: every chunk ends with a CRC32C checksum (zarr's ``crc32c`` codec), and a marker certifies what it
-covers: the digest of the store's identity (arguments, data and model fingerprints) and the BLAKE2b digest
+covers: the digest of the store's identity (arguments, data and model fingerprints) and a SHA-256 digest
 of every chunk file it covers (``None`` for a chunk zarr did not write because it equals the fill value).
 A marker whose chunks are missing, changed, or that belongs to another store certifies nothing: its cell
 counts as missing and is recomputed (or reading it raises an error that names it).
@@ -326,7 +326,7 @@ def chunk_files(group: zarr.Group, name: str, region: Optional[Tuple[slice, ...]
 
 def _file_digest(path: Path) -> Optional[str]:
     try:
-        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
     except FileNotFoundError:
         return None  # zarr does not write a chunk equal to the fill value: it reads back as exactly that
 
