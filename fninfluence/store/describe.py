@@ -45,7 +45,11 @@ def find_stores(path: Path, depth: int = MAX_SEARCH_DEPTH) -> List[Path]:
         return [path]
     found: List[Path] = []
     if depth > 0 and path.is_dir():
-        for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:  # an unreadable folder holds no store we can show
+            return found
+        for child in children:
             found.extend(find_stores(child, depth - 1))
     return found
 
@@ -57,14 +61,27 @@ def _array_shapes(path: Path, folder: str) -> Dict[str, List[int]]:
     if base.is_dir():
         for meta in sorted(base.glob("*/zarr.json")):
             record = json.loads(meta.read_text())
-            if record.get("node_type") == "array":
+            if isinstance(record, dict) and record.get("node_type") == "array":
                 shapes[meta.parent.name] = list(record.get("shape", []))
     return shapes
 
 
 def describe(path: Path) -> Dict[str, Any]:
-    """A JSON-able summary of the store at ``path``: kind, arguments, layers, cells done and missing."""
+    """A JSON-able summary of the store at ``path``: kind, arguments, layers, cells done and missing.
+
+    Odd or truncated metadata raises an :class:`InfluenceError` that names the store (never another error)."""
     path = Path(path)
+    try:
+        return _describe(path)
+    except InfluenceError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError) as error:
+        raise InfluenceError(f"{path}: its metadata is odd or truncated ({type(error).__name__}: {error}), so it "
+                             "cannot be described: it was damaged or not written by fninfluence. Recompute it "
+                             "(overwrite=True), or restore it from a copy.") from None
+
+
+def _describe(path: Path) -> Dict[str, Any]:
     header = _attributes(path)
     if header is None or not (path / _READY).exists():
         return {"path": str(path), "kind": "unfinished",
@@ -207,7 +224,7 @@ def read_ranked_scores(path: Path) -> Tuple[Dict[str, Any], torch.Tensor]:
     from .scores_store import read_scores
 
     header = _attributes(Path(path))
-    if header is None or header.get("kind") not in ("pairwise", "self"):
+    if header is None or not isinstance(header.get("kind"), str) or header.get("kind") not in ("pairwise", "self"):
         kind = None if header is None else header.get("kind")
         raise InfluenceError(f"{path} is not a scores store (it holds {kind!r}); `top` ranks the training examples "
                              "of a pairwise or self-influence scores store.")

@@ -292,6 +292,8 @@ def reuse_complete(path: Path, *, model: nn.Module, task, data, resolve: Callabl
         if header.get("kind") != "factors" or header.get("format") != FORMAT_VERSION:
             return None
         specs = {record["name"]: _spec_from_record(record) for record in header["layers"]}
+        for spec in specs.values():
+            _check_spec(path, spec)
         tracked = task.tracked_modules()
         modules = dict(model.named_modules())
         if (tracked is not None and set(tracked) != {s.name.split(".in_proj")[0] for s in specs.values()}) or \
@@ -431,6 +433,11 @@ def _load(path: Path, header: Dict[str, Any], estimators: Dict[str, Any]):
 
     from ..factors import Factors
 
+    try:
+        for record in header["layers"]:
+            _check_spec(path, _spec_from_record(record))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _malformed(path, error) from None
     markers = _stored_markers(path, header, estimators)
     passes = [p for p in header.get("passes", []) if isinstance(p, str)]
     damaged = markers.damaged([f"pass-{p}" for p in passes])

@@ -242,23 +242,55 @@ def _version() -> str:
     return __version__
 
 
+def _crafted(path: Path, what: str) -> InfluenceError:
+    return InfluenceError(f"{path}: {what}: the store is damaged or crafted. Recompute it (overwrite=True).")
+
+
 def _check_arrays(path: Path, group, header: Dict[str, Any], names: Sequence[str]) -> None:
-    """Every array to read has the header's shape, and all fit in memory: checked before allocating."""
-    shape = header.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise InfluenceError(f"{path}: its metadata gives the scores shape {shape!r}, which is not a shape: the store "
-                             "is damaged or crafted. Recompute it (overwrite=True).")
+    """The metadata agree with each other (header shape, data sizes, partitions, every array's shape and
+    chunks) and the arrays fit in memory: checked before anything is allocated."""
+    shape, kind = header.get("shape"), header["kind"]
+    ranks = (1,) if kind == "self" else (2, 3)
+    if not isinstance(shape, list) or len(shape) not in ranks or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise _crafted(path, f"its metadata gives the scores shape {shape!r}, which is not a {kind} scores shape")
+    axis = 0 if kind == "self" else 1
+    arguments, partitions = header["arguments"], header["partitions"]
+    parts, size = partitions.get("data"), partitions.get("partition_size")
+    if not all(isinstance(n, int) and n >= 1 for n in (parts, size)):
+        raise _crafted(path, f"its partitions {partitions!r} are not positive counts")
+    train = (header.get("train_data") or {}).get("size")
+    query = (header.get("query_data") or {}).get("size") if kind == "pairwise" else None
+    examples = shape[axis] if not arguments.get("aggregate_train") else train
+    if isinstance(train, int) and examples != train:
+        raise _crafted(path, f"its scores shape {shape} does not match its {train} training examples")
+    if isinstance(query, int) and shape[0] != (1 if arguments.get("aggregate_queries") else query):
+        raise _crafted(path, f"its scores shape {shape} does not match its {query} queries")
+    if isinstance(examples, int) and size != max(1, -(-examples // parts)):
+        raise _crafted(path, f"its partition size {size} does not split {examples} examples into {parts} partitions")
+    chunks = list(shape)
+    chunks[axis] = 1 if arguments.get("aggregate_train") else size
     found = []
     for name in names:
         if name not in group:
-            raise InfluenceError(f"{path}: the array {name} is missing: the store is damaged. Recompute it "
-                                 "(overwrite=True).")
+            raise _crafted(path, f"the array {name} is missing")
         array = group[name]
-        if list(array.shape) != shape:
-            raise InfluenceError(f"{path}: the array {name} has shape {list(array.shape)}, but the store's metadata "
-                                 f"says {shape}: the store is damaged or crafted. Recompute it (overwrite=True).")
+        if list(array.shape) != shape or list(array.chunks) not in (chunks, [max(1, c) for c in chunks]):
+            raise _crafted(path, f"the array {name} has shape {list(array.shape)} in chunks {list(array.chunks)}, but "
+                                 f"the store's metadata says {shape} in chunks {chunks}")
         found.append((tuple(array.shape), array.dtype))
     check_allocation(path, found)
+
+
+def _read(path: Path, group, name: str, region=None) -> torch.Tensor:
+    try:
+        return read_array(group, name, region)
+    except InfluenceError:
+        raise
+    except Exception as error:  # noqa: BLE001 - zarr's decoding errors (a checksum mismatch, a truncated chunk)
+        raise InfluenceError(f"{path}: the array {name} could not be decoded ({type(error).__name__}: {error}): the "
+                             "store is damaged. Rerun the same call with this store to recompute its damaged cells."
+                             ) from None
 
 
 def read_scores(path: Path, allow_partial: bool = False) -> Dict[str, torch.Tensor]:
@@ -298,14 +330,14 @@ def read_scores(path: Path, allow_partial: bool = False) -> Dict[str, torch.Tens
                    "; partial results of several module partitions or of summed training gradients are not readable.")
             )
         if complete:
-            return {key: read_array(group, name) for key, name in names.items()}
-        return _read_certified_cells(header, group, markers, names)
+            return {key: _read(path, group, name) for key, name in names.items()}
+        return _read_certified_cells(path, header, group, markers, names)
     except (KeyError, TypeError, AttributeError, IndexError) as error:
         raise InfluenceError(f"{path} has malformed fninfluence metadata ({type(error).__name__}: {error}): it was "
                              "damaged or not written by fninfluence. Recompute it (overwrite=True).") from None
 
 
-def _read_certified_cells(header, group, markers: Markers, names: Dict[str, str]) -> Dict[str, torch.Tensor]:
+def _read_certified_cells(path: Path, header, group, markers: Markers, names: Dict[str, str]) -> Dict[str, torch.Tensor]:
     """An incomplete store of one module partition: NaN everywhere but the columns of certified cells."""
     kind, axis = header["kind"], 0 if header["kind"] == "self" else 1
     size, parts = int(header["partitions"]["partition_size"]), int(header["partitions"]["data"])
@@ -317,6 +349,6 @@ def _read_certified_cells(header, group, markers: Markers, names: Dict[str, str]
             if markers.done(f"{kind}-data{d}-modules0"):
                 region = [slice(None)] * len(array.shape)
                 region[axis] = slice(d * size, min((d + 1) * size, array.shape[axis]))
-                values[tuple(region)] = read_array(group, name, tuple(region))
+                values[tuple(region)] = _read(path, group, name, tuple(region))
         result[key] = values
     return result

@@ -359,7 +359,8 @@ def marker_problem(path: Path, cell: str, identity: str, expected: Optional[Sequ
     if not isinstance(record, dict) or not isinstance(record.get("chunks"), dict):
         return "its marker certifies no chunks (written by hand or by an older version)"
     if record.get("identity") != identity:
-        return "its marker belongs to another store (other arguments, data or model)"
+        return ("its marker was written for other metadata (arguments, layers, data or model): the metadata changed, "
+                "or the marker comes from another store")
     if record.get("cell") != cell or (expected is not None and set(record["chunks"]) != set(expected)):
         return "its marker certifies the chunks of another cell"
     for name, digest in record["chunks"].items():
