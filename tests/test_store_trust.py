@@ -307,3 +307,20 @@ def test_compat_reruns_with_complete_stores_read_no_data(tmp_path):
     again = analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4)
     assert torch.equal(again["all_modules"], scores["all_modules"])
     assert (train.reads, queries.reads) == (0, 0)
+
+
+def test_a_damaged_index_cell_is_reported_and_rebuilt(workload, tmp_path):
+    from fninfluence.index import build_index, index_scores
+    from fninfluence.store.index_store import load_index
+
+    model, data = workload
+    task, store = ClassificationTask(), tmp_path / "index"
+    common = dict(rank=None, dtype=torch.float64, batch_size=4, data_partitions=2, progress=False)
+    build_index(model, task, data, store, **common)
+    factors, queries = _fit(model, data), Subset(data, range(Q))
+    expected = index_scores(model, task, factors, queries, store, progress=False)
+    next(p for p in sorted((store / "g").rglob("*")) if p.is_file() and p.name != "zarr.json").unlink()
+    with pytest.raises(InfluenceError, match=r"(?s)damaged.*index-data0.*missing.*build_index"):
+        load_index(store)
+    build_index(model, task, data, store, **common)
+    assert torch.equal(index_scores(model, task, factors, queries, store, progress=False), expected)
