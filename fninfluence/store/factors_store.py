@@ -145,9 +145,9 @@ class FitStore:
     def _check_same_data(self, pass_name: str, cell: str, start: int, mine: bytes) -> None:
         width = 8
         for other in sorted(done_cells(self.path)):
-            if other == cell or not _is_cell(other) or not self.markers.done(other):
+            record = self.markers.record(other) if other != cell and _is_cell(other) else None
+            if record is None:
                 continue
-            record = read_marker(self.path, other)
             if not isinstance(record.get("data"), str):
                 continue
             theirs, begin = b"".join(decode_examples(record["data"])), int(record.get("start", 0))

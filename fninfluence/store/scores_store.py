@@ -79,9 +79,9 @@ class ScoreStore:
         """Every certified cell read the same queries, and the cells of one data partition the same training
         examples: else the store would combine scores of different data."""
         for other in sorted(done_cells(self.path)):
-            if other == cell or "-data" not in other or not self.markers.done(other):
+            record = self.markers.record(other) if other != cell and "-data" in other else None
+            if record is None:
                 continue
-            record = read_marker(self.path, other)
             same_partition = other.startswith(f"{self.header['kind']}-data{data_index}-")
             for what, mine, theirs in (("query data", query, record.get("query")),
                                        ("training data", train if same_partition else None, record.get("train"))):

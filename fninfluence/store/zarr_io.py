@@ -213,6 +213,14 @@ def _acquire(lock: Path) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links: an exclusive create, then the record
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(descriptor, text.encode())
+        os.close(descriptor)
+        return True
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -407,6 +415,12 @@ class Markers:
 
     def done(self, cell: str) -> bool:
         return self.problem(cell) is None
+
+    def record(self, cell: str) -> Optional[Dict[str, Any]]:
+        """``cell``'s marker if it was written for this store and this cell, without reading its chunks (enough to
+        compare the data fingerprints it records); None otherwise."""
+        record = read_marker(self.path, cell)
+        return record if record.get("identity") == self.identity and record.get("cell") == cell else None
 
     def damaged(self, cells: Iterable[str]) -> Dict[str, str]:
         """``{cell: problem}`` of the cells among ``cells`` that have a marker which certifies nothing."""
