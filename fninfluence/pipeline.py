@@ -290,7 +290,10 @@ def fit_factors(
         parallel.check_data(data, "data")
     objective = "train" if use_empirical_fisher else "train_sampled"
     total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1 or group) else None
-    plan_for = lambda names: _fit_plan(names, total_examples, max_examples, data_partitions, module_partitions, group)  # noqa: E731
+
+    def plan_for(names):
+        return _fit_plan(names, total_examples, max_examples, data_partitions, module_partitions, group)
+
     store_arguments = {"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict()}
     if store is not None and not overwrite and passes is None and group is None:
         reused = factors_store.reuse_complete(  # a complete store: no data is read, not even for discovery

@@ -49,11 +49,6 @@ def workload():
     return float64(mlp()), classification_data(n=N)
 
 
-def _chunks(store: Path, folder: str):
-    return sorted(p for p in (store / folder).rglob("*") if p.is_file() and p.name != "zarr.json"
-                  and "/c/" in str(p.relative_to(store)) + "/" and p.parent.name != folder)
-
-
 # -- A: overwrite never deletes what is not a store ---------------------------------------------------
 
 def test_overwrite_refuses_to_delete_a_folder_that_is_not_a_store(workload, tmp_path):
@@ -93,7 +88,8 @@ def test_a_store_copied_without_its_ready_file_is_not_reset(workload, tmp_path):
     markers = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f-copy" / "_done").iterdir()}
     again = _fit(model, data, store=tmp_path / "f-copy", data_partitions=2)
     _same_factors(expected, again)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f-copy" / "_done").iterdir()} == markers  # nothing redone
+    redone = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f-copy" / "_done").iterdir()}
+    assert redone == markers  # no cell, pass or completion marker was rewritten
     assert torch.equal(_pairwise(model, factors, queries, data, store=tmp_path / "s-copy", data_partitions=2), scores)
     assert torch.equal(read_scores(tmp_path / "s-copy")["all_modules"], scores)
 
@@ -324,3 +320,17 @@ def test_a_damaged_index_cell_is_reported_and_rebuilt(workload, tmp_path):
         load_index(store)
     build_index(model, task, data, store, **common)
     assert torch.equal(index_scores(model, task, factors, queries, store, progress=False), expected)
+
+
+def test_an_array_that_is_not_numbers_is_not_read(workload, tmp_path, monkeypatch):
+    import pickle
+
+    model, data = workload
+    _fit(model, data).save(tmp_path / "f")
+    meta = next((tmp_path / "f" / "layers").glob("*/lambda/zarr.json"))
+    record = json.loads(meta.read_text())
+    record.update(data_type="string", fill_value="", codecs=[{"name": "vlen-utf8", "configuration": {}}])
+    meta.write_text(json.dumps(record))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("loading must not unpickle"))
+    with pytest.raises(InfluenceError, match=r"(?s)stored as .* through codecs.*only\s+numbers"):
+        fi.Factors.load(tmp_path / "f")

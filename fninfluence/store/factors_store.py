@@ -16,7 +16,6 @@ to module names. Loading reads only JSON and numeric arrays: nothing is unpickle
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -30,9 +29,9 @@ from ..curvature import pass_order
 from ..errors import InfluenceError
 from ..partitions import data_ranges, module_groups
 from .fingerprint import DataDigest, data_fingerprint, decode_examples, jsonable, model_fingerprint
-from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, chunk_files, done_cells,
-                      identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker, remove_store,
-                      write_array)
+from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
+                      done_cells, identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker,
+                      remove_store, write_array)
 
 IDENTITY = ("kind", "strategy", "strategies", "layers", "arguments", "plan", "data", "model")
 
@@ -157,7 +156,8 @@ class FitStore:
             a = mine[(lo - start) * width:(hi - start) * width]
             b = theirs[(lo - begin) * width:(hi - begin) * width]
             if a != b:
-                first = lo + next(i for i in range(hi - lo) if a[i * width:(i + 1) * width] != b[i * width:(i + 1) * width])
+                first = lo + next(i for i in range(hi - lo)
+                                  if a[i * width:(i + 1) * width] != b[i * width:(i + 1) * width])
                 raise InfluenceError(
                     f"{self.path}: cell {cell} read other data than cell {other} of this store: example {first} (of "
                     f"the examples {lo}..{hi - 1} both read) has other values. A store holds results of one dataset: "
@@ -474,6 +474,7 @@ def _load(path: Path, header: Dict[str, Any], estimators: Dict[str, Any]):
                         f"{spec.in_features}) gives {list(meta.shape)}: the store is damaged or crafted. Recompute "
                         "it (overwrite=True)."
                     )
+                check_array(path, f"{folder}/{name}", array)
                 wanted[(spec.name, name)] = (f"{folder}/{name}", array)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise _malformed(path, error) from None

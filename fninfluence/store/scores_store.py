@@ -18,7 +18,7 @@ With one module partition (and per-example training gradients) cells write strai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,8 +27,8 @@ from ..errors import InfluenceError
 from ..partitions import module_groups
 from .factors_store import layer_keys
 from .fingerprint import DataDigest, data_fingerprint, factors_fingerprint, jsonable, model_fingerprint
-from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, chunk_files, done_cells,
-                      identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker, write_array)
+from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
+                      done_cells, identity_digest, numpy_dtype, open_store, read_array, read_header, write_array)
 
 IDENTITY = ("kind", "shape", "layers", "arguments", "partitions", "per_module", "factors", "query_data", "train_data",
             "model")
@@ -232,8 +232,8 @@ def _opened(path: Path, header: Dict[str, Any]) -> ScoreStore:
     axis = 0 if header["kind"] == "self" else 1
     examples = int(header["shape"][axis]) if not header["arguments"].get("aggregate_train") else \
         int(partitions["data"])
-    return ScoreStore(path, zarr.open_group(str(path), mode="r"), header, data_ranges(examples, int(partitions["data"])),
-                      partitions["modules"])
+    ranges = data_ranges(examples, int(partitions["data"]))
+    return ScoreStore(path, zarr.open_group(str(path), mode="r"), header, ranges, partitions["modules"])
 
 
 def _version() -> str:
@@ -278,6 +278,7 @@ def _check_arrays(path: Path, group, header: Dict[str, Any], names: Sequence[str
         if list(array.shape) != shape or list(array.chunks) not in (chunks, [max(1, c) for c in chunks]):
             raise _crafted(path, f"the array {name} has shape {list(array.shape)} in chunks {list(array.chunks)}, but "
                                  f"the store's metadata says {shape} in chunks {chunks}")
+        check_array(path, name, array)
         found.append((tuple(array.shape), array.dtype))
     check_allocation(path, found)
 
@@ -337,7 +338,8 @@ def read_scores(path: Path, allow_partial: bool = False) -> Dict[str, torch.Tens
                              "damaged or not written by fninfluence. Recompute it (overwrite=True).") from None
 
 
-def _read_certified_cells(path: Path, header, group, markers: Markers, names: Dict[str, str]) -> Dict[str, torch.Tensor]:
+def _read_certified_cells(path: Path, header, group, markers: Markers,
+                          names: Dict[str, str]) -> Dict[str, torch.Tensor]:
     """An incomplete store of one module partition: NaN everywhere but the columns of certified cells."""
     kind, axis = header["kind"], 0 if header["kind"] == "self" else 1
     size, parts = int(header["partitions"]["partition_size"]), int(header["partitions"]["data"])

@@ -118,12 +118,13 @@ def _codecs() -> List[Any]:
 
 def _same_array(array: Any, spec: ArraySpec) -> bool:
     try:
+        check_array(Path("."), "", array)
         fill = np.asarray(array.fill_value, dtype=np.float64)
         return (tuple(array.shape) == tuple(spec.shape) and tuple(array.chunks) == tuple(spec.chunks)
                 and np.dtype(array.dtype) == np.dtype(spec.dtype)
                 and np.array_equal(fill, np.asarray(spec.fill_value, dtype=np.float64), equal_nan=True)
                 and any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs))
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, InfluenceError):
         return False
 
 
@@ -453,6 +454,22 @@ def check_allocation(path: Path, arrays: Sequence[Tuple[Sequence[int], Any]]) ->
     if total > memory_bytes():
         raise InfluenceError(
             f"{path}: reading it would allocate {total / 2 ** 30:.1f} GiB, more than this machine's "
-            f"{memory_bytes() / 2 ** 30:.1f} GiB of memory: its metadata is damaged or crafted, or it belongs on a larger "
-            "machine. Check the store (fninfluence inspect), or recompute it (overwrite=True)."
+            f"{memory_bytes() / 2 ** 30:.1f} GiB of memory: its metadata is damaged or crafted, or it belongs on a "
+            "larger machine. Check the store (fninfluence inspect), or recompute it (overwrite=True)."
+        )
+
+
+SAFE_CODECS = ("BytesCodec", "ZstdCodec", "Crc32cCodec", "GzipCodec", "BloscCodec", "TransposeCodec")
+
+
+def check_array(path: Path, name: str, array: Any) -> None:
+    """Refuse an array whose metadata asks for anything but numbers through plain codecs: a crafted store
+    could name a codec that unpickles (numcodecs registers one), and loading must never execute code."""
+    codecs = [type(codec).__name__ for codec in getattr(array.metadata, "codecs", ())]
+    unsafe = [c for c in codecs if c not in SAFE_CODECS]
+    if unsafe or np.dtype(array.dtype).kind not in "fiub":
+        raise InfluenceError(
+            f"{path}: the array {name} is stored as {array.dtype} through codecs {codecs}; fninfluence stores only "
+            f"numbers through {', '.join(SAFE_CODECS)}, so it is not read (the store is crafted or damaged). "
+            "Recompute it (overwrite=True)."
         )
