@@ -333,11 +333,32 @@ def chunk_files(group: zarr.Group, name: str, region: Optional[Tuple[slice, ...]
     return [f"{name}/{array.metadata.encode_chunk_key(c)}" for c in coords]
 
 
+_DIGESTS: Dict[Tuple[str, int, int, int], str] = {}
+_MAX_CACHED_DIGESTS = 1 << 16
+_RECENT_NS = 5_000_000_000
+
+
 def _file_digest(path: Path) -> Optional[str]:
+    """SHA-256 (32 hex) of a chunk file; None if it does not exist. A file is hashed once while its inode, size
+    and modification time stay the same (zarr replaces chunks by renaming, so a rewrite is a new key); files
+    modified in the last seconds are not cached, since file systems keep coarse times (an edit in place within
+    the same tick would keep the key)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        stat = path.stat()
     except FileNotFoundError:
         return None  # zarr does not write a chunk equal to the fill value: it reads back as exactly that
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        except FileNotFoundError:
+            return None
+        if time.time_ns() - stat.st_mtime_ns < _RECENT_NS:
+            return digest
+        if len(_DIGESTS) >= _MAX_CACHED_DIGESTS:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return _DIGESTS[key]
 
 
 def mark_done(path: Path, cell: str, info: Optional[Dict[str, Any]] = None, *, chunks: Sequence[str] = (),
