@@ -200,3 +200,13 @@ def test_crafted_layer_sizes_are_refused_before_allocating(size, message, tmp_pa
         _edit(marker, lambda record: record.update(identity=identity))
     with pytest.raises(fi.InfluenceError, match=message):
         fi.Factors.load(tmp_path / "f")
+
+
+def test_inspect_counts_a_forged_marker_as_missing(stores, tmp_path, capsys):
+    import shutil
+
+    root, _, _ = stores
+    shutil.copytree(root / "analysis" / "pairwise", tmp_path / "p")
+    (tmp_path / "p" / "_done" / "pairwise-data0-modules0.json").write_text("{}")
+    assert main(["inspect", str(tmp_path / "p")]) == 0
+    assert "1/2 cells done; missing: pairwise-data0-modules0" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import InfluenceError
-from .zarr_io import _LOCK, _READY, done_cells
+from .zarr_io import _LOCK, _READY, Markers, done_cells, identity_digest
 
 MAX_SEARCH_DEPTH = 3
 
@@ -86,7 +86,7 @@ def _describe(path: Path) -> Dict[str, Any]:
     if header is None or not (path / _READY).exists():
         return {"path": str(path), "kind": "unfinished",
                 "note": "its layout was never completed (a process stopped while creating it): delete it and rerun"}
-    done = done_cells(path)
+    done = _written_for_this_store(path, header)
     common = {"path": str(path), "kind": header.get("kind"), "library_version": header.get("library_version"),
               "format": header.get("format"), "arguments": header.get("arguments", {}),
               "complete": "complete" in done}
@@ -97,6 +97,19 @@ def _describe(path: Path) -> Dict[str, Any]:
     if header.get("kind") == "index":
         return {**common, **_describe_index(header, done)}
     raise InfluenceError(f"{path} holds {header.get('kind')!r} results, which this version does not know.")
+
+
+def _written_for_this_store(path: Path, header: Dict[str, Any]) -> set:
+    """The cells whose markers were written for this store and cell (markers of other metadata, forged or
+    copied ones count as missing). Cheap: their chunks are checked when the store is read or resumed."""
+    from . import factors_store, index_store, scores_store
+
+    keys = {"factors": factors_store.IDENTITY, "pairwise": scores_store.IDENTITY, "self": scores_store.IDENTITY,
+            "index": index_store.IDENTITY}.get(header.get("kind"))
+    if keys is None:
+        return done_cells(path)
+    markers = Markers(path, identity_digest(header, keys))
+    return {cell for cell in done_cells(path) if markers.record(cell) is not None}
 
 
 def _describe_factors(path: Path, header: Dict[str, Any], done) -> Dict[str, Any]:
