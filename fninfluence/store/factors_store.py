@@ -16,6 +16,7 @@ to module names. Loading reads only JSON and numeric arrays: nothing is unpickle
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from ..capture import LayerSpec
 from ..curvature import pass_order
 from ..errors import InfluenceError
 from ..partitions import data_ranges, module_groups
-from .fingerprint import DataDigest, data_fingerprint, decode_examples, jsonable, model_fingerprint
+from .fingerprint import EXAMPLE_DIGEST_BYTES, DataDigest, data_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
                       done_cells, identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker,
                       remove_store, write_array)
@@ -128,7 +129,7 @@ class FitStore:
         first check that every other cell which read some of the same examples read the same values."""
         start = self._start(pass_name, data_index)
         if data is not None:
-            self._check_same_data(pass_name, cell, start, b"".join(data.examples))
+            self._check_same_data(pass_name, cell, start, bytes(data.raw))
         chunks = []
         for layer, state in states.items():
             for name, value in state.items():
@@ -142,14 +143,14 @@ class FitStore:
         self.markers.mark(cell, chunks, info)
 
     def _check_same_data(self, pass_name: str, cell: str, start: int, mine: bytes) -> None:
-        width = 8
+        width = EXAMPLE_DIGEST_BYTES
         for other in sorted(done_cells(self.path)):
             record = self.markers.record(other) if other != cell and _is_cell(other) else None
             if record is None:
                 continue
             if not isinstance(record.get("data"), str):
                 continue
-            theirs, begin = b"".join(decode_examples(record["data"])), int(record.get("start", 0))
+            theirs, begin = base64.b64decode(record["data"].encode()), int(record.get("start", 0))
             lo, hi = max(start, begin), min(start + len(mine) // width, begin + len(theirs) // width)
             if hi <= lo:
                 continue

@@ -85,23 +85,19 @@ class DataDigest:
     """Per-example digests of the batches read while it is recording, in order."""
 
     def __init__(self):
-        self.examples: List[bytes] = []
+        self.raw = bytearray()  # EXAMPLE_DIGEST_BYTES per example, in order
 
     def update(self, batch: Any) -> None:
-        self.examples.extend(example_digests(batch))
+        for digest in example_digests(batch):
+            self.raw += digest
 
     def hexdigest(self) -> str:
         """One digest of all the examples read (their number and content, in order)."""
-        return hashlib.sha256(b"".join(self.examples)).hexdigest()
+        return hashlib.sha256(self.raw).hexdigest()
 
     def encoded(self) -> str:
         """The per-example digests, base64 (8 bytes each), for a marker."""
-        return base64.b64encode(b"".join(self.examples)).decode()
-
-
-def decode_examples(text: str) -> List[bytes]:
-    raw = base64.b64decode(text.encode())
-    return [raw[i:i + EXAMPLE_DIGEST_BYTES] for i in range(0, len(raw), EXAMPLE_DIGEST_BYTES)]
+        return base64.b64encode(bytes(self.raw)).decode()
 
 
 def example_digests(batch: Any) -> List[bytes]:
