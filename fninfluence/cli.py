@@ -93,29 +93,55 @@ def _phase_summaries(enabled: bool) -> Iterator[None]:
         log.setLevel(level)
 
 
+def _described(path: Path) -> dict:
+    """``describe(path)`` with its text, or an ``unreadable`` entry saying why: one odd store never stops a scan."""
+    from .store.describe import describe, format_description
+
+    try:
+        info = describe(path)
+        return {**info, "text": format_description(info)}
+    except InfluenceError as error:
+        message = str(error)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError) as error:
+        message = f"{path}: its metadata is odd ({type(error).__name__}: {error}); it was damaged or not written by " \
+                  "fninfluence."
+    return {"path": str(path), "kind": "unreadable", "error": message,
+            "text": f"{path}: unreadable store\n  {message}"}
+
+
 def _inspect(args) -> int:
-    from .store.describe import describe, find_stores, format_description
+    from .store.describe import find_stores
 
     stores = find_stores(Path(args.store))
     if not stores:
         raise InfluenceError(f"{args.store} is not an fninfluence store and holds none (searched 3 folders deep).")
-    infos = [describe(path) for path in stores]
+    infos = [_described(path) for path in stores]
+    texts = [info.pop("text") for info in infos]
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
     else:
-        print("\n\n".join(format_description(info) for info in infos))
+        print("\n\n".join(texts))
+    bad = [info["path"] for info in infos if info["kind"] == "unreadable"]
+    if bad:
+        print(f"fninfluence inspect: error: {len(bad)} of {len(infos)} stores could not be read: {', '.join(bad)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _scores_store(path: Path) -> Path:
-    from .store.describe import describe, find_stores
+    from .store.describe import find_stores
 
-    stores = {p: describe(p)["kind"] for p in find_stores(path)}
-    scores = [p for p, kind in stores.items() if kind in ("pairwise", "self")]
+    infos = {p: _described(p) for p in find_stores(path)}
+    scores = [p for p, info in infos.items() if info["kind"] in ("pairwise", "self")]
+    unreadable = [info for info in infos.values() if info["kind"] == "unreadable"]
     if len(scores) != 1:
-        found = ", ".join(f"{p} ({kind})" for p, kind in stores.items()) or "no store at all"
+        found = ", ".join(f"{p} ({info['kind']})" for p, info in infos.items()) or "no store at all"
+        why = "".join(f"\n  {info['error']}" for info in unreadable)
         raise InfluenceError(f"`top` ranks the examples of one pairwise or self-influence scores store, and {path} "
-                             f"holds {len(scores)} of them; found: {found}. Pass the path of a scores store.")
+                             f"holds {len(scores)} of them; found: {found}. Pass the path of a scores store.{why}")
+    for info in unreadable:
+        print(f"fninfluence top: skipped an unreadable store: {info['error']}", file=sys.stderr)
     return scores[0]
 
 
@@ -168,6 +194,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         except BrokenPipeError:
             sys.stdout = open(os.devnull, "w")
+            return 1
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError, RuntimeError) as error:
+            # a store damaged in a way no check foresaw (zarr's own decoding errors among them): say so, no traceback
+            print(f"fninfluence {args.command}: error: {args.store} could not be read ({type(error).__name__}: "
+                  f"{error}); it may be damaged or truncated: `fninfluence inspect` shows what it holds, and rerunning "
+                  "the computation that wrote it recomputes damaged cells.", file=sys.stderr)
             return 1
     if args.command == "demo":
         from .demo import DemoArgumentError, run_demo

@@ -80,7 +80,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batches(data: Data, batch_size: Optional[int], device: torch.device, argument: str = "data") -> Iterator[Any]:
+    from .store.fingerprint import record
+
     for batch in as_loader(data, batch_size, argument):
+        record(batch)  # the content fingerprint a store checks, hashed on the host as the batch is read anyway
         yield to_device(batch, device)
 
 

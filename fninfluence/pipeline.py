@@ -36,7 +36,7 @@ from .precision import Precision
 from .progress import log_phase
 from .scores import (Query, example_grad_dot, low_rank, pairwise_layer_scores, spread_to_tokens,
                      summed_train_scores, total)
-from .store import factors_store, scores_store
+from .store import factors_store, fingerprint, scores_store
 from .task import Task
 
 logger = logging.getLogger("fninfluence")
@@ -274,6 +274,20 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
     return state, examples
 
 
+def _fit_plan(pass_names, total_examples, max_examples, data_partitions, module_partitions, group):
+    """``{pass: (examples, data partitions, module partitions)}``: known before any data is read."""
+    plan = {}
+    for name in pass_names:
+        limit = _per_pass(max_examples, name, None)
+        examples = total_examples if limit is None or total_examples is None else min(limit, total_examples)
+        module_parts = _per_pass(module_partitions, name, 1)
+        plan[name] = (examples, parallel.enough_partitions(_per_pass(data_partitions, name, 1), module_parts, group),
+                      module_parts)
+        parts.check_count(plan[name][1], "data partitions")
+        parts.check_count(plan[name][2], "module partitions")
+    return plan
+
+
 def _strategy_label(estimators) -> str:
     names = sorted({e.name for e in estimators.values()})
     return names[0] if len(names) == 1 else "mixed"
@@ -343,6 +357,19 @@ def fit_factors(
     objective = "train" if use_empirical_fisher else "train_sampled"
     if not use_empirical_fisher:
         task = sampling.SeededTask(task, seed)
+    total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1 or group) else None
+
+    def plan_for(names):
+        return _fit_plan(names, total_examples, max_examples, data_partitions, module_partitions, group)
+
+    store_arguments = {"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict(),
+                       "seed": None if use_empirical_fisher else int(seed)}
+    if store is not None and not overwrite and passes is None and group is None:
+        reused = factors_store.reuse_complete(  # a complete store: no data is read, not even for discovery
+            Path(store), model=model, task=task, data=data, resolve=lambda specs: resolve_strategies(strategy, specs),
+            plan_for=plan_for, arguments=store_arguments)
+        if reused is not None:
+            return reused
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     estimators = resolve_strategies(strategy, specs)
@@ -356,23 +383,13 @@ def fit_factors(
     if unknown:
         raise InfluenceError(f"Unknown passes {unknown} for strategy {label!r}: it has {pass_names}.")
 
-    total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1 or group) else None
-    plan = {}
-    for name in pass_names:
-        limit = _per_pass(max_examples, name, None)
-        examples = total_examples if limit is None or total_examples is None else min(limit, total_examples)
-        module_parts = _per_pass(module_partitions, name, 1)
-        plan[name] = (examples, parallel.enough_partitions(_per_pass(data_partitions, name, 1), module_parts, group),
-                      module_parts)
-        parts.check_count(plan[name][1], "data partitions")
-        parts.check_count(plan[name][2], "module partitions")
+    plan = plan_for(pass_names)
 
     saved = None
     if store is not None:
         saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
             Path(store), model=model, data=data, estimators=estimators, specs=specs, plan=plan,
-            arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict(),
-                       "seed": None if use_empirical_fisher else int(seed)},
+            arguments=store_arguments,
             state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
             overwrite=fresh,
         ), overwrite)
@@ -415,16 +432,17 @@ def fit_factors(
             if saved is not None and saved.cell_done(cell):
                 continue
             cell_data = pass_data if ranges[d] is None or len(ranges) == 1 else _subset(pass_data, ranges[d])
-            if ranges[d] is not None and len(ranges[d]) == 0:
-                states, n = {layer: fit_passes[layer].init(specs[layer].shape, torch.float64, engine.device)
-                             for layer in groups[m]}, 0
-            else:
-                states, n = _fit_cell(engines[m], name, fit_passes, objective, cell_data, batch_size, factors,
-                                      precision, compile, progress, f"{label} {name} [{cell}]",
-                                      first=ranges[d].start if ranges[d] is not None else 0, seed=seed)
+            with fingerprint.recording() as seen:  # the content of the cell's data, hashed as it is read
+                if ranges[d] is not None and len(ranges[d]) == 0:
+                    states, n = {layer: fit_passes[layer].init(specs[layer].shape, torch.float64, engine.device)
+                                 for layer in groups[m]}, 0
+                else:
+                    states, n = _fit_cell(engines[m], name, fit_passes, objective, cell_data, batch_size, factors,
+                                          precision, compile, progress, f"{label} {name} [{cell}]",
+                                          first=ranges[d].start if ranges[d] is not None else 0, seed=seed)
             pass_examples += n if m == 0 else 0  # each example once, not once per module partition
             if saved is not None:
-                saved.write_cell(name, d, states, cell, n)
+                saved.write_cell(name, d, states, cell, n, seen)
             elif group is not None:
                 computed[(m, d)] = states
             else:
@@ -791,15 +809,20 @@ def pairwise_scores(
         parallel.check_data(train_data, "train_data")
         parallel.check_data(query_data, "query_data")
         data_partitions = parallel.enough_partitions(data_partitions, module_partitions, group)
-    engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data",
-                       per_example_vmap)
-    specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, query_batch_size=query_batch_size or batch_size,
                    compile=compile, progress=progress, precision=precision, per_token=per_token,
                    conv_tokens=conv_tokens, tokens=_token_count(engine, train_data, batch_size, conv_tokens)
                    if per_token else None, rank=query_rank,
                    full_svd=full_svd, aggregate_queries=aggregate_queries, aggregate_train=aggregate_train,
                    queries_per_pass=queries_per_pass)
+    if store is not None and not overwrite and group is None:
+        reused = _reuse_scores("pairwise", store, model, factors, train_data, query_data, data_partitions,
+                               module_partitions, per_module, options)
+        if reused is not None:
+            return reused
+    engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data",
+                       per_example_vmap)
+    specs = dict(engine.specs)
     if store is None and data_partitions == 1 and module_partitions == 1:
         if target_data_partitions is not None or target_module_partitions is not None:
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
@@ -807,21 +830,25 @@ def pairwise_scores(
         per_layer = _pairwise_cell(engine, factors, query_data, train_data, label="pairwise scores", **options)
         return per_layer if per_module else total(per_layer)
     computed_queries: Dict[int, List[Dict[str, torch.Tensor]]] = {}
+    query_seen: List[fingerprint.DataDigest] = []
 
     def queries_for(cell_engine: ModelTap) -> List[Dict[str, torch.Tensor]]:
         """The query gradients of a module partition's layers: computed once, not once per cell (and shared
         between the ranks, each computing its share of the query batches)."""
         if id(cell_engine) not in computed_queries:
-            computed_queries[id(cell_engine)] = _query_gradients(
-                cell_engine, factors, query_data, damping=damping, batch_size=options["query_batch_size"],
-                compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries, group=group)
+            with fingerprint.recording() as seen:
+                computed_queries[id(cell_engine)] = _query_gradients(
+                    cell_engine, factors, query_data, damping=damping, batch_size=options["query_batch_size"],
+                    compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries, group=group)
+            if group is None:  # under torchrun each rank reads only its share of the queries
+                query_seen[:] = [seen]
         return computed_queries[id(cell_engine)]
     return _partitioned_scores(
         "pairwise", model, task, factors, engine, specs, train_data, query_data, store, overwrite, data_partitions,
         module_partitions, target_data_partitions, target_module_partitions, per_module, options,
         lambda cell_engine, cell_data, label: _pairwise_cell(cell_engine, factors, query_data, cell_data, label=label,
                                                              chunks=queries_for(cell_engine), **options),
-        group, queries_for,
+        group, queries_for, lambda: query_seen[0] if query_seen else None,
     )
 
 
@@ -918,10 +945,15 @@ def self_scores(
     if group is not None:
         parallel.check_data(data, "data")
         data_partitions = parallel.enough_partitions(data_partitions, module_partitions, group)
-    engine = _discover(model, task, data, batch_size, "train", precision.amp_dtype, per_example=per_example_vmap)
-    specs = dict(engine.specs)
     options = dict(damping=damping, batch_size=batch_size, compile=compile, progress=progress, precision=precision,
                    use_measurement=use_measurement)
+    if store is not None and not overwrite and group is None:
+        reused = _reuse_scores("self", store, model, factors, data, None, data_partitions, module_partitions,
+                               per_module, options)
+        if reused is not None:
+            return reused
+    engine = _discover(model, task, data, batch_size, "train", precision.amp_dtype, per_example=per_example_vmap)
+    specs = dict(engine.specs)
     if store is None and data_partitions == 1 and module_partitions == 1:
         if target_data_partitions is not None or target_module_partitions is not None:
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
@@ -938,7 +970,7 @@ def self_scores(
 
 def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, query_data, store, overwrite,
                         data_partitions, module_partitions, target_data_partitions, target_module_partitions,
-                        per_module, options, compute_cell, group=None, prepare=None):
+                        per_module, options, compute_cell, group=None, prepare=None, query_digest=None):
     """Scores cell by cell (data x module partitions), in memory or through a store; with ``group`` (several
     ranks) each rank computes every ``world``-th cell, after every rank has run ``prepare`` (work shared by all
     ranks, such as the query gradients) on each module partition's engine."""
@@ -954,11 +986,7 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
         saved = parallel.open_in_turn(group, lambda fresh: scores_store.open_scores(
             Path(store), kind=kind, model=model, factors=factors, specs=specs, train_data=train_data,
             query_data=query_data, ranges=ranges, groups=groups, per_module=per_module,
-            shape=_score_shape(kind, engine, query_data, train_data, options),
-            arguments={k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile",
-                                                                     "progress", "queries_per_pass", "precision",
-                                                                     "tokens")}
-            | {"precision": options["precision"].as_dict()},
+            shape=_score_shape(kind, engine, query_data, train_data, options), arguments=_store_arguments(options),
             overwrite=fresh, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
         ), overwrite)
     elif sorted(targets_d) != list(range(len(ranges))) or sorted(targets_m) != list(range(len(groups))):
@@ -980,9 +1008,10 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
         cell = parts.cell_name(kind, d, m)
         if saved is not None and saved.cell_done(cell):
             continue
-        per_layer = compute_cell(engine_for(m), _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
+        with fingerprint.recording() as seen:  # the content of the cell's training data, hashed as it is read
+            per_layer = compute_cell(engine_for(m), _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
         if saved is not None:
-            saved.write_cell(d, m, per_layer, cell)
+            saved.write_cell(d, m, per_layer, cell, seen, query_digest() if query_digest is not None else None)
         else:
             cells[(d, m)] = per_layer
     if group is not None and saved is None:
@@ -1013,6 +1042,33 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
         else:
             per_layer[layer] = torch.cat(blocks)
     return per_layer if per_module else total(per_layer)
+
+
+def _store_arguments(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The scoring options a store records (those that change the scores)."""
+    return {k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile", "progress",
+                                                          "queries_per_pass", "precision", "tokens")} \
+        | {"precision": options["precision"].as_dict()}
+
+
+def _reuse_scores(kind, store, model, factors, train_data, query_data, data_partitions, module_partitions, per_module,
+                  options):
+    """The result of a complete store made by the same call, found without reading any data; else None."""
+    try:
+        ranges = parts.data_ranges(_length(train_data, "train_data"), data_partitions)
+        shape = _score_shape(kind, None, query_data, train_data, {**options, "per_token": False})
+    except InfluenceError:
+        return None
+    if options.get("per_token") and kind == "pairwise":
+        shape = shape + (None,)
+    result = scores_store.reuse_complete(
+        Path(store), kind=kind, model=model, factors=factors, train_data=train_data, query_data=query_data,
+        ranges=ranges, module_partitions=module_partitions, per_module=per_module, shape=shape,
+        arguments=_store_arguments(options), dtype=None)
+    if result is None:
+        return None
+    return {layer: value for layer, value in result.items() if layer != "all_modules"} if per_module \
+        else result["all_modules"]
 
 
 def _score_shape(kind, engine, query_data, train_data, options) -> Tuple[int, ...]:

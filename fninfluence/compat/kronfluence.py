@@ -45,6 +45,7 @@ from ..factors import Factors
 from ..precision import Precision
 from ..store.names import check_name, child
 from ..store.scores_store import read_scores
+from ..store.zarr_io import is_store, remove_store
 from ..task import Task as _NativeTask
 from ..task import tracked_module_names
 
@@ -713,8 +714,11 @@ class Analyzer:
         here = _load_native_factors(directory)
         if here is not None and "covariance" in here.passes_done and not overwrite:
             return
+        if directory.is_dir() and not is_store(directory):
+            (directory / FACTOR_ARGUMENTS_FILE).unlink(missing_ok=True)  # our own file, from an earlier call
+        remove_store(directory)  # never a folder that holds anything else
         if directory.exists():
-            shutil.rmtree(directory)
+            directory.rmdir()
         shutil.copytree(source, directory, ignore=shutil.ignore_patterns(
             FACTOR_ARGUMENTS_FILE, ".fninfluence-create.lock", ".*.tmp"))
         _drop_passes_after_covariance(directory, get_estimator(args.strategy))

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import InfluenceError
-from .zarr_io import _LOCK, _READY, done_cells
+from .zarr_io import _LOCK, _READY, Markers, done_cells, identity_digest
 
 MAX_SEARCH_DEPTH = 3
 
@@ -45,7 +45,11 @@ def find_stores(path: Path, depth: int = MAX_SEARCH_DEPTH) -> List[Path]:
         return [path]
     found: List[Path] = []
     if depth > 0 and path.is_dir():
-        for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:  # an unreadable folder holds no store we can show
+            return found
+        for child in children:
             found.extend(find_stores(child, depth - 1))
     return found
 
@@ -57,19 +61,32 @@ def _array_shapes(path: Path, folder: str) -> Dict[str, List[int]]:
     if base.is_dir():
         for meta in sorted(base.glob("*/zarr.json")):
             record = json.loads(meta.read_text())
-            if record.get("node_type") == "array":
+            if isinstance(record, dict) and record.get("node_type") == "array":
                 shapes[meta.parent.name] = list(record.get("shape", []))
     return shapes
 
 
 def describe(path: Path) -> Dict[str, Any]:
-    """A JSON-able summary of the store at ``path``: kind, arguments, layers, cells done and missing."""
+    """A JSON-able summary of the store at ``path``: kind, arguments, layers, cells done and missing.
+
+    Odd or truncated metadata raises an :class:`InfluenceError` that names the store (never another error)."""
     path = Path(path)
+    try:
+        return _describe(path)
+    except InfluenceError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError) as error:
+        raise InfluenceError(f"{path}: its metadata is odd or truncated ({type(error).__name__}: {error}), so it "
+                             "cannot be described: it was damaged or not written by fninfluence. Recompute it "
+                             "(overwrite=True), or restore it from a copy.") from None
+
+
+def _describe(path: Path) -> Dict[str, Any]:
     header = _attributes(path)
     if header is None or not (path / _READY).exists():
         return {"path": str(path), "kind": "unfinished",
                 "note": "its layout was never completed (a process stopped while creating it): delete it and rerun"}
-    done = done_cells(path)
+    done = _written_for_this_store(path, header)
     common = {"path": str(path), "kind": header.get("kind"), "library_version": header.get("library_version"),
               "format": header.get("format"), "arguments": header.get("arguments", {}),
               "complete": "complete" in done}
@@ -80,6 +97,19 @@ def describe(path: Path) -> Dict[str, Any]:
     if header.get("kind") == "index":
         return {**common, **_describe_index(header, done)}
     raise InfluenceError(f"{path} holds {header.get('kind')!r} results, which this version does not know.")
+
+
+def _written_for_this_store(path: Path, header: Dict[str, Any]) -> set:
+    """The cells whose markers were written for this store and cell (markers of other metadata, forged or
+    copied ones count as missing). Cheap: their chunks are checked when the store is read or resumed."""
+    from . import factors_store, index_store, scores_store
+
+    keys = {"factors": factors_store.IDENTITY, "pairwise": scores_store.IDENTITY, "self": scores_store.IDENTITY,
+            "index": index_store.IDENTITY}.get(header.get("kind"))
+    if keys is None:
+        return done_cells(path)
+    markers = Markers(path, identity_digest(header, keys))
+    return {cell for cell in done_cells(path) if markers.record(cell) is not None}
 
 
 def _describe_factors(path: Path, header: Dict[str, Any], done) -> Dict[str, Any]:
@@ -207,7 +237,7 @@ def read_ranked_scores(path: Path) -> Tuple[Dict[str, Any], torch.Tensor]:
     from .scores_store import read_scores
 
     header = _attributes(Path(path))
-    if header is None or header.get("kind") not in ("pairwise", "self"):
+    if header is None or not isinstance(header.get("kind"), str) or header.get("kind") not in ("pairwise", "self"):
         kind = None if header is None else header.get("kind")
         raise InfluenceError(f"{path} is not a scores store (it holds {kind!r}); `top` ranks the training examples "
                              "of a pairwise or self-influence scores store.")

@@ -1,14 +1,26 @@
-"""Fingerprints of data and models, and arguments as JSON, so a store can tell when a rerun differs."""
+"""Fingerprints of data and models, and arguments as JSON, so a store can tell when a rerun differs.
+
+* ``data_fingerprint``: the size of the data and which examples of the base dataset (cheap: no reads);
+* ``recording``: the content of the data, hashed as its batches are read anyway: one 8-byte BLAKE2b
+  digest per example, of the bytes of every tensor of the batch at that example's row;
+* ``model_fingerprint``: a SHA-256 of every parameter and buffer (all their bytes, not a sample), and a
+  short digest per tensor so that an error can name what changed.
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import contextvars
 import hashlib
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+
+from ..errors import InfluenceError
 
 
 def _indices(data: Any) -> Optional[list]:
@@ -42,16 +54,109 @@ def data_fingerprint(data: Any) -> Dict[str, Any]:
     }
 
 
+def _tensor_bytes(value: torch.Tensor) -> memoryview:
+    """The raw bytes of ``value`` in row-major order (any dtype, bfloat16 included), without a copy on the host."""
+    flat = value.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
 def model_fingerprint(model: nn.Module) -> Dict[str, Any]:
-    """Parameter names, shapes and a hash of a sample of their values (cheap even for large models)."""
+    """A SHA-256 of every parameter and buffer (name, dtype, shape and all bytes), and a 16-hex digest of
+    each, so that a store can name the tensors that changed. Costs one read of the model's bytes (one copy
+    to the host for a model on an accelerator)."""
     digest = hashlib.sha256()
-    shapes = {}
-    for name, p in model.named_parameters():
-        shapes[name] = list(p.shape)
-        sample = p.detach().flatten()[:: max(1, p.numel() // 4096)][:4096]
-        digest.update(name.encode())
-        digest.update(sample.to("cpu", torch.float64).numpy().tobytes())
-    return {"parameters": len(shapes), "values_sha256": digest.hexdigest()}
+    tensors: Dict[str, str] = {}
+    named = list(model.named_parameters()) + [(f"buffer:{n}", b) for n, b in model.named_buffers()]
+    for name, value in named:
+        own = hashlib.sha256(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        own.update(_tensor_bytes(value))
+        tensors[name] = own.hexdigest()[:16]
+        digest.update(own.digest())
+    return {"parameters": sum(1 for n in tensors if not n.startswith("buffer:")), "values_sha256": digest.hexdigest(),
+            "tensors": tensors}
+
+
+# -- the content of the data, as it is read --------------------------------------------------------
+
+EXAMPLE_DIGEST_BYTES = 8
+
+
+class DataDigest:
+    """Per-example digests of the batches read while it is recording, in order."""
+
+    def __init__(self):
+        self.raw = bytearray()  # EXAMPLE_DIGEST_BYTES per example, in order
+
+    def update(self, batch: Any) -> None:
+        for digest in example_digests(batch):
+            self.raw += digest
+
+    def hexdigest(self) -> str:
+        """One digest of all the examples read (their number and content, in order)."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+    def encoded(self) -> str:
+        """The per-example digests, base64 (8 bytes each), for a marker."""
+        return base64.b64encode(bytes(self.raw)).decode()
+
+
+def example_digests(batch: Any) -> List[bytes]:
+    """One digest per example of ``batch``: every tensor (or array) with the batch in dimension 0 contributes
+    its row; other leaves (strings, scalars, tensors without a batch dimension) go into every example's digest."""
+    from torch.utils._pytree import tree_flatten
+
+    from ..capture import batch_examples
+
+    leaves, spec = tree_flatten(batch)
+    try:
+        n = batch_examples(batch)
+    except InfluenceError:
+        return []  # the data loop refuses such a batch itself
+    shared = hashlib.blake2b(str(spec).encode(), digest_size=16)
+    rows = []
+    for leaf in leaves:
+        if hasattr(leaf, "__array__") and not isinstance(leaf, torch.Tensor):
+            leaf = torch.as_tensor(leaf)
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and leaf.shape[0] == n:
+            flat = leaf.detach().to("cpu").contiguous().reshape(n, -1)
+            shared.update(f"{leaf.dtype}|{tuple(leaf.shape[1:])}".encode())
+            rows.append(flat.view(torch.uint8).numpy() if flat.shape[1] else None)
+        elif isinstance(leaf, torch.Tensor):
+            shared.update(f"{leaf.dtype}|{tuple(leaf.shape)}".encode())
+            shared.update(_tensor_bytes(leaf))
+        else:
+            shared.update(repr(leaf).encode())
+    prefix = shared.digest()
+    out = []
+    for i in range(n):
+        h = hashlib.blake2b(prefix, digest_size=EXAMPLE_DIGEST_BYTES)
+        for block in rows:
+            if block is not None:
+                h.update(block[i].tobytes())
+        out.append(h.digest())
+    return out
+
+
+_RECORDING: contextvars.ContextVar[Optional[DataDigest]] = contextvars.ContextVar("fninfluence_data_digest",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[DataDigest]:
+    """Record the digests of every batch read inside the block (the innermost block records)."""
+    digest = DataDigest()
+    token = _RECORDING.set(digest)
+    try:
+        yield digest
+    finally:
+        _RECORDING.reset(token)
+
+
+def record(batch: Any) -> None:
+    """Called by the data loop on every batch, on the host: a no-op unless a :func:`recording` is active."""
+    digest = _RECORDING.get()
+    if digest is not None:
+        digest.update(batch)
 
 
 def jsonable(value: Any) -> Any:

@@ -21,8 +21,8 @@ import torch
 from ..errors import InfluenceError
 from .factors_store import layer_keys
 from .fingerprint import data_fingerprint, jsonable, model_fingerprint
-from .zarr_io import (FORMAT_VERSION, ArraySpec, done_cells, mark_done, numpy_dtype, open_store, read_array,
-                      read_header, write_array)
+from .zarr_io import (FORMAT_VERSION, ArraySpec, Markers, chunk_files, identity_digest, numpy_dtype, open_store,
+                      read_array, read_header, write_array)
 
 IDENTITY = ("kind", "rank", "dtype", "layers", "partitions", "train_data", "model", "arguments")
 
@@ -36,17 +36,24 @@ class IndexStore:
         self.path, self.group, self.header = Path(path), group, header
         self.layers = {record["name"]: record for record in header["layers"]}
         self.ranges = [range(start, stop) for start, stop in header["partitions"]["ranges"]]
+        self.markers = Markers(self.path, identity_digest(header, IDENTITY), self._expected_chunks)
+
+    def _expected_chunks(self, cell: str) -> List[str]:
+        """A cell certifies its rows of every layer's arrays; ``complete`` every cell's."""
+        cells = range(len(self.ranges)) if cell == "complete" else [int(cell[len("index-data"):])]
+        rows = [self.ranges[d] for d in cells]
+        return [chunk for r in rows for record in self.layers.values() for kind in ("g", "a", "residual")
+                for chunk in chunk_files(self.group, f"{kind}/{record['key']}", (slice(r.start, r.stop),))]
 
     @property
     def examples(self) -> int:
         return self.header["examples"]
 
     def cell_done(self, data_index: int) -> bool:
-        return cell_name(data_index) in done_cells(self.path)
+        return self.markers.done(cell_name(data_index))
 
     def missing_cells(self) -> List[str]:
-        done = done_cells(self.path)
-        return [cell_name(d) for d in range(len(self.ranges)) if cell_name(d) not in done]
+        return [cell_name(d) for d in range(len(self.ranges)) if not self.markers.done(cell_name(d))]
 
     def write_rows(self, start: int, factored: Dict[str, Dict[str, torch.Tensor]],
                    residuals: Dict[str, torch.Tensor]) -> None:
@@ -59,9 +66,10 @@ class IndexStore:
             write_array(self.group, f"residual/{key}", residuals[layer], (rows,))
 
     def mark_cell(self, data_index: int) -> None:
-        mark_done(self.path, cell_name(data_index))
+        cell = cell_name(data_index)
+        self.markers.mark(cell, self._expected_chunks(cell))
         if not self.missing_cells():
-            mark_done(self.path, "complete")
+            self.markers.mark("complete", self._expected_chunks("complete"))
 
     def read_rows(self, layer: str, rows: slice) -> Dict[str, torch.Tensor]:
         key = self.layers[layer]["key"]
@@ -114,6 +122,10 @@ def load_index(path: Path) -> IndexStore:
     if header.get("kind") != "index":
         raise InfluenceError(f"{path} holds {header.get('kind')!r} results, not a training-gradient index.")
     store = IndexStore(path, zarr.open_group(str(path), mode="r"), header)
+    damaged = store.markers.damaged(cell_name(d) for d in range(len(store.ranges)))
+    if damaged:
+        raise InfluenceError(f"The index at {path} is damaged: " + "; ".join(f"{c}: {p}" for c, p in damaged.items())
+                             + ". Rerun build_index with the same arguments and store to rebuild those cells.")
     missing = store.missing_cells()
     if missing:
         raise InfluenceError(f"The index at {path} is incomplete (cells {missing} missing): rerun build_index with "
