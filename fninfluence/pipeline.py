@@ -811,8 +811,7 @@ def pairwise_scores(
         data_partitions = parallel.enough_partitions(data_partitions, module_partitions, group)
     options = dict(damping=damping, batch_size=batch_size, query_batch_size=query_batch_size or batch_size,
                    compile=compile, progress=progress, precision=precision, per_token=per_token,
-                   conv_tokens=conv_tokens, tokens=_token_count(engine, train_data, batch_size, conv_tokens)
-                   if per_token else None, rank=query_rank,
+                   conv_tokens=conv_tokens, tokens=None, rank=query_rank,
                    full_svd=full_svd, aggregate_queries=aggregate_queries, aggregate_train=aggregate_train,
                    queries_per_pass=queries_per_pass)
     if store is not None and not overwrite and group is None:
@@ -823,6 +822,8 @@ def pairwise_scores(
     engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data",
                        per_example_vmap)
     specs = dict(engine.specs)
+    if per_token:  # the model's token count, which layers without tokens are spread over
+        options["tokens"] = _token_count(engine, train_data, batch_size, conv_tokens)
     if store is None and data_partitions == 1 and module_partitions == 1:
         if target_data_partitions is not None or target_module_partitions is not None:
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
