@@ -177,17 +177,14 @@ def _check_parameter_layers(estimators: Dict[str, CurvatureEstimator], specs: Di
 
 
 def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype) -> torch.dtype:
-    requested = precision.covariance_dtype if pass_name == "covariance" else precision.lambda_dtype
-    return precision.accumulator(requested, model_dtype)
+    return precision.fit_dtypes(pass_name, model_dtype)[0]
 
 
 def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data: Data, batch_size, earlier,
               precision: Precision, compile: CompileOption, progress: bool, label: str):
     """Sum over ``data`` of each layer's state of pass ``pass_name`` (``fit_passes[layer]``): ``(states, examples)``."""
     model_dtype = engine.dtype
-    state_dtype = _state_dtype(precision, pass_name, model_dtype)
-    compute_dtype = precision.compute(precision.per_sample_gradient_dtype, model_dtype) \
-        if pass_name != "covariance" else state_dtype
+    state_dtype, compute_dtype = precision.fit_dtypes(pass_name, model_dtype)
 
     def step(params, buffers, batch, probes, state, earlier):
         loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
@@ -280,7 +277,8 @@ def fit_factors(
     estimators = resolve_strategies(strategy, specs)
     _check_parameter_layers(estimators, specs)
     pass_names = pass_order(estimators)
-    layer_passes = {name: {layer: p for layer, e in estimators.items() for p in e.passes if p.name == name}
+    fitting = precision.fitting(estimators, engine.dtype)  # their outputs in the dtypes asked for
+    layer_passes = {name: {layer: p for layer, e in fitting.items() for p in e.passes if p.name == name}
                     for name in pass_names}
     label = _strategy_label(estimators)
     wanted = pass_names if passes is None else list(passes)
@@ -302,7 +300,7 @@ def fit_factors(
     saved = None
     if store is not None:
         saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
-            Path(store), model=model, data=data, estimators=estimators, specs=specs, plan=plan,
+            Path(store), model=model, data=data, estimators=fitting, specs=specs, plan=plan,
             arguments={"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict()},
             state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
             overwrite=fresh,
