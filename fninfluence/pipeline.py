@@ -502,7 +502,7 @@ def query_gradients(
 
 def _compress(chunks: List[Dict[str, torch.Tensor]], rank, full_svd, precision: Precision, dtype) -> List[Dict[str, Query]]:
     svd_dtype = precision.compute(precision.svd_dtype, dtype)
-    score_dtype = precision.compute(precision.score_dtype, dtype)
+    score_dtype = precision.score_compute(dtype)
     return [{layer: low_rank(g, rank, full_svd, svd_dtype, score_dtype) for layer, g in c.items()} for c in chunks]
 
 
@@ -535,7 +535,7 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
         chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=query_batch_size,
                                   compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries)
     queries = _compress(chunks, rank, full_svd, precision, engine.dtype)
-    score_dtype = precision.compute(precision.score_dtype, engine.dtype)
+    score_dtype = precision.score_compute(engine.dtype)
     specs = engine.specs
 
     def step(params, buffers, batch, probes, group):
@@ -667,7 +667,7 @@ def pairwise_scores(
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
         _check_layers(factors, engine)
         per_layer = _pairwise_cell(engine, factors, query_data, train_data, label="pairwise scores", **options)
-        return per_layer if per_module else total(per_layer)
+        return precision.scores_out(per_layer if per_module else total(per_layer), engine.dtype)
     computed_queries: Dict[int, List[Dict[str, torch.Tensor]]] = {}
 
     def queries_for(cell_engine: ModelTap) -> List[Dict[str, torch.Tensor]]:
@@ -695,7 +695,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
     on_device = _factors_on(factors, engine)
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
-    score_dtype = precision.compute(precision.score_dtype, engine.dtype)
+    score_dtype = precision.score_compute(engine.dtype)
 
     def step(params, buffers, batch, probes, measurement_probes, layer_factors):
         loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
@@ -782,7 +782,7 @@ def self_scores(
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
         _check_layers(factors, engine)
         per_layer = _self_cell(engine, factors, data, label="self scores", **options)
-        return per_layer if per_module else total(per_layer)
+        return precision.scores_out(per_layer if per_module else total(per_layer), engine.dtype)
     return _partitioned_scores(
         "self", model, task, factors, engine, specs, data, None, store, overwrite, data_partitions, module_partitions,
         target_data_partitions, target_module_partitions, per_module, options,
@@ -813,7 +813,7 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             arguments={k: v for k, v in options.items() if k not in ("batch_size", "query_batch_size", "compile",
                                                                      "progress", "queries_per_pass", "precision")}
             | {"precision": options["precision"].as_dict()},
-            overwrite=fresh, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
+            overwrite=fresh, dtype=options["precision"].score_output(engine.dtype),
         ), overwrite)
     elif sorted(targets_d) != list(range(len(ranges))) or sorted(targets_m) != list(range(len(groups))):
         raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
@@ -854,9 +854,10 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             group.barrier()  # rank 0 has written the final arrays
             if not group.leader:
                 result = scores_store.read_scores(Path(store))
+        out = options["precision"].scores_out
         if per_module:
-            return {layer: result[layer] for layer in specs}
-        return result["all_modules"]
+            return out({layer: result[layer] for layer in specs}, engine.dtype)
+        return out(result["all_modules"], engine.dtype)
     aggregate_train = options.get("aggregate_train", False)
     per_layer = {}
     for layer in specs:
@@ -866,7 +867,7 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             per_layer[layer] = sum(blocks) if aggregate_train else torch.cat(blocks, dim=1)
         else:
             per_layer[layer] = torch.cat(blocks)
-    return per_layer if per_module else total(per_layer)
+    return options["precision"].scores_out(per_layer if per_module else total(per_layer), engine.dtype)
 
 
 def _score_shape(kind, engine, query_data, train_data, options) -> Tuple[int, ...]:

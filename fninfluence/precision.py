@@ -67,8 +67,14 @@ class Precision:
 
     def cast_factors(self, factors: Dict[str, torch.Tensor], model_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
         """``factors`` with each tensor in its :meth:`factor_dtype`."""
-        return {name: value if self.factor_dtype(name, model_dtype) is None
-                else value.to(self.factor_dtype(name, model_dtype)) for name, value in factors.items()}
+        def cast(value: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+            if dtype is None:
+                return value
+            if dtype.itemsize < 4:  # a cast of the float32 result, whichever the sums were kept in
+                value = value.to(torch.float32)
+            return value.to(dtype)
+
+        return {name: cast(value, self.factor_dtype(name, model_dtype)) for name, value in factors.items()}
 
     def fitting(self, estimators: Mapping[str, CurvatureEstimator], model_dtype: torch.dtype
                 ) -> Dict[str, CurvatureEstimator]:
@@ -81,6 +87,24 @@ class Precision:
 
         wrapped = {id(e): e._replace(passes=tuple(cast(p) for p in e.passes)) for e in estimators.values()}
         return {layer: wrapped[id(e)] for layer, e in estimators.items()}
+
+    def score_compute(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype score contractions run in: ``score_dtype`` widened to at least float32."""
+        return self.accumulator(self.score_dtype, model_dtype)
+
+    def score_output(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype scores are returned and stored in: ``score_dtype``, else the contraction dtype."""
+        return self.score_dtype or self.score_compute(model_dtype)
+
+    def scores_out(self, scores, model_dtype: torch.dtype):
+        """Scores (a tensor, a dict of them, or None) in the dtype asked for: ``score_dtype``, else the
+        contraction dtype; a narrower dtype is a cast of the float32 (or wider) result."""
+        dtype = self.score_output(model_dtype)
+        if scores is None:
+            return None
+        if isinstance(scores, dict):
+            return {name: value.to(dtype) for name, value in scores.items()}
+        return scores.to(dtype)
 
     def compute(self, requested: Optional[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
         return requested or _at_least_float32(model_dtype)

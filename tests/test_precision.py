@@ -88,3 +88,112 @@ def test_pairwise_contraction_is_as_accurate_as_the_einsum_without_a_groups_axis
     reference = error(torch.einsum("noi,qoi->qn", torch.einsum("nto,nti->noi", narrow["g"][:, :, 0], narrow["a"][:, :, 0]),
                                    query[:, 0].float()))
     assert error(pairwise_layer_scores(query.float(), narrow)) <= 1.25 * reference < 1e-5
+
+
+# -- stored dtypes ---------------------------------------------------------------------------------
+
+NARROW = [torch.float16, torch.bfloat16]
+STORED = ("activation_covariance", "gradient_covariance", "lambda")
+
+
+def stored_arrays(path):
+    """``{relative path: zarr array}`` of every array under a store."""
+    import zarr
+
+    found = {}
+
+    def walk(group, prefix):
+        for name, array in group.arrays():
+            found[prefix + name] = array
+        for name, sub in group.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(zarr.open_group(str(path), mode="r"), "")
+    return found
+
+
+def assert_stored_as(array, dtype):
+    assert array.dtype.itemsize == dtype.itemsize  # two bytes per element on disk
+    if dtype == torch.bfloat16:  # zarr v3 has no bfloat16: raw bits, and the dtype named beside them
+        assert str(array.dtype) == "uint16" and array.attrs["fninfluence_dtype"] == "bfloat16"
+
+
+def small_problem():
+    torch.manual_seed(0)
+    model = mlp(d_in=6, hidden=5, classes=3).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return model, ClassificationTask(), TensorDataset(x, y), TensorDataset(x[:4], y[:4])
+
+
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_native_factors_and_scores_are_held_stored_and_loaded_in_the_asked_dtype(dtype, tmp_path):
+    model, task, train, queries = small_problem()
+    fit = dict(strategy="ekfac", use_empirical_fisher=True, batch_size=8, progress=False)
+    reference = fi.fit_factors(model, task, train, **fit)
+    asked = Precision(covariance_dtype=dtype, lambda_dtype=dtype, score_dtype=dtype)
+    factors = fi.fit_factors(model, task, train, store=tmp_path / "f", precision=asked, **fit)
+    loaded = fi.Factors.load(tmp_path / "f")
+    arrays = stored_arrays(tmp_path / "f")
+    for layer in reference.layers:
+        for name in STORED:
+            assert factors[layer][name].dtype == loaded[layer][name].dtype == dtype
+            assert torch.equal(factors[layer][name], reference[layer][name].to(dtype))
+            assert torch.equal(loaded[layer][name], factors[layer][name])
+    for name in STORED:
+        paths = [p for p in arrays if p.startswith("layers/") and p.endswith("/" + name)]
+        assert len(paths) == 2
+        for path in paths:
+            assert_stored_as(arrays[path], dtype)
+
+    score = dict(damping=1e-3, batch_size=8, progress=False)  # the same (narrow) factors, float32 scores
+    expected = fi.pairwise_scores(model, task, factors, queries, train, **score)
+    in_memory = fi.pairwise_scores(model, task, factors, queries, train, precision=asked, **score)
+    stored = fi.pairwise_scores(model, task, factors, queries, train, precision=asked, store=tmp_path / "s", **score)
+    assert expected.dtype == torch.float32 and in_memory.dtype == stored.dtype == dtype
+    assert torch.equal(in_memory, expected.to(dtype)) and torch.equal(stored, expected.to(dtype))
+    from fninfluence.store.scores_store import read_scores
+
+    assert torch.equal(read_scores(tmp_path / "s")["all_modules"], expected.to(dtype))
+    assert_stored_as(stored_arrays(tmp_path / "s")["all_modules"], dtype)
+    self_expected = fi.self_scores(model, task, factors, train, **score)
+    self_asked = fi.self_scores(model, task, factors, train, precision=asked, **score)
+    assert torch.equal(self_asked, self_expected.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_compat_arguments_ask_for_the_stored_and_loaded_dtypes(dtype, tmp_path):
+    from fninfluence.compat import kronfluence as compat
+
+    model, task, train, queries = small_problem()
+    analyzer = compat.Analyzer("a", compat.prepare_model(model, task), task, cpu=True, disable_tqdm=True,
+                               output_dir=str(tmp_path))
+    call = dict(per_device_query_batch_size=4, per_device_train_batch_size=8)
+    results = {}
+    for name, wanted in (("wide", torch.float32), ("narrow", dtype)):
+        analyzer.fit_all_factors(name, train, per_device_batch_size=8, factor_args=compat.FactorArguments(
+            strategy="ekfac", use_empirical_fisher=True, activation_covariance_dtype=wanted,
+            gradient_covariance_dtype=wanted, lambda_dtype=wanted))
+        for scores, score_dtype in ((name, wanted), (name + "32", torch.float32)):
+            analyzer.compute_pairwise_scores(scores, name, queries, train, score_args=compat.ScoreArguments(
+                damping_factor=1e-3, score_dtype=score_dtype), **call)
+        results[name] = (analyzer.load_all_factors(name), analyzer.load_covariance_matrices(name),
+                         analyzer.load_pairwise_scores(name)["all_modules"])
+    (wide_factors, wide_covariances, _), (factors, covariances, scores) = results["wide"], results["narrow"]
+    # scores: a cast of the float32 scores from the same (narrow) factors
+    assert scores.dtype == dtype
+    assert torch.equal(scores, analyzer.load_pairwise_scores("narrow32")["all_modules"].to(dtype))
+    # raw sums (Kronfluence's convention) of factors that are casts of the float32 means
+    for module, value in factors["lambda_matrix"].items():
+        assert value.dtype == dtype
+        assert torch.allclose(value.double(), wide_factors["lambda_matrix"][module].double(), rtol=1e-2, atol=1e-3)
+    for name in ("activation_covariance", "gradient_covariance"):
+        for module, value in covariances[name].items():
+            assert value.dtype == dtype
+            assert torch.allclose(value.double(), wide_covariances[name][module].double(), rtol=1e-2, atol=1e-3)
+    arrays = stored_arrays(analyzer.factors_output_dir("narrow"))
+    for name in STORED:
+        for path in [p for p in arrays if p.startswith("layers/") and p.endswith("/" + name)]:
+            assert_stored_as(arrays[path], dtype)
+    score_arrays = stored_arrays(analyzer.scores_output_dir("narrow"))
+    assert_stored_as(score_arrays["all_modules"], dtype)
