@@ -58,8 +58,23 @@ def _planning_sizes(equation: str, operands) -> list:
     return flat
 
 
+def _drop_unit_groups(equation: str, operands):
+    """The equation and operands without a summed-over groups axis ``g`` of size 1 in every operand.
+
+    Summing over a size-1 axis beside the others sends torch.einsum to a less accurate float32 kernel
+    (2.8x the relative error of the same sum without it, on [8, 1, 256, 65] x [16, 1, 256, 65]); every
+    layer but a grouped convolution has one group."""
+    inputs, output = equation.split("->")
+    letters = inputs.split(",")
+    if "g" in output or not all("g" in l and o.shape[l.index("g")] == 1 for l, o in zip(letters, operands)):
+        return equation, operands
+    squeezed = [o.squeeze(l.index("g")) for l, o in zip(letters, operands)]
+    return ",".join(l.replace("g", "") for l in letters) + "->" + output, squeezed
+
+
 def contract(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     """``torch.einsum(equation, *operands)`` in the cheapest order (by FLOPs) that opt_einsum finds."""
+    equation, operands = _drop_unit_groups(equation, operands)
     if len(operands) <= 2:
         return torch.einsum(equation, *operands)
     pending = list(operands)

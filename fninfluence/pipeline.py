@@ -225,8 +225,7 @@ def _check_parameter_layers(estimators: Dict[str, CurvatureEstimator], specs: Di
 
 
 def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype) -> torch.dtype:
-    requested = precision.covariance_dtype if pass_name == "covariance" else precision.lambda_dtype
-    return precision.accumulator(requested, model_dtype)
+    return precision.fit_dtypes(pass_name, model_dtype)[0]
 
 
 def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data: Data, batch_size, earlier,
@@ -236,9 +235,7 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
     ``data``'s examples are examples ``first, first + 1, ...`` of the whole dataset: with sampled labels each batch
     carries those indices, so that every example's labels depend on (seed, index) only (:mod:`.sampling`)."""
     model_dtype = engine.dtype
-    state_dtype = _state_dtype(precision, pass_name, model_dtype)
-    compute_dtype = precision.compute(precision.per_sample_gradient_dtype, model_dtype) \
-        if pass_name != "covariance" else state_dtype
+    state_dtype, compute_dtype = precision.fit_dtypes(pass_name, model_dtype)
 
     def step(params, buffers, batch, probes, state, earlier):
         if pass_name == "covariance":  # sums of raw a a^T and g g^T: no per-example gradient to post-process
@@ -375,7 +372,8 @@ def fit_factors(
     estimators = resolve_strategies(strategy, specs)
     _check_parameter_layers(estimators, specs)
     pass_names = pass_order(estimators)
-    layer_passes = {name: {layer: p for layer, e in estimators.items() for p in e.passes if p.name == name}
+    fitting = precision.fitting(estimators, engine.dtype)  # their outputs in the dtypes asked for
+    layer_passes = {name: {layer: p for layer, e in fitting.items() for p in e.passes if p.name == name}
                     for name in pass_names}
     label = _strategy_label(estimators)
     wanted = pass_names if passes is None else list(passes)
@@ -388,7 +386,7 @@ def fit_factors(
     saved = None
     if store is not None:
         saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
-            Path(store), model=model, data=data, estimators=estimators, specs=specs, plan=plan,
+            Path(store), model=model, data=data, estimators=fitting, specs=specs, plan=plan,
             arguments=store_arguments,
             state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
             overwrite=fresh,
@@ -604,7 +602,7 @@ def _compress(chunks: List[Dict[str, torch.Tensor]], rank, full_svd, precision: 
     query of the chunk), so every cell, partition, resume and rank gets the same approximation of a query (drawn
     from the global state, the data partitions of one call differed by 13 % from an unpartitioned call)."""
     svd_dtype = precision.compute(precision.svd_dtype, dtype)
-    score_dtype = precision.compute(precision.score_dtype, dtype)
+    score_dtype = precision.score_compute(dtype)
     randomised = rank is not None and not full_svd
     compressed, first = [], 0
     for chunk in chunks:
@@ -651,7 +649,7 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
         chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=query_batch_size,
                                   compile=compile, progress=progress, precision=precision, aggregate=aggregate_queries)
     queries = _compress(chunks, rank, full_svd, precision, engine.dtype)
-    score_dtype = precision.compute(precision.score_dtype, engine.dtype)
+    score_dtype = precision.score_compute(engine.dtype)
     specs = engine.specs
 
     def step(params, buffers, batch, probes, group):
@@ -829,7 +827,7 @@ def pairwise_scores(
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
         _check_layers(factors, engine)
         per_layer = _pairwise_cell(engine, factors, query_data, train_data, label="pairwise scores", **options)
-        return per_layer if per_module else total(per_layer)
+        return precision.scores_out(per_layer if per_module else total(per_layer), engine.dtype)
     computed_queries: Dict[int, List[Dict[str, torch.Tensor]]] = {}
     query_seen: List[fingerprint.DataDigest] = []
 
@@ -861,7 +859,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
     on_device = _factors_on(factors, engine)
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, engine.dtype)
-    score_dtype = precision.compute(precision.score_dtype, engine.dtype)
+    score_dtype = precision.score_compute(engine.dtype)
 
     def step(params, buffers, batch, probes, measurement_probes, layer_factors):
         loss, stats = _gradient_stats(engine, "train", params, buffers, batch, probes)
@@ -960,7 +958,7 @@ def self_scores(
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
         _check_layers(factors, engine)
         per_layer = _self_cell(engine, factors, data, label="self scores", **options)
-        return per_layer if per_module else total(per_layer)
+        return precision.scores_out(per_layer if per_module else total(per_layer), engine.dtype)
     return _partitioned_scores(
         "self", model, task, factors, engine, specs, data, None, store, overwrite, data_partitions, module_partitions,
         target_data_partitions, target_module_partitions, per_module, options,
@@ -988,7 +986,7 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             Path(store), kind=kind, model=model, factors=factors, specs=specs, train_data=train_data,
             query_data=query_data, ranges=ranges, groups=groups, per_module=per_module,
             shape=_score_shape(kind, engine, query_data, train_data, options), arguments=_store_arguments(options),
-            overwrite=fresh, dtype=options["precision"].compute(options["precision"].score_dtype, engine.dtype),
+            overwrite=fresh, dtype=options["precision"].score_output(engine.dtype),
         ), overwrite)
     elif sorted(targets_d) != list(range(len(ranges))) or sorted(targets_m) != list(range(len(groups))):
         raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
@@ -1030,9 +1028,10 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             group.barrier()  # rank 0 has written the final arrays
             if not group.leader:
                 result = scores_store.read_scores(Path(store))
+        out = options["precision"].scores_out
         if per_module:
-            return {layer: result[layer] for layer in specs}
-        return result["all_modules"]
+            return out({layer: result[layer] for layer in specs}, engine.dtype)
+        return out(result["all_modules"], engine.dtype)
     aggregate_train = options.get("aggregate_train", False)
     per_layer = {}
     for layer in specs:
@@ -1042,7 +1041,7 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
             per_layer[layer] = sum(blocks) if aggregate_train else torch.cat(blocks, dim=1)
         else:
             per_layer[layer] = torch.cat(blocks)
-    return per_layer if per_module else total(per_layer)
+    return options["precision"].scores_out(per_layer if per_module else total(per_layer), engine.dtype)
 
 
 def _store_arguments(options: Dict[str, Any]) -> Dict[str, Any]:

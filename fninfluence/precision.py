@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
+
+from .curvature.base import CurvatureEstimator, FitPass
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -17,15 +19,18 @@ class Precision:
     """Dtypes per stage. ``None`` means: the model's dtype, widened to at least float32 for accumulators.
 
     * ``amp_dtype``: run the forward and backward passes under ``torch.autocast`` in this dtype;
-    * ``covariance_dtype``: accumulators of A and S;
-    * ``lambda_dtype``: accumulator of Lambda;
+    * ``covariance_dtype``: the per-batch products of A and S, and the stored A and S;
+    * ``lambda_dtype``: the stored Lambda;
     * ``per_sample_gradient_dtype``: layer inputs / output gradients and per-example gradients;
     * ``precondition_dtype``: the rotation and scaling of query gradients;
     * ``score_dtype``: the score contractions and the returned scores;
     * ``svd_dtype``: the SVD of low-rank query gradients.
 
-    Accumulators are never narrower than float32, and eigendecompositions are always done in float64
-    (narrower eigenvectors measurably change scores), whatever is asked for here.
+    Per-batch work runs in the dtype asked for (never narrower than float32 for the covariance products);
+    the sums across batches (of A, S and Lambda) are always float64, which costs one [in, in], [out, out]
+    or [out, in] tensor per layer and keeps the error of a sum from growing with the number of batches.
+    Eigendecompositions are always done in float64 (narrower eigenvectors measurably change scores),
+    whatever is asked for here. A, S, Lambda and scores are returned and stored in the dtype asked for.
     """
 
     amp_dtype: Optional[torch.dtype] = None
@@ -38,6 +43,68 @@ class Precision:
 
     def accumulator(self, requested: Optional[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
         return _at_least_float32(requested or model_dtype)
+
+    def fit_dtypes(self, pass_name: str, model_dtype: torch.dtype) -> Tuple[torch.dtype, torch.dtype]:
+        """``(state, compute)`` dtypes of a fit pass: float64 sums across batches of per-batch results
+        computed in ``compute`` (the covariance products in at least float32, other passes in the
+        per-sample gradient dtype)."""
+        if pass_name == "covariance":
+            return torch.float64, self.accumulator(self.covariance_dtype, model_dtype)
+        return torch.float64, self.compute(self.per_sample_gradient_dtype, model_dtype)
+
+    def factor_dtype(self, name: str, model_dtype: torch.dtype) -> Optional[torch.dtype]:
+        """The dtype a fitted factor is returned and stored in, or None to keep the one it was computed in.
+
+        A and S (``*_covariance``, ``activation_diagonal``) take ``covariance_dtype`` and ``lambda`` takes
+        ``lambda_dtype`` (by default the model's dtype, at least float32); eigenvectors, eigenvalues and
+        counts stay float64.
+        """
+        if name.endswith("_covariance") or name == "activation_diagonal":
+            return self.accumulator(None, model_dtype) if self.covariance_dtype is None else self.covariance_dtype
+        if name == "lambda":
+            return self.accumulator(None, model_dtype) if self.lambda_dtype is None else self.lambda_dtype
+        return None
+
+    def cast_factors(self, factors: Dict[str, torch.Tensor], model_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """``factors`` with each tensor in its :meth:`factor_dtype`."""
+        def cast(value: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+            if dtype is None:
+                return value
+            if dtype.itemsize < 4:  # a cast of the float32 result, whichever the sums were kept in
+                value = value.to(torch.float32)
+            return value.to(dtype)
+
+        return {name: cast(value, self.factor_dtype(name, model_dtype)) for name, value in factors.items()}
+
+    def fitting(self, estimators: Mapping[str, CurvatureEstimator], model_dtype: torch.dtype
+                ) -> Dict[str, CurvatureEstimator]:
+        """The estimators with every pass's outputs cast by :meth:`cast_factors` (what a store lays out too)."""
+
+        def cast(fit_pass: FitPass) -> FitPass:
+            finalize = fit_pass.finalize
+            return fit_pass._replace(finalize=lambda state, factors: self.cast_factors(finalize(state, factors),
+                                                                                      model_dtype))
+
+        wrapped = {id(e): e._replace(passes=tuple(cast(p) for p in e.passes)) for e in estimators.values()}
+        return {layer: wrapped[id(e)] for layer, e in estimators.items()}
+
+    def score_compute(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype score contractions run in: ``score_dtype`` widened to at least float32."""
+        return self.accumulator(self.score_dtype, model_dtype)
+
+    def score_output(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype scores are returned and stored in: ``score_dtype``, else the contraction dtype."""
+        return self.score_dtype or self.score_compute(model_dtype)
+
+    def scores_out(self, scores, model_dtype: torch.dtype):
+        """Scores (a tensor, a dict of them, or None) in the dtype asked for: ``score_dtype``, else the
+        contraction dtype; a narrower dtype is a cast of the float32 (or wider) result."""
+        dtype = self.score_output(model_dtype)
+        if scores is None:
+            return None
+        if isinstance(scores, dict):
+            return {name: value.to(dtype) for name, value in scores.items()}
+        return scores.to(dtype)
 
     def compute(self, requested: Optional[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
         return requested or _at_least_float32(model_dtype)

@@ -399,6 +399,11 @@ def _count(value: torch.Tensor) -> torch.Tensor:
     return torch.tensor([int(round(float(value)))], dtype=torch.int64)
 
 
+def _raw_sum(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``mean * count`` in the mean's own dtype (the one the factor arguments asked for)."""
+    return _ungroup((mean.double() * count.double()).to(mean.dtype))
+
+
 def _kronfluence_factors(factors: Factors) -> FACTOR_TYPE:
     """The native factors with Kronfluence's names, shapes and conventions.
 
@@ -414,15 +419,15 @@ def _kronfluence_factors(factors: Factors) -> FACTOR_TYPE:
     for layer, tensors in factors.tensors.items():
         if "covariance" in done and "activation_covariance" in tensors:
             tokens = tensors["num_tokens"]
-            put("activation_covariance", layer, _ungroup(tensors["activation_covariance"] * tokens))
-            put("gradient_covariance", layer, _ungroup(tensors["gradient_covariance"] * tokens))
+            put("activation_covariance", layer, _raw_sum(tensors["activation_covariance"], tokens))
+            put("gradient_covariance", layer, _raw_sum(tensors["gradient_covariance"], tokens))
             put("num_activation_covariance_processed", layer, _count(tokens))
             put("num_gradient_covariance_processed", layer, _count(tokens))
             for name in EIGENDECOMPOSITION_FACTOR_NAMES:
                 put(name, layer, _ungroup(tensors[name]))
         if "lambda" in done and "num_lambda_examples" in tensors:
             examples = tensors["num_lambda_examples"]
-            put("lambda_matrix", layer, _ungroup(tensors["lambda"] * examples))
+            put("lambda_matrix", layer, _raw_sum(tensors["lambda"], examples))
             put("num_lambda_processed", layer, _count(examples))
     return result
 
@@ -471,10 +476,12 @@ def _read_zarr_arrays(path: Path) -> Dict[str, torch.Tensor]:
     import numpy as np
     import zarr
 
+    from ..store.zarr_io import decode
+
     def tensor(array) -> torch.Tensor:
         if np.dtype(array.dtype).kind not in "biufc":
             raise InfluenceError(f"{path}: array of dtype {array.dtype} is not numeric; only numeric arrays are read.")
-        return torch.from_numpy(np.asarray(array[...]))
+        return decode(array, array[...])  # bfloat16 arrays from their raw bits
 
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):

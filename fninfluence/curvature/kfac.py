@@ -45,18 +45,41 @@ def covariance_init(shape: LayerShape, dtype: torch.dtype, device: torch.device)
     }
 
 
+def second_moment(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_n x_n x_n^T`` per group (``x: [K, G, d]``), in ``dtype``, from a product in ``x.dtype``.
+
+    When ``x`` is narrower than ``dtype`` the product is taken about a shift ``c`` (the rows' mean,
+    rounded to ``x.dtype``) and the shift is added back in ``dtype``, with ``s = sum_n x_n``:
+
+        sum_n x_n x_n^T = sum_n (x_n - c)(x_n - c)^T + c s^T + s c^T - K c c^T
+
+    Rounding errors of the narrow product scale with the entries it sums, so this trades the error
+    relative to the raw second moment for one relative to the spread about the mean: the small
+    eigenvalues of A survive a large common mean (non-negative inputs, ReLU outputs, the bias column).
+    """
+    if x.dtype == dtype:
+        return torch.einsum("ngi,ngj->gij", x, x)
+    total = x.to(dtype).sum(0)  # [G, d]
+    shift = (total / max(x.shape[0], 1)).to(x.dtype)
+    centred = x - shift
+    wide_shift = shift.to(dtype)
+    cross = torch.einsum("gi,gj->gij", wide_shift, total)
+    return (torch.einsum("ngi,ngj->gij", centred, centred).to(dtype) + cross + cross.transpose(-1, -2)
+            - x.shape[0] * torch.einsum("gi,gj->gij", wide_shift, wide_shift))
+
+
 def covariance_update(state: Tensors, stats: Tensors, factors: Tensors) -> Tensors:
-    g = stats["g"].flatten(0, 1).to(state["gradient_sum"].dtype)  # [B*T, G, out]
+    g = stats["g"].flatten(0, 1)  # [B*T, G, out], in the pass's compute dtype; the state may be wider
     if "ids" in stats:  # one-hot inputs: sum_t a_t a_t^T is diagonal, the (weighted) token counts
         diagonal = state["activation_diagonal_sum"]
         activation = {"activation_diagonal_sum": diagonal + one_hot.token_frequency_sum(stats, diagonal.shape[-1],
                                                                                          diagonal.dtype)}
     else:
-        a = stats["a"].flatten(0, 1).to(state["activation_sum"].dtype)  # [B*T, G, in]
-        activation = {"activation_sum": state["activation_sum"] + torch.einsum("ngi,ngj->gij", a, a)}
+        a = stats["a"].flatten(0, 1)  # [B*T, G, in]
+        activation = {"activation_sum": state["activation_sum"] + second_moment(a, state["activation_sum"].dtype)}
     return {
         **activation,
-        "gradient_sum": state["gradient_sum"] + torch.einsum("ngo,ngp->gop", g, g),
+        "gradient_sum": state["gradient_sum"] + second_moment(g, state["gradient_sum"].dtype),
         "tokens": state["tokens"] + stats["tokens"].to(state["tokens"].dtype),
     }
 

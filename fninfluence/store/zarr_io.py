@@ -54,9 +54,60 @@ class ArraySpec:
     fill_value: float = 0.0
 
 
+# Zarr v3 has no bfloat16: such arrays hold the raw 16 bits as uint16, with this attribute naming the dtype.
+DTYPE_ATTRIBUTE = "fninfluence_dtype"
+_STORED_DTYPES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
+                  torch.bfloat16: "bfloat16"}
+_AS_BITS = {"bfloat16": ("uint16", torch.bfloat16, torch.int16)}  # name -> (zarr dtype, torch dtype, same-size int)
+
+
 def numpy_dtype(dtype: torch.dtype) -> str:
-    """The numpy dtype that holds ``dtype`` (bfloat16 is stored as float32)."""
-    return {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16"}.get(dtype, "float32")
+    """The name an :class:`ArraySpec` gives to the dtype of a tensor stored as ``dtype`` (others: float32).
+
+    ``"bfloat16"`` is laid out as raw ``uint16`` bits (see :func:`write_array`, :func:`read_array`)."""
+    return _STORED_DTYPES.get(dtype, "float32")
+
+
+def _zarr_layout(spec: ArraySpec) -> Tuple[str, Any, Dict[str, str]]:
+    """``(zarr dtype, fill value, attributes)`` of an array spec: a bfloat16 fill value becomes its bits."""
+    if spec.dtype not in _AS_BITS:
+        return spec.dtype, spec.fill_value, {}
+    stored, dtype, bits = _AS_BITS[spec.dtype]
+    fill = int(torch.tensor(spec.fill_value, dtype=dtype).view(bits).item()) & 0xFFFF
+    return stored, fill, {DTYPE_ATTRIBUTE: spec.dtype}
+
+
+def _raw_bits_of(array) -> Optional[Tuple[str, torch.dtype, torch.dtype]]:
+    name = array.attrs.get(DTYPE_ATTRIBUTE)
+    if name is None:
+        return None
+    if name not in _AS_BITS or str(array.dtype) != _AS_BITS[name][0]:
+        raise InfluenceError(f"Array {array.path!r} says it holds {name!r} as {array.dtype}, which this version "
+                             "cannot decode: recompute it, or read it with the fninfluence version that wrote it.")
+    return _AS_BITS[name]
+
+
+def encode(array, value: torch.Tensor) -> np.ndarray:
+    """``value`` as the numpy data of ``array``: cast to the array's dtype, bfloat16 as its raw bits."""
+    data = value.detach().to("cpu")
+    layout = _raw_bits_of(array)
+    if layout is not None:
+        _, dtype, bits = layout
+        return data.to(dtype).contiguous().view(bits).numpy().view(np.uint16)
+    if data.dtype == torch.bfloat16:  # numpy has no bfloat16; the array's own dtype decides what is kept
+        data = data.float()
+    return data.numpy()
+
+
+def decode(array, values) -> torch.Tensor:
+    """The tensor of ``values`` read from ``array`` (bfloat16 arrays from their raw bits). Nothing is executed:
+    the dtype attribute is only looked up in a fixed table."""
+    values = np.ascontiguousarray(values)
+    layout = _raw_bits_of(array)
+    if layout is None:
+        return torch.from_numpy(values)
+    _, dtype, bits = layout
+    return torch.from_numpy(values.view(np.int16)).view(dtype)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -119,10 +170,12 @@ def _codecs() -> List[Any]:
 def _same_array(array: Any, spec: ArraySpec) -> bool:
     try:
         check_array(Path("."), "", array)
+        dtype, fill_value, attributes = _zarr_layout(spec)  # as stored: bfloat16 as raw bits
         fill = np.asarray(array.fill_value, dtype=np.float64)
         return (tuple(array.shape) == tuple(spec.shape) and tuple(array.chunks) == tuple(spec.chunks)
-                and np.dtype(array.dtype) == np.dtype(spec.dtype)
-                and np.array_equal(fill, np.asarray(spec.fill_value, dtype=np.float64), equal_nan=True)
+                and np.dtype(array.dtype) == np.dtype(dtype)
+                and array.attrs.get(DTYPE_ATTRIBUTE) == attributes.get(DTYPE_ATTRIBUTE)
+                and np.array_equal(fill, np.asarray(fill_value, dtype=np.float64), equal_nan=True)
                 and any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs))
     except (TypeError, ValueError, AttributeError, InfluenceError):
         return False
@@ -149,8 +202,9 @@ def _create(path: Path, header: Dict[str, Any], arrays: Dict[str, ArraySpec], id
         existing = _existing_array(root, name)
         if existing is not None and _same_array(existing, spec):
             continue
-        root.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
-                          compressors=_codecs(), overwrite=True)
+        dtype, fill_value, attributes = _zarr_layout(spec)
+        root.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=dtype, fill_value=fill_value,
+                          attributes=attributes, compressors=_codecs(), overwrite=True)
     root.attrs["fninfluence"] = header
     _atomic_write_text(path / _READY, json.dumps({"created": time.time()}))
 
@@ -298,15 +352,13 @@ def read_header(path: Path) -> Dict[str, Any]:
 
 
 def write_array(group: zarr.Group, name: str, value: torch.Tensor, region: Optional[Tuple[slice, ...]] = None) -> None:
-    data = value.detach().to("cpu")
-    if data.dtype == torch.bfloat16:
-        data = data.float()
     array = group[name]
-    array[region if region is not None else ...] = data.numpy()
+    array[region if region is not None else ...] = encode(array, value)
 
 
 def read_array(group: zarr.Group, name: str, region=None) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(group[name][region if region is not None else ...]))
+    array = group[name]
+    return decode(array, array[region if region is not None else ...])
 
 
 # -- completion markers that certify their chunks --------------------------------------------------
