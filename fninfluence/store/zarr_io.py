@@ -102,7 +102,7 @@ def encode(array, value: torch.Tensor) -> np.ndarray:
 def decode(array, values) -> torch.Tensor:
     """The tensor of ``values`` read from ``array`` (bfloat16 arrays from their raw bits). Nothing is executed:
     the dtype attribute is only looked up in a fixed table."""
-    values = np.ascontiguousarray(values)
+    values = np.asarray(values, order="C")  # not ascontiguousarray: it turns a 0-d array into 1-d
     layout = _raw_bits_of(array)
     if layout is None:
         return torch.from_numpy(values)
