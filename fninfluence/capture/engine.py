@@ -217,6 +217,7 @@ class ModelTap:
         self._callers = {k: _Objective(model, fn) for k, fn in _objective_fns(task).items()}
         self._probes: Dict[Tuple, Dict[str, List[torch.Tensor]]] = {}
         self.checkpointed = False  # whether the objective uses activation checkpointing (seen by discovery)
+        self._exact: set = set()  # objectives whose tapped gradients were checked against autograd's
         first = self.params[self.targets[0].weight if self.targets else next(iter(self.parameter_layers.values()))[0]]
         self.device, self.dtype = first.device, first.dtype
 
@@ -427,7 +428,9 @@ class ModelTap:
             layer: [torch.zeros(c.output_shape, dtype=c.output_dtype, device=self.device) for c in calls]
             for layer, calls in record.calls.items()
         }
-        self._check_exact(objective, batch, probes)
+        if objective not in self._exact:  # a use that escapes the tap is in the code, not in a batch's shapes
+            self._check_exact(objective, batch, probes)
+            self._exact.add(objective)
         return probes
 
     def _check_exact(self, objective: str, batch: Any, probes: Dict[str, List[torch.Tensor]]) -> None:
@@ -466,6 +469,8 @@ class ModelTap:
                 eps = max(eps, 2.0 ** -10)  # float32 matmuls and convolutions may run in TF32 there
             expected = weight_as_matrix(grads[spec.weight], grads[spec.bias] if spec.has_bias else None,
                                         spec.groups, spec.op).to(tapped.dtype)
+            if not (bool(torch.isfinite(tapped).all()) and bool(torch.isfinite(expected).all())):
+                continue  # non-finite gradients are reported, with the batch, by the passes themselves
             error = float(torch.linalg.vector_norm(tapped - expected))
             if not error <= eps ** 0.5 * float(scale):
                 raise InfluenceError(
