@@ -230,7 +230,7 @@ class ModelTap:
     def _call(self, objective: str, params, buffers, batch) -> torch.Tensor:
         tensors = {"model." + k: v for k, v in params.items()}
         tensors.update({"model." + k: v for k, v in buffers.items()})
-        # a compiled caller enters direct_checkpoints outside the graph (pipeline._maybe_compile)
+        # torch.compile traces a checkpoint as one opaque op (see compile_option), so there is nothing to replace
         checkpoints = contextlib.nullcontext() if torch.compiler.is_compiling() else direct_checkpoints()
         with self._autocast(), checkpoints:
             return torch.func.functional_call(self._callers[objective], tensors, (batch,))
@@ -301,7 +301,7 @@ class ModelTap:
 
         def example_loss(subset, example):
             single = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, example)
-            with ObjectiveMode():
+            with contextlib.nullcontext() if torch.compiler.is_compiling() else ObjectiveMode():
                 return self._call(objective, {**params, **subset}, buffers, single)
 
         in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
