@@ -9,9 +9,10 @@ A NaN or Inf enters an influence computation in one of a few places, and each ne
   a positive damping or ``None`` (the heuristic);
 - the contraction, while both sides are finite (an overflow in a low-precision score dtype).
 
-Each per-batch step returns :func:`finite_flags` of its stages, one small bool tensor computed inside the
-(possibly compiled) step, so a batch costs one device sync however many stages are checked; only a batch
-that fails is examined further, by :func:`raise_not_finite`, to name the stage and the layers.
+Each per-batch step returns :func:`finite_flags` of its stages, one small bool tensor (one flag per stage
+and layer) computed inside the (possibly compiled) step, so a batch costs one device sync however many
+stages are checked, and no checked tensor outlives the step; :func:`raise_not_finite` names the first stage
+that failed and its layers.
 """
 
 from __future__ import annotations
@@ -58,24 +59,32 @@ def all_finite(tree: Any) -> torch.Tensor:
     return torch.stack(checks).all()
 
 
-def finite_flags(loss: torch.Tensor, *stages: Any) -> torch.Tensor:
-    """``[1 + len(stages)]`` bools: is the loss finite, is each stage's pytree of tensors finite?"""
-    return torch.stack([torch.isfinite(loss).all()] + [all_finite(stage) for stage in stages])
+def finite_flags(loss: torch.Tensor, *stages: Mapping[str, Any]) -> torch.Tensor:
+    """``[1 + sum_k len(stages[k])]`` bools: is the loss finite, then is each layer of each stage finite
+    (layers in sorted order). Only these flags leave the step, not the stages' tensors, so checking keeps
+    no batch-sized tensor alive."""
+    return torch.stack([torch.isfinite(loss).all()] + [all_finite(stage[layer]) for stage in stages
+                                                        for layer in sorted(stage)])
 
 
 def raise_not_finite(flags: torch.Tensor, loss: torch.Tensor, objective: str, batch_index: int,
-                     stages: Sequence[Mapping[str, Any]], messages: Sequence[str], what: str) -> None:
-    """Raise for the first stage whose flag is False, naming the layers at fault; nothing if all are True.
+                     stages: Sequence[Sequence[str]], messages: Sequence[str], what: str) -> None:
+    """Raise for the first stage with a layer whose flag is False, naming those layers; nothing if all are True.
 
-    ``stages[k]`` is a ``{layer: tensors}`` mapping matching ``flags[k + 1]``, ``messages[k]`` its explanation.
+    ``stages[k]`` holds the layer names of stage ``k`` (as given to :func:`finite_flags`), ``messages[k]`` its
+    explanation.
     """
     flags = flags.tolist()  # the one device sync of this batch
     if all(flags):
         return
     check_finite(loss, objective, batch_index)
-    stage = next(k for k, ok in enumerate(flags[1:]) if not ok)
-    layers = sorted(layer for layer, value in stages[stage].items() if not bool(all_finite(value)))
-    raise InfluenceError(f"{what} of layers {layers} on batch {batch_index}: {messages[stage]}")
+    position = 1
+    for layers, message in zip(stages, messages):
+        layers = sorted(layers)
+        bad = [layer for layer, ok in zip(layers, flags[position:position + len(layers)]) if not ok]
+        position += len(layers)
+        if bad:
+            raise InfluenceError(f"{what} of layers {bad} on batch {batch_index}: {message}")
 
 
 def check_factors(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:

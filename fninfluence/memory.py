@@ -262,8 +262,14 @@ def estimate_memory(
     accumulate = torch.tensor([], dtype=precision.accumulator(None, tap.dtype)).element_size()
     compute = torch.tensor([], dtype=precision.compute(None, tap.dtype)).element_size()
 
-    phases = {"discovery": PhaseEstimate("discovery", {  # one forward without gradients, on the first batch
-        "layer inputs and outputs": batch * sum(l.stats for l in layers.values()) * tap.dtype.itemsize})}
+    stats_bytes = batch * sum(l.stats for l in layers.values()) * tap.dtype.itemsize
+    tracked = sum(p.numel() * p.element_size() for p in model.parameters())
+    # one forward without gradients on the first batch, then the exactness check: one forward+backward under the
+    # tap that also takes autograd's weight gradients, compared with the tap's summed (a, g) products
+    phases = {"discovery": PhaseEstimate("discovery", {
+        "layer inputs and outputs": stats_bytes, "exactness check: forward+backward": act(batch),
+        "exactness check: layer inputs and output gradients": stats_bytes,
+        "exactness check: weight gradients": 2 * tracked})}
     phases.update(_fit_phases(layers, name, batch, act, accumulate, compute))
     copies = _PRECONDITION_COPIES[name]
     kept_queries = min(num_queries, queries_per_pass or num_queries)
@@ -316,9 +322,15 @@ def fit_phase_peak(estimate: MemoryEstimate) -> int:
     return max(estimate.phases[p].peak for p in FIT_PHASES if p in estimate.phases)
 
 
+def self_call_peak(estimate: MemoryEstimate) -> int:
+    """The peak of a whole ``self_scores`` call: discovery (with its exactness check), then the pass."""
+    return max(estimate.phases["discovery"].peak, estimate.phases["self"].peak)
+
+
 def pairwise_call_peak(estimate: MemoryEstimate) -> int:
     """The peak of a whole ``pairwise_scores`` call: query gradients first, then the pass over the training data."""
-    return max(estimate.phases["query gradients"].peak, estimate.phases["pairwise"].peak)
+    return max(estimate.phases["discovery"].peak, estimate.phases["query gradients"].peak,
+               estimate.phases["pairwise"].peak)
 
 
 @dataclass

@@ -243,7 +243,7 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
         else:
             loss, stats = _gradient_stats(engine, objective, params, buffers, batch, probes)
         stats = {layer: _cast_stats(s, compute_dtype) for layer, s in stats.items()}
-        checked = (loss, finite.finite_flags(loss, stats), stats)
+        checked = (loss, finite.finite_flags(loss, stats))
         return checked, {layer: _updated(fit_passes[layer], state[layer], stats[layer], earlier[layer], layer)
                          for layer in state}
 
@@ -261,9 +261,9 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
             if state is None:
                 state = {layer: fit_passes[layer].init(spec.shape, state_dtype, engine.device)
                          for layer, spec in engine.specs.items()}
-            (loss, flags, stats), state = run(engine.params, engine.buffers, batch, probes, state,
-                                              {layer: earlier.get(layer, {}) for layer in engine.specs})
-        finite.raise_not_finite(flags, loss, objective, index, [stats], [finite.STATISTICS],
+            (loss, flags), state = run(engine.params, engine.buffers, batch, probes, state,
+                                       {layer: earlier.get(layer, {}) for layer in engine.specs})
+        finite.raise_not_finite(flags, loss, objective, index, [engine.specs], [finite.STATISTICS],
                                 f"The {pass_name} statistics")
         examples += size
         bar.update(1)
@@ -535,9 +535,9 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
                  for layer, s in stats.items()}
         if aggregate:
             summed = {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
-            return (loss, finite.finite_flags(loss, grads), grads), summed
+            return (loss, finite.finite_flags(loss, grads)), summed
         preconditioned = {layer: precondition(layer, layer_factors[layer], g) for layer, g in grads.items()}
-        return (loss, finite.finite_flags(loss, grads, preconditioned), grads), preconditioned
+        return (loss, finite.finite_flags(loss, grads, preconditioned)), preconditioned
 
     run = _maybe_compile(step, engine.compile_option(compile))
     chunks: List[Dict[str, torch.Tensor]] = []
@@ -549,8 +549,8 @@ def _query_gradients(engine: ModelTap, factors: Factors, query_data: Data, *, da
             continue
         with _on_batch("query gradients", index):
             probes = engine.probes_for("measurement", batch)
-            (loss, flags, raw), grads = run(engine.params, engine.buffers, batch, probes, on_device)
-        finite.raise_not_finite(flags, loss, "measurement", index, [raw, grads],
+            (loss, flags), grads = run(engine.params, engine.buffers, batch, probes, on_device)
+        finite.raise_not_finite(flags, loss, "measurement", index, [engine.specs, engine.specs],
                                 [finite.GRADIENTS, finite.PRECONDITIONED], "The query gradients")
         chunks.append(grads)
         examples += batch_examples(batch)
@@ -664,7 +664,7 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
                 block = torch.cat([pairwise_layer_scores(q[layer], s, with_tokens, specs[layer].calls)
                                    for q in group], dim=0)
                 columns[layer] = block if with_tokens or not per_token else block[..., None]
-        return (loss, finite.finite_flags(loss, stats, columns), stats), columns
+        return (loss, finite.finite_flags(loss, stats, columns)), columns
 
     run = _maybe_compile(step, engine.compile_option(compile))
     results: Dict[str, List[torch.Tensor]] = {}
@@ -675,8 +675,8 @@ def _pairwise_cell(engine: ModelTap, factors: Factors, query_data: Data, train_d
         for index, batch in enumerate(batches(train_data, batch_size, engine.device, "train_data")):
             with _on_batch(label, index):
                 probes = engine.probes_for("train", batch)
-                (loss, flags, stats), block = run(engine.params, engine.buffers, batch, probes, group)
-            finite.raise_not_finite(flags, loss, "train", index, [stats, block], [finite.GRADIENTS, finite.SCORES],
+                (loss, flags), block = run(engine.params, engine.buffers, batch, probes, group)
+            finite.raise_not_finite(flags, loss, "train", index, [specs, specs], [finite.GRADIENTS, finite.SCORES],
                                     "The training gradients")
             for layer, value in block.items():
                 columns[layer].append(value)
@@ -870,7 +870,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
                           (batch_examples(batch),), f"({factors.estimator_for(layer).name}) self_score", layer
                           ).to(score_dtype)
                       for layer, s in stats.items()}
-            return (loss, None, finite.finite_flags(loss, stats, scores), (stats, scores)), scores
+            return (loss, None, finite.finite_flags(loss, stats, scores)), scores
         measured, measured_stats = _gradient_stats(engine, "measurement", params, buffers, batch, measurement_probes)
         scores = {}
         for layer, s in stats.items():
@@ -880,8 +880,7 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
             preconditioned = _shaped(estimator.precondition(layer_factors[layer], grads, damping), grads.shape,
                                      f"({estimator.name}) precondition", layer).to(score_dtype)
             scores[layer] = example_grad_dot(preconditioned, _cast_stats(s, score_dtype))
-        stages = (stats, measured_stats, scores)
-        return (loss, measured, finite.finite_flags(loss, *stages), stages), scores
+        return (loss, measured, finite.finite_flags(loss, stats, measured_stats, scores)), scores
 
     run = _maybe_compile(step, engine.compile_option(compile), batched=(2, 3, 4))
     blocks: Dict[str, List[torch.Tensor]] = {layer: [] for layer in engine.specs}
@@ -891,10 +890,11 @@ def _self_cell(engine: ModelTap, factors: Factors, data: Data, *, damping, batch
         with _on_batch(label, index):
             probes = engine.probes_for("train", batch)
             measurement_probes = engine.probes_for("measurement", batch) if use_measurement else None
-            (loss, measured, flags, stages), scores = run(engine.params, engine.buffers, batch, probes,
+            (loss, measured, flags), scores = run(engine.params, engine.buffers, batch, probes,
                                                          measurement_probes, on_device)
         if measured is not None:
             check_finite(measured, "measurement", index)
+        stages = [engine.specs] * (3 if measured is not None else 2)
         messages = [finite.GRADIENTS] * (len(stages) - 1) + [finite.PRECONDITIONED]
         finite.raise_not_finite(flags, loss, "train", index, stages, messages, "The self-influence")
         for layer, block in scores.items():

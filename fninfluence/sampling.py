@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 _MASK = 0xFFFFFFFF
@@ -119,6 +121,21 @@ def _check_probabilities(probs: torch.Tensor, what: str, upper: bool) -> None:
         )
 
 
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _inside_the_users_model() -> bool:
+    """Whether the caller runs inside a module's forward below fninfluence's objective wrapper (itself one
+    module call): the user's model, as opposed to the task's own code."""
+    calls, frame = 0, sys._getframe(2)
+    while frame is not None:
+        calls += frame.f_code is _CALL_IMPL
+        if calls >= 2:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class ExampleDraws(TorchFunctionMode):
     """Answers PyTorch's random functions with per-example counter-based draws (see the module docstring).
 
@@ -137,6 +154,9 @@ class ExampleDraws(TorchFunctionMode):
         handler = _HANDLERS.get(func)
         if handler is None or kwargs.get("generator") is not None or kwargs.get("out") is not None:
             return func(*args, **kwargs)  # not random, or the user's own generator / output buffer: theirs
+        if not torch.compiler.is_compiling() and _inside_the_users_model():
+            # randomness inside the model (dropout, noise) is the tap's to refuse in discovery, not to answer
+            return func(*args, **kwargs)
         return getattr(self, handler)(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
 
     # -- draws shaped like an output --

@@ -10,7 +10,6 @@ the pipeline composes with curvature updates and score contractions, and what ``
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
