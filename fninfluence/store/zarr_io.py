@@ -91,12 +91,12 @@ def encode(array, value: torch.Tensor) -> np.ndarray:
 def decode(array, values) -> torch.Tensor:
     """The tensor of ``values`` read from ``array`` (bfloat16 arrays from their raw bits). Nothing is executed:
     the dtype attribute is only looked up in a fixed table."""
-    values = np.ascontiguousarray(values)
+    values = np.asarray(values)  # not ascontiguousarray: that turns a 0-d array into a 1-d one
     layout = _raw_bits_of(array)
     if layout is None:
         return torch.from_numpy(values)
     _, dtype, bits = layout
-    return torch.from_numpy(values.view(np.int16)).view(dtype)
+    return torch.from_numpy(values.copy(order="C").view(np.int16)).view(dtype)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
