@@ -197,3 +197,21 @@ def test_compat_arguments_ask_for_the_stored_and_loaded_dtypes(dtype, tmp_path):
             assert_stored_as(arrays[path], dtype)
     score_arrays = stored_arrays(analyzer.scores_output_dir("narrow"))
     assert_stored_as(score_arrays["all_modules"], dtype)
+
+
+def test_zarr_round_trip_of_bfloat16_keeps_values_shapes_and_nan_fill(tmp_path):
+    from fninfluence.store.zarr_io import ArraySpec, open_store, read_array, write_array
+
+    arrays = {"scalar": ArraySpec((), (), "bfloat16"), "matrix": ArraySpec((3, 4), (3, 4), "bfloat16", float("nan")),
+              "half": ArraySpec((5,), (5,), "float16")}
+    group = open_store(tmp_path / "s", {"kind": "test"}, arrays, overwrite=False, identity_keys=())
+    assert torch.isnan(read_array(group, "matrix")).all() and read_array(group, "matrix").dtype == torch.bfloat16
+    values = {"scalar": torch.tensor(3.140625), "matrix": torch.randn(3, 4, dtype=torch.float64),
+              "half": torch.randn(5)}
+    for name, value in values.items():
+        write_array(group, name, value)
+    for name, value in values.items():
+        back = read_array(group, name)
+        want = torch.float16 if name == "half" else torch.bfloat16
+        assert back.dtype == want and back.shape == value.shape
+        assert torch.equal(back, value.to(want))

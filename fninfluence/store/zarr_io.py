@@ -107,7 +107,7 @@ def decode(array, values) -> torch.Tensor:
     if layout is None:
         return torch.from_numpy(values)
     _, dtype, bits = layout
-    return torch.from_numpy(values.view(np.int16)).view(dtype)
+    return torch.from_numpy(values.copy(order="C").view(np.int16)).view(dtype)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
