@@ -26,7 +26,9 @@ batches (resume, partitions at batch boundaries) but not across batch sizes.
 Random functions not listed above (``randperm``, dropout, ``poisson``, ...) still use PyTorch's generators; the
 pipeline seeds those from ``(seed, first example of the batch)`` around each batch (:func:`batch_generator_seed`),
 with the same guarantee as the batch-keyed case. The draws are the same in every pass (covariance, Lambda), so
-EKFAC's eigenvalue correction sees the same sampled Fisher as its eigenbasis.
+EKFAC's eigenvalue correction sees the same sampled Fisher as its eigenbasis. Random calls made inside the user's
+model rather than the task's own code (noise in a forward pass) are not answered: the tap refuses them, since
+they would make the scores random.
 """
 
 from __future__ import annotations
