@@ -532,13 +532,16 @@ def missing_cells(store) -> List[str]:
     For job arrays that fill one store through ``target_data_partitions`` / ``target_module_partitions``:
     once this is empty, one more call with the same arguments and no targets only aggregates (it sums the
     partial states or score partitions and marks the store ``complete``) and returns the result.
-    Reads the store's JSON attributes and marker files only.
+    Reads the store's JSON attributes and marker files only: a marker written for other metadata or another
+    store (copied, forged) counts as missing; damaged chunks are found when the store is read or resumed.
     """
     from pathlib import Path
 
-    from .store.zarr_io import done_cells, read_header
+    from .store.describe import written_for_this_store
+    from .store.zarr_io import read_header
 
-    header, done = read_header(Path(store)), done_cells(Path(store))
+    header = read_header(Path(store))
+    done = written_for_this_store(Path(store), header)
     if header.get("kind") == "factors":
         cells = [f"{name}-data{d}-modules{m}" for name, plan in header["plan"].items()
                  for m in range(plan["module_partitions"]) for d in range(plan["data_partitions"])]

@@ -217,6 +217,10 @@ def test_job_array_cells_fill_one_store_and_missing_cells_says_what_is_left(tmp_
     for task_id in (2, 0):  # two "array tasks" of three
         assert fi.self_scores(model, task, factors, data, store=store, target_data_partitions=[task_id], **score) is None
     assert parallel.missing_cells(store) == ["self-data1-modules0"]
+    forged = store / "_done" / "self-data1-modules0.json"  # a marker written by hand certifies nothing
+    forged.write_text('{"time": 0}')
+    assert parallel.missing_cells(store) == ["self-data1-modules0"]
+    forged.unlink()
     fi.self_scores(model, task, factors, data, store=store, target_data_partitions=[1], **score)
     assert parallel.missing_cells(store) == []
     merged = fi.self_scores(model, task, factors, data, store=store, **score)  # only aggregates

@@ -86,7 +86,7 @@ def _describe(path: Path) -> Dict[str, Any]:
     if header is None or not (path / _READY).exists():
         return {"path": str(path), "kind": "unfinished",
                 "note": "its layout was never completed (a process stopped while creating it): delete it and rerun"}
-    done = _written_for_this_store(path, header)
+    done = written_for_this_store(path, header)
     common = {"path": str(path), "kind": header.get("kind"), "library_version": header.get("library_version"),
               "format": header.get("format"), "arguments": header.get("arguments", {}),
               "complete": "complete" in done}
@@ -99,7 +99,7 @@ def _describe(path: Path) -> Dict[str, Any]:
     raise InfluenceError(f"{path} holds {header.get('kind')!r} results, which this version does not know.")
 
 
-def _written_for_this_store(path: Path, header: Dict[str, Any]) -> set:
+def written_for_this_store(path: Path, header: Dict[str, Any]) -> set:
     """The cells whose markers were written for this store and cell (markers of other metadata, forged or
     copied ones count as missing). Cheap: their chunks are checked when the store is read or resumed."""
     from . import factors_store, index_store, scores_store
