@@ -194,8 +194,9 @@ def _fit_phases(layers: Dict[str, _Layer], strategy: str, batch: int, act: Calla
                 accumulate: int, compute: int) -> Dict[str, PhaseEstimate]:
     phases = {}
     factors = {name: _factor_bytes(layer, strategy, accumulate) for name, layer in layers.items()}
+    summed = 8  # sums across batches are float64 whatever the factors' dtype (see Precision.fit_dtypes)
     if strategy in ("kfac", "ekfac"):
-        states = sum(layer.covariances * accumulate for layer in layers.values())
+        states = sum(layer.covariances * summed for layer in layers.values())
         per_batch = max(layer.covariances * accumulate + batch * layer.stats * accumulate for layer in layers.values())
         covariance_factors = {name: factors[name] - (layer.grad * accumulate if strategy == "ekfac" else 0)
                               for name, layer in layers.items()}
@@ -211,8 +212,8 @@ def _fit_phases(layers: Dict[str, _Layer], strategy: str, batch: int, act: Calla
     else:
         earlier = 0
     if strategy in ("diagonal", "ekfac"):
-        state = sum(layer.grad * accumulate for layer in layers.values())
-        per_batch = max(batch * layer.stats * compute + layer.grad * accumulate
+        state = sum(layer.grad * summed for layer in layers.values())
+        per_batch = max(batch * layer.stats * compute + layer.grad * summed
                         + (_eigenvector_bytes(layer, compute) if strategy in _EIGEN else 0)
                         + (2 * batch * layer.grad * compute if layer.tokens > 1 else 0) for layer in layers.values())
         phases["lambda"] = PhaseEstimate("lambda", {
