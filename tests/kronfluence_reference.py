@@ -8,12 +8,8 @@ import logging
 import torch
 
 
-def kronfluence_scores(model, task, train, queries, strategy, damping, tmp_path, batch_size=4,
-                       use_measurement=False):
-    """``(pairwise [Q, N], self [N])`` as Kronfluence 1.0.1 computes them."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-
+def kronfluence_task(task):
+    """A fninfluence task as a Kronfluence 1.0.1 ``Task`` (every method delegated)."""
     from kronfluence.task import Task as KronfluenceTask
 
     class Adapter(KronfluenceTask):
@@ -29,8 +25,17 @@ def kronfluence_scores(model, task, train, queries, strategy, damping, tmp_path,
         def get_attention_mask(self, batch):
             return task.get_attention_mask(batch)
 
+    return Adapter()
+
+
+def kronfluence_scores(model, task, train, queries, strategy, damping, tmp_path, batch_size=4,
+                       use_measurement=False):
+    """``(pairwise [Q, N], self [N])`` as Kronfluence 1.0.1 computes them."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
     wide = torch.float64
-    kron_task = Adapter()
+    kron_task = kronfluence_task(task)
     model = prepare_model(copy.deepcopy(model), kron_task)
     analyzer = Analyzer("parity", model=model, task=kron_task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path),
                         log_level=logging.WARNING)

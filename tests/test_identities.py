@@ -213,14 +213,20 @@ def test_low_rank_queries_at_or_above_the_true_rank_are_exact():
         assert_close(scores, expected, rtol=1e-9)
 
 
-def test_full_svd_queries_below_the_true_rank_equal_the_best_rank_k_truncation():
-    """EKFAC-preconditioned query gradients have full rank; ``full_svd=True`` with ``query_rank=k`` scores
-    with their best rank-k approximations, computed here from the dense preconditioned gradients."""
+def _ekfac_queries_and_oracle():
+    """The token problem with EKFAC factors: three queries' dense preconditioned gradients and every training
+    example's oracle layer gradients."""
     model, task, data = _token_problem()
     queries = Subset(data, [0, 1, 2])
     factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=True, **QUIET)
     preconditioned = fi.query_gradients(model, task, factors, queries, **QUIET)
-    train = _oracle_layer_grads(model, task, data, factors.layers)
+    return model, task, data, queries, factors, preconditioned, _oracle_layer_grads(model, task, data, factors.layers)
+
+
+def test_full_svd_queries_below_the_true_rank_equal_the_best_rank_k_truncation():
+    """EKFAC-preconditioned query gradients have full rank; ``full_svd=True`` with ``query_rank=k`` scores
+    with their best rank-k approximations, computed here from the dense preconditioned gradients."""
+    model, task, data, queries, factors, preconditioned, train = _ekfac_queries_and_oracle()
     rank = 2
     for layer, p in preconditioned.items():
         assert torch.linalg.matrix_rank(p[0, 0]) > rank  # the truncation does lose something here
@@ -238,11 +244,7 @@ def test_randomised_low_rank_queries_stay_within_twice_the_truncation_error():
     """``full_svd=False`` (the default) projects each query onto a rank-k subspace found at random; its score
     error is then at most ``|P - P_k|_F |G_n|_F`` per layer if its approximation is within twice the optimal
     one, which it is for these spectra (two power iterations; :func:`test_randomised_factorisation_...`)."""
-    model, task, data = _token_problem()
-    queries = Subset(data, [0, 1, 2])
-    factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=True, **QUIET)
-    preconditioned = fi.query_gradients(model, task, factors, queries, **QUIET)
-    train = _oracle_layer_grads(model, task, data, factors.layers)
+    model, task, data, queries, factors, preconditioned, train = _ekfac_queries_and_oracle()
     rank = 2
     torch.manual_seed(0)
     scores = fi.pairwise_scores(model, task, factors, queries, data, query_rank=rank, per_module=True, **QUIET)

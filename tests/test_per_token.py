@@ -110,25 +110,16 @@ def test_compat_cnn_per_token_scores_match_kronfluence(tmp_path, monkeypatch):
     import kronfluence.arguments as kf_arguments
     import kronfluence.computer.computer as kf_computer
     import kronfluence.factor.eigen as kf_eigen
-    import kronfluence.task as kf_task
+
+    from kronfluence_reference import kronfluence_task
 
     for module in (kf_computer, kf_eigen):  # its gc.collect() between stages: most of its time here, no number
         monkeypatch.setattr(module, "release_memory", lambda: None)
 
-    class Adapter(kf_task.Task):
-        def __init__(self, task):
-            self.task = task
-
-        def compute_train_loss(self, batch, model, sample=False):
-            return self.task.compute_train_loss(batch, model, sample=sample)
-
-        def compute_measurement(self, batch, model):
-            return self.task.compute_measurement(batch, model)
-
     model, data, task = _cnn()
     queries = Subset(data, range(3))
     call = dict(per_device_query_batch_size=2, per_device_train_batch_size=4)
-    kron_task = Adapter(task)
+    kron_task = kronfluence_task(task)
     theirs = kf_analyzer.Analyzer("kron", kf_analyzer.prepare_model(copy.deepcopy(model), kron_task), kron_task,
                                   cpu=True, disable_tqdm=True, output_dir=str(tmp_path / "kron"),
                                   log_level=logging.ERROR)
