@@ -28,6 +28,7 @@ from . import partitions as parts
 from . import postprocess
 from . import sampling
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
+from .core import algebra
 from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
 from .data import Data, batches, num_batches
 from .errors import InfluenceError
@@ -185,8 +186,8 @@ def _per_pass(value: PerPass, name: str, default):
     return default if value is None else value
 
 
-def _cast_stats(stats: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if k in ("a", "g", "id_values") else v for k, v in stats.items()}
+def _cast_stats(stats, dtype: torch.dtype):
+    return algebra.cast(stats, dtype)
 
 
 def _first_batch(data: Data, batch_size: Optional[int], device: torch.device, argument: str):

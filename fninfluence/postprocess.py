@@ -22,17 +22,17 @@ A processed gradient ``P_n`` is handed on as statistics in the usual ``(a, g)`` 
 per row or column of ``P_n``, whichever side is smaller: ``a_t = e_t`` and ``g_t = P_n[:, t]`` (so
 ``sum_t g_t a_t^T = P_n``), or ``g_t = e_t`` and ``a_t = P_n[t, :]``. Every estimator and contraction that
 reads per-example gradients off ``(a, g)`` then gives exactly the results of ``P_n``; an embedding's
-pseudo-tokens are one-hot rows ``ids = 0..V-1``.
+pseudo-tokens are one-hot rows ``ids = 0..V-1`` (:func:`fninfluence.core.algebra.pseudo_token_stats`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
 from .capture import batch_examples
-from .curvature import per_example_grads
+from .core.algebra import LayerStats, per_example_grads, pseudo_token_stats
 from .errors import InfluenceError
 
 PostProcess = Callable[[str, torch.Tensor], torch.Tensor]
@@ -56,26 +56,8 @@ def _user_view(grads: torch.Tensor, spec) -> torch.Tensor:
     return grads[:, 0] if spec.groups == 1 else grads
 
 
-def pseudo_token_stats(processed: torch.Tensor, tokens: torch.Tensor, one_hot: bool) -> Dict[str, torch.Tensor]:
-    """``(a, g)`` statistics whose per-example gradient ``sum_t g_t a_t^T`` is exactly ``processed[n]``.
-
-    ``processed``: ``[B, G, out, in]``. Dense layers get ``min(out, in)`` pseudo-tokens (an identity on the
-    smaller side); an embedding gets one one-hot row per vocabulary entry.
-    """
-    n, groups, out, inp = processed.shape
-    if one_hot:
-        ids = torch.arange(inp, device=processed.device).expand(n, inp)
-        return {"ids": ids, "id_values": processed.new_ones(n, inp),
-                "g": processed.permute(0, 3, 1, 2), "tokens": tokens}
-    if inp <= out:
-        a = torch.eye(inp, dtype=processed.dtype, device=processed.device)[None, :, None, :].expand(n, inp, groups, inp)
-        return {"a": a, "g": processed.permute(0, 3, 1, 2), "tokens": tokens}
-    g = torch.eye(out, dtype=processed.dtype, device=processed.device)[None, :, None, :].expand(n, out, groups, out)
-    return {"a": processed.permute(0, 2, 1, 3), "g": g, "tokens": tokens}
-
-
-def post_processed_stats(post_process: PostProcess, specs, stats: Dict[str, Dict[str, torch.Tensor]],
-                         batch: Any) -> Dict[str, Dict[str, torch.Tensor]]:
+def post_processed_stats(post_process: PostProcess, specs, stats: Mapping[str, LayerStats],
+                         batch: Any) -> Dict[str, LayerStats]:
     """Every layer's statistics replaced by those of its post-processed per-example gradients."""
     examples = batch_examples(batch)
     result = {}
@@ -93,5 +75,5 @@ def post_processed_stats(post_process: PostProcess, specs, stats: Dict[str, Dict
             )
         if spec.groups == 1:
             processed = processed[:, None]
-        result[layer] = pseudo_token_stats(processed.to(grads.dtype), layer_stats["tokens"], spec.one_hot)
+        result[layer] = pseudo_token_stats(processed.to(grads.dtype), layer_stats)
     return result

@@ -12,22 +12,23 @@ several times per forward contributes its calls to the same token positions. Sco
 layers; a positive score means that upweighting the training example lowers the query's measurement.
 Scores are not divided by N.
 
-For an embedding (one-hot stats ``ids``, ``id_values``; see :mod:`.curvature.one_hot`) ``a_{n,t}`` is
-the one-hot ``w_t e_{i_t}``, so ``g^T P_q a = w_t g_t . P_q[:, i_t]``: the query's columns at the
-training ids are gathered (``[Q, G, D, N, T]``) instead of forming one-hot vectors.
+For an embedding (:class:`~fninfluence.core.algebra.OneHotStats`) ``a_{n,t}`` is the one-hot ``w_t e_{i_t}``,
+so ``g^T P_q a = w_t g_t . P_q[:, i_t]``: the query's columns at the training ids are gathered
+(``[Q, G, D, N, T]``) instead of forming one-hot vectors. The contractions of both kinds are in
+:mod:`fninfluence.core.algebra`.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional
 
 import torch
 
-from .contract import contract
-from .curvature.one_hot import columns_at_ids, own_columns, scaled_grads
+from .core.algebra import Query, example_grad_dot, score_contraction
 from .errors import InfluenceError
 
-Query = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # dense [Q, G, out, in] or low rank (L, R)
+__all__ = ["Query", "pairwise_layer_scores", "summed_train_scores", "example_grad_dot", "low_rank",
+           "spread_to_tokens", "total"]
 
 
 def _fold_calls(per_token: torch.Tensor, calls: int) -> torch.Tensor:
@@ -38,44 +39,17 @@ def _fold_calls(per_token: torch.Tensor, calls: int) -> torch.Tensor:
     return per_token.reshape(q, n, calls, total // calls).sum(2)
 
 
-def _one_hot_scores(query: Query, stats: Dict[str, torch.Tensor], out: str) -> torch.Tensor:
-    """``sum_t x_{n,t} . P_q[:, i_{n,t}]`` (``x = w g``) reduced to ``out`` (a suffix of ``qnt``)."""
-    x = scaled_grads(stats, stats["g"])
-    if isinstance(query, tuple):
-        left, right = query
-        return contract(f"qgor,qgrnt,ntgo->{out}", left, columns_at_ids(right, stats["ids"]), x)
-    return contract(f"qgont,ntgo->{out}", columns_at_ids(query, stats["ids"]), x)
-
-
-def pairwise_layer_scores(query: Query, stats: Dict[str, torch.Tensor], per_token: bool = False,
+def pairwise_layer_scores(query: Query, stats: Mapping[str, torch.Tensor], per_token: bool = False,
                           calls: int = 1) -> torch.Tensor:
     """``[Q, N]`` (or ``[Q, N, T]``) scores of one layer against a training batch's stats."""
-    out = "qnt" if per_token else "qn"
-    if "ids" in stats:
-        scores = _one_hot_scores(query, stats, out)
-    elif isinstance(query, tuple):
-        left, right = query
-        scores = contract(f"qgor,qgri,ntgo,ntgi->{out}", left, right, stats["g"], stats["a"])
-    else:
-        scores = contract(f"qgoi,ntgo,ntgi->{out}", query, stats["g"], stats["a"])
-    return _fold_calls(scores, calls) if per_token else scores
+    if not per_token:
+        return score_contraction(query, stats, "qn")
+    return _fold_calls(score_contraction(query, stats, "qnt"), calls)
 
 
-def summed_train_scores(query: Query, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_train_scores(query: Query, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[Q]``: the scores against the sum of the batch's training gradients."""
-    if "ids" in stats:
-        return _one_hot_scores(query, stats, "q")
-    if isinstance(query, tuple):
-        left, right = query
-        return contract("qgor,qgri,ntgo,ntgi->q", left, right, stats["g"], stats["a"])
-    return contract("qgoi,ntgo,ntgi->q", query, stats["g"], stats["a"])
-
-
-def example_grad_dot(preconditioned: torch.Tensor, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[N]`` inner products ``<P_n, G_n>`` of row-aligned preconditioned gradients and stats."""
-    if "ids" in stats:
-        return contract("ngot,ntgo->n", own_columns(preconditioned, stats["ids"]), scaled_grads(stats, stats["g"]))
-    return contract("ngoi,ntgo,ntgi->n", preconditioned, stats["g"], stats["a"])
+    return score_contraction(query, stats, "q")
 
 
 def low_rank(preconditioned: torch.Tensor, rank: Optional[int], full_svd: bool, svd_dtype: torch.dtype,

@@ -2,9 +2,10 @@
 
 :class:`ModelTap` is the imperative shell around the pure per-batch function
 :meth:`ModelTap.layer_stats`, which maps ``(params, buffers, batch, probes)`` to the loss and, per
-tracked layer, ``{"a": [B, T, G, in], "g": [B, T, G, out], "tokens": scalar}`` (for an embedding
-``{"ids": [B, T], "id_values": [B, T], "g": [B, T, 1, D], "tokens"}``: see :mod:`.ops`). That function is what
-the pipeline composes with curvature updates and score contractions, and what ``torch.compile`` sees.
+tracked layer, a :class:`~fninfluence.core.algebra.DenseStats` ``(a [B, T, G, in], g [B, T, G, out], tokens)``
+(for an embedding a :class:`~fninfluence.core.algebra.OneHotStats` ``(ids [B, T], id_values [B, T],
+g [B, T, 1, D], tokens)``: see :mod:`.ops`). That function is what the pipeline composes with curvature
+updates and score contractions, and what ``torch.compile`` sees.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 import torch.utils.checkpoint as _checkpoint
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..core.algebra import DenseStats, LayerStats, OneHotInput, OneHotStats, from_single_examples
 from ..errors import InfluenceError
 from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_parameter_layers, resolve_targets, specs_from_calls
@@ -176,17 +178,17 @@ def _apply_mask(layer: str, a_calls, g_calls, mask) -> Tuple[torch.Tensor, torch
     return a, g, sum(tokens[1:], tokens[0])
 
 
-def _one_hot_stats(layer: str, id_calls, g_calls, mask) -> Dict[str, torch.Tensor]:
-    """An embedding's stats: ``{"ids", "id_values", "g", "tokens"}``, masked like dense layers.
+def _one_hot_stats(layer: str, id_calls: Sequence[OneHotInput], g_calls, mask) -> OneHotStats:
+    """An embedding's stats, masked like dense layers.
 
     The ``[B, T]`` ids and values of every call go through :func:`_apply_mask` as a ``[B, T, 1, 1]``
     stand-in for ``a`` (masked tokens get value 0 and a zero ``g``); the ids ride along unchanged.
     """
-    values = [c["id_values"][:, :, None, None] for c in id_calls]
+    values = [c.id_values[:, :, None, None] for c in id_calls]
     values, g, tokens = _apply_mask(layer, values, g_calls, mask)
-    ids = [c["ids"] for c in id_calls]
+    ids = [c.ids for c in id_calls]
     ids = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
-    return {"ids": ids, "id_values": values[:, :, 0, 0], "g": g, "tokens": tokens}
+    return OneHotStats(ids, values[:, :, 0, 0], g, tokens)
 
 
 class ModelTap:
@@ -240,7 +242,7 @@ class ModelTap:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def layer_stats(self, objective: str, params, buffers, batch, probes) -> Tuple[torch.Tensor, Dict[str, Dict[str, torch.Tensor]]]:
+    def layer_stats(self, objective: str, params, buffers, batch, probes) -> Tuple[torch.Tensor, Dict[str, LayerStats]]:
         """The loss of ``objective`` on ``batch`` and every tracked layer's inputs and output gradients.
 
         A pure function of its arguments (given the model's code), so it can be compiled. ``g[b]`` is
@@ -256,8 +258,7 @@ class ModelTap:
 
         in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
         losses, stats = torch.func.vmap(one, in_dims=(in_dims,), randomness="different")(batch)
-        stats = {layer: {k: v.sum() if k == "tokens" else v.squeeze(1) for k, v in s.items()}
-                 for layer, s in stats.items()}
+        stats = {layer: from_single_examples(s) for layer, s in stats.items()}
         return losses.sum(), stats
 
     def _batch_stats(self, objective: str, params, buffers, batch, probes):
@@ -288,10 +289,10 @@ class ModelTap:
                 stats[layer] = _one_hot_stats(layer, a_calls, g_calls, layer_mask)
             else:
                 a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
-                stats[layer] = {"a": a, "g": g, "tokens": tokens}
+                stats[layer] = DenseStats(a, g, tokens)
         return loss, stats
 
-    def _parameter_stats(self, objective: str, params, buffers, batch) -> Dict[str, Dict[str, torch.Tensor]]:
+    def _parameter_stats(self, objective: str, params, buffers, batch) -> Dict[str, DenseStats]:
         """Per-example gradients of the parameter layers, by ``vmap(grad(...))`` over batches of one.
 
         Each becomes a rank-one "layer" with ``a = vec(grad)`` (``in`` = its parameter count) and ``g = 1``,
@@ -310,8 +311,8 @@ class ModelTap:
         stats = {}
         for layer, group in self.parameter_layers.items():
             flat = torch.cat([grads[n].flatten(1) for n in group], dim=1)  # [B, P]
-            stats[layer] = {"a": flat[:, None, None, :], "g": flat.new_ones(flat.shape[0], 1, 1, 1),
-                            "tokens": torch.full((), flat.shape[0], dtype=flat.dtype, device=flat.device)}
+            stats[layer] = DenseStats(flat[:, None, None, :], flat.new_ones(flat.shape[0], 1, 1, 1),
+                                      torch.full((), flat.shape[0], dtype=flat.dtype, device=flat.device))
         return stats
 
     # -- the imperative shell ------------------------------------------------------------------

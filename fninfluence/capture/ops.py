@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core.algebra import OneHotInput
 from ..errors import InfluenceError
 
 
@@ -119,8 +120,8 @@ def _padding_row(padding_idx: Optional[int], vocabulary: int) -> Optional[int]:
     return padding_idx + vocabulary if padding_idx < 0 else padding_idx
 
 
-def _one_hot_input(ids: torch.Tensor, call: CallArgs, rows: int) -> Dict[str, torch.Tensor]:
-    """``{"ids": [rows, T], "id_values": [rows, T]}``: token ids and the value of their one-hot entry.
+def _one_hot_input(ids: torch.Tensor, call: CallArgs, rows: int) -> OneHotInput:
+    """``ids`` ``[rows, T]`` and ``id_values`` ``[rows, T]``: token ids and the value of their one-hot entry.
 
     The value is 0 at ``padding_idx``: PyTorch gives the padding row no gradient, as if that token's
     one-hot input were the zero vector.
@@ -130,7 +131,7 @@ def _one_hot_input(ids: torch.Tensor, call: CallArgs, rows: int) -> Dict[str, to
     values = torch.ones(ids.shape, dtype=call.weight.dtype, device=ids.device)
     if pad is not None:
         values = values * (ids != pad).to(values.dtype)
-    return {"ids": ids, "id_values": values}
+    return OneHotInput(ids, values)
 
 
 def _embedding_input(call: CallArgs, examples: int):
@@ -189,7 +190,7 @@ class OpHandler:
     weight_shape: Callable[[torch.Tensor, int], Tuple[int, int, int]]  # (weight, groups) -> (G, out, in)
     flat_rows: bool = False  # the call's rows are (example, token) pairs, not examples
     transposed: bool = False  # the weight is stored as [in, out]
-    one_hot: bool = False  # the layer input is {"ids", "id_values"} (one-hot rows), not a dense [B, T, G, in]
+    one_hot: bool = False  # the layer input is a OneHotInput (one-hot rows), not a dense [B, T, G, in]
     check: Callable[[CallArgs, str], None] = lambda call, layer: None  # (call, layer) -> raise if unsupported
 
 

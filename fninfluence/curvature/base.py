@@ -13,8 +13,10 @@ inputs (with the bias column) and output gradients, and ``factors`` holds what e
 
 One-hot layers (``nn.Embedding``, ``in`` = the vocabulary V) never form ``a``: their stats hold
 ``"ids": [B, T]`` and ``"id_values": [B, T]`` instead, meaning ``a_t = id_values[t] e_{ids[t]}`` (G = 1;
-the value is 0 for padding and masked tokens), and their ``shape`` is a :class:`OneHotShape`. Code
-branches on that statically (:func:`is_one_hot`, ``"ids" in stats``), so a compiled step stays one graph.
+the value is 0 for padding and masked tokens), and their ``shape`` is a :class:`OneHotShape`. The stats are
+records, :class:`~fninfluence.core.algebra.DenseStats` or :class:`~fninfluence.core.algebra.OneHotStats`, that
+read like those dicts; the formulas that differ between the two kinds live in :mod:`fninfluence.core.algebra`,
+which tells them apart by type, so a compiled step stays one graph.
 
 ``precondition(factors, grads, damping)`` applies the damped inverse curvature to gradients laid out
 as ``[N, G, out, in]``; ``self_score(factors, stats, damping)`` returns ``<P(G_n), G_n>`` per example.
@@ -27,6 +29,8 @@ from __future__ import annotations
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+
+from ..core.algebra import per_example_grads  # noqa: F401  (re-exported: the documented import path)
 
 Tensors = Dict[str, torch.Tensor]
 LayerShape = Tuple[int, int, int]  # (groups, out, in) with the bias column counted in ``in``
@@ -55,22 +59,6 @@ class CurvatureEstimator(NamedTuple):
     passes: Tuple[FitPass, ...]
     precondition: Callable[[Tensors, torch.Tensor, Damping], torch.Tensor]
     self_score: Callable[[Tensors, Tensors, Damping], torch.Tensor]
-
-
-def per_example_grads(stats: Tensors, in_features: Optional[int] = None) -> torch.Tensor:
-    """``G_n = sum_t g_t a_t^T`` laid out as ``[N, G, out, in]``.
-
-    One-hot stats need ``in_features`` (the vocabulary V): column ``v`` of ``G_n`` is
-    ``sum_{t: ids_t = v} id_values_t g_t``, scattered into a dense ``[N, 1, D, V]`` (query side only).
-    """
-    if "ids" not in stats:
-        return torch.einsum("btgo,btgi->bgoi", stats["g"], stats["a"])
-    if in_features is None:
-        raise ValueError("per_example_grads of an embedding (one-hot stats) needs in_features, the vocabulary size.")
-    g = stats["g"] * stats["id_values"][:, :, None, None].to(stats["g"].dtype)  # [N, T, 1, D]
-    n, t, groups, out = g.shape
-    index = stats["ids"][:, None, None, :].expand(n, groups, out, t)
-    return g.new_zeros(n, groups, out, in_features).scatter_add(-1, index, g.permute(0, 2, 3, 1))
 
 
 def default_self_score(precondition: Callable[[Tensors, torch.Tensor, Damping], torch.Tensor]):

@@ -7,8 +7,8 @@ Each of them preconditions a layer gradient ``G`` (``[out, in]`` per group) as
 with ``Q_S = I, Q_A = I`` for the diagonal estimator. ``Lambda`` is the second moment of per-example
 gradients in that basis (EKFAC, diagonal) or the outer product of Kronecker-factor eigenvalues (KFAC).
 
-For an embedding (one-hot stats, see :mod:`.one_hot`) ``Q_A = I`` always (A is diagonal), so there is
-no ``activation_eigenvectors`` factor; only ``g`` is rotated, and ``Lambda[d, v] = mean_n (G'_n[d, v])^2``
+For an embedding (one-hot stats, see :mod:`fninfluence.core.algebra`) ``Q_A = I`` always (A is diagonal), so
+there is no ``activation_eigenvectors`` factor; only ``g`` is rotated, and ``Lambda[d, v] = mean_n (G'_n[d, v])^2``
 is accumulated from same-token sums without a ``[B, D, V]`` tensor.
 """
 
@@ -16,41 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from . import one_hot
 from ..contract import contract
+from ..core import algebra
 from .base import Damping, LayerShape, Tensors, damped_reciprocal
 
 
-def rotate_gradients(stats: Tensors, factors: Tensors) -> torch.Tensor:
-    """Output gradients in the eigenbasis: ``Q_S^T g``, or as they are."""
-    g, qs = stats["g"], factors.get("gradient_eigenvectors")
-    return g if qs is None else torch.einsum("btgo,gop->btgp", g, qs.to(g.dtype))
-
-
-def rotated_one_hot_grads(stats: Tensors, factors: Tensors) -> torch.Tensor:
-    """``x'_t = w_t Q_S^T g_t`` of an embedding (``Q_A = I``): ``[B, T, 1, D]``."""
-    return one_hot.scaled_grads(stats, rotate_gradients(stats, factors))
-
-
-def rotate_tokens(stats: Tensors, factors: Tensors):
-    """Layer inputs and output gradients in the eigenbasis: ``(Q_A^T a, Q_S^T g)``, or as they are."""
-    a, g = stats["a"], stats["g"]
-    qa, qs = factors.get("activation_eigenvectors"), factors.get("gradient_eigenvectors")
-    if qa is not None:
-        a = torch.einsum("btgi,gij->btgj", a, qa.to(a.dtype))
-        g = torch.einsum("btgo,gop->btgp", g, qs.to(g.dtype))
-    return a, g
-
-
-def squared_example_grads(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
-    """``sum_n (G'_n)^2`` over the batch, where ``G'_n = sum_t g'_t a'_t^T``: ``[G, out, in]``.
-
-    Without a token dimension ``G'_n`` is rank one and ``(G'_n)^2 = (g'_n)^2 (a'_n^2)^T``: no
-    ``[N, out, in]`` tensor is formed.
-    """
-    if a_rot.shape[1] == 1:
-        return torch.einsum("bgo,bgi->goi", g_rot[:, 0].square(), a_rot[:, 0].square())
-    return torch.einsum("btgo,btgi->bgoi", g_rot, a_rot).square().sum(0)
+def rotated_stats(stats, factors: Tensors) -> algebra.LayerStats:
+    """The stats in the eigenbasis of ``factors`` (``Q_A^T a``, ``Q_S^T g``), or as they are without one."""
+    return algebra.in_eigenbasis(stats, factors.get("activation_eigenvectors"), factors.get("gradient_eigenvectors"))
 
 
 def lambda_init(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> Tensors:
@@ -61,13 +34,9 @@ def lambda_init(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> 
     }
 
 
-def lambda_update(state: Tensors, stats: Tensors, factors: Tensors) -> Tensors:
-    if "ids" in stats:  # embedding: sum_n (G'_n)^2 from same-token sums, Q_A = I
-        x = rotated_one_hot_grads(stats, factors)
-        squared = one_hot.squared_column_sums(stats["ids"], x, state["lambda_sum"].shape[-1])
-    else:
-        a, g = rotate_tokens(stats, factors)
-        squared = squared_example_grads(a, g)
+def lambda_update(state: Tensors, stats, factors: Tensors) -> Tensors:
+    """Adds ``sum_n (G'_n)^2`` of the batch (in the eigenbasis, if any) and its example count."""
+    squared = algebra.squared_example_grads(rotated_stats(stats, factors), state["lambda_sum"].shape[-1])
     return {
         "lambda_sum": state["lambda_sum"] + squared.to(state["lambda_sum"].dtype),
         "examples": state["examples"] + stats["g"].shape[0],
@@ -93,18 +62,9 @@ def precondition_in_basis(factors: Tensors, grads: torch.Tensor, damping: Dampin
     return contract("gop,ngpj,gij->ngoi", qs, rotated * inverse, qa)
 
 
-def self_score_in_basis(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
-    """``<P(G_n), G_n> = sum (G'_n)^2 / (Lambda + damping)`` per example, rank-one closed form when T = 1.
-
-    For an embedding: ``sum_t x'_t . P_t / (Lambda + damping)[:, i_t]`` (see :mod:`.one_hot`).
+def self_score_in_basis(factors: Tensors, stats, damping: Damping) -> torch.Tensor:
+    """``<P(G_n), G_n> = sum (G'_n)^2 / (Lambda + damping)`` per example, without forming ``P(G_n)``
+    (rank-one closed form when T = 1; same-token sums for an embedding, :func:`fninfluence.core.algebra.self_products`).
     """
-    if "ids" in stats:
-        x = rotated_one_hot_grads(stats, factors)
-        inverse = damped_reciprocal(factors["lambda"], damping, x.dtype)
-        return one_hot.weighted_self_products(stats["ids"], x, inverse)
-    a, g = rotate_tokens(stats, factors)
-    inverse = damped_reciprocal(factors["lambda"], damping, a.dtype)
-    if a.shape[1] == 1:
-        return contract("bgo,bgi,goi->b", g[:, 0].square(), a[:, 0].square(), inverse)
-    rotated = torch.einsum("btgo,btgi->bgoi", g, a)
-    return (rotated.square() * inverse).flatten(1).sum(1)
+    rotated = rotated_stats(stats, factors)
+    return algebra.self_products(rotated, damped_reciprocal(factors["lambda"], damping, rotated.dtype))

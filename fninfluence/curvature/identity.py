@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import one_hot
+from ..core import algebra
 from .base import CurvatureEstimator, Damping, Tensors
 
 
@@ -12,15 +12,9 @@ def _precondition(factors: Tensors, grads: torch.Tensor, damping: Damping) -> to
     return grads
 
 
-def _self_score(factors: Tensors, stats: Tensors, damping: Damping) -> torch.Tensor:
-    """``|G_n|^2``; for an embedding ``sum_t x_t . P_t`` with same-token sums (no ``[N, D, V]``)."""
-    if "ids" in stats:
-        return one_hot.weighted_self_products(stats["ids"], one_hot.scaled_grads(stats, stats["g"]))
-    a, g = stats["a"], stats["g"]
-    if a.shape[1] == 1:  # rank one: |g a^T|^2 = |g|^2 |a|^2
-        return (g.square().sum(-1) * a.square().sum(-1)).sum((1, 2))
-    grads = torch.einsum("btgo,btgi->bgoi", g, a)
-    return grads.square().flatten(1).sum(1)
+def _self_score(factors: Tensors, stats, damping: Damping) -> torch.Tensor:
+    """``|G_n|^2``, without forming ``G_n`` where a closed form exists (:func:`fninfluence.core.algebra.self_products`)."""
+    return algebra.self_products(stats)
 
 
 identity = CurvatureEstimator("identity", (), _precondition, _self_score)

@@ -13,7 +13,7 @@ Both are symmetrised and eigendecomposed in float64: ``A = Q_A diag(l_A) Q_A^T``
 * EKFAC: a second pass sets ``Lambda = mean_n (Q_S^T G_n Q_A)^2`` with ``G_n = sum_t g_t a_t^T``
   (George et al. 2018), the exact second moment of per-example gradients in the Kronecker eigenbasis.
 
-Embeddings (one-hot inputs, :mod:`.one_hot`): ``A = diag(f)`` with ``f`` the token frequencies, kept as
+Embeddings (one-hot inputs, :mod:`fninfluence.core.algebra`): ``A = diag(f)`` with ``f`` the token frequencies, kept as
 the vector ``activation_diagonal`` ``[G, V]``; it is its own eigendecomposition (``Q_A = I``, eigenvalues
 ``f`` in vocabulary order, no ``activation_eigenvectors``), so no V x V matrix exists. KFAC's
 ``Lambda = l_S f^T``; EKFAC's ``Lambda[d, v] = mean_n (sum_{t: id_t = v} (Q_S^T g_t)[d])^2``.
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from . import one_hot
+from ..core import algebra
+from ..core.algebra import second_moment  # noqa: F401  (re-exported: the shifted product lives with the algebra)
 from .base import CurvatureEstimator, FitPass, LayerShape, Tensors, is_one_hot
 from .eigenbasis import lambda_finalize, lambda_init, lambda_update, precondition_in_basis, self_score_in_basis
 
@@ -45,41 +46,16 @@ def covariance_init(shape: LayerShape, dtype: torch.dtype, device: torch.device)
     }
 
 
-def second_moment(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``sum_n x_n x_n^T`` per group (``x: [K, G, d]``), in ``dtype``, from a product in ``x.dtype``.
+def covariance_update(state: Tensors, stats, factors: Tensors) -> Tensors:
+    """Adds the batch's ``sum_t a_t a_t^T`` (its diagonal for one-hot inputs), ``sum_t g_t g_t^T`` and token count.
 
-    When ``x`` is narrower than ``dtype`` the product is taken about a shift ``c`` (the rows' mean,
-    rounded to ``x.dtype``) and the shift is added back in ``dtype``, with ``s = sum_n x_n``:
-
-        sum_n x_n x_n^T = sum_n (x_n - c)(x_n - c)^T + c s^T + s c^T - K c c^T
-
-    Rounding errors of the narrow product scale with the entries it sums, so this trades the error
-    relative to the raw second moment for one relative to the spread about the mean: the small
-    eigenvalues of A survive a large common mean (non-negative inputs, ReLU outputs, the bias column).
+    The stats are in the pass's compute dtype; the state may be wider (the sums are taken in the state's dtype).
     """
-    if x.dtype == dtype:
-        return torch.einsum("ngi,ngj->gij", x, x)
-    total = x.to(dtype).sum(0)  # [G, d]
-    shift = (total / max(x.shape[0], 1)).to(x.dtype)
-    centred = x - shift
-    wide_shift = shift.to(dtype)
-    cross = torch.einsum("gi,gj->gij", wide_shift, total)
-    return (torch.einsum("ngi,ngj->gij", centred, centred).to(dtype) + cross + cross.transpose(-1, -2)
-            - x.shape[0] * torch.einsum("gi,gj->gij", wide_shift, wide_shift))
-
-
-def covariance_update(state: Tensors, stats: Tensors, factors: Tensors) -> Tensors:
-    g = stats["g"].flatten(0, 1)  # [B*T, G, out], in the pass's compute dtype; the state may be wider
-    if "ids" in stats:  # one-hot inputs: sum_t a_t a_t^T is diagonal, the (weighted) token counts
-        diagonal = state["activation_diagonal_sum"]
-        activation = {"activation_diagonal_sum": diagonal + one_hot.token_frequency_sum(stats, diagonal.shape[-1],
-                                                                                         diagonal.dtype)}
-    else:
-        a = stats["a"].flatten(0, 1)  # [B*T, G, in]
-        activation = {"activation_sum": state["activation_sum"] + second_moment(a, state["activation_sum"].dtype)}
+    activation = "activation_diagonal_sum" if "activation_diagonal_sum" in state else "activation_sum"
+    total = state[activation]
     return {
-        **activation,
-        "gradient_sum": state["gradient_sum"] + second_moment(g, state["gradient_sum"].dtype),
+        activation: total + algebra.input_second_moment(stats, total.shape[-1], total.dtype),
+        "gradient_sum": state["gradient_sum"] + algebra.gradient_second_moment(stats, state["gradient_sum"].dtype),
         "tokens": state["tokens"] + stats["tokens"].to(state["tokens"].dtype),
     }
 

@@ -15,14 +15,13 @@ stats themselves (``g: [N, K, G, out]``, ``a: [N, K, G, in]``), so the score con
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..contract import contract
-
-Tensors = Dict[str, torch.Tensor]
+from ..core.algebra import DenseStats, require_dense
 
 
 def index_width(tokens: int, out_features: int, in_features: int, rank) -> int:
@@ -55,18 +54,17 @@ def _top_singular(g: torch.Tensor, a: torch.Tensor, width: int) -> Tuple[torch.T
     return left * root, right * root
 
 
-def factorize(stats: Tensors, width: int) -> Tensors:
-    """``{"g": [N, width, G, out], "a": [N, width, G, in]}`` with ``sum_k g_k a_k^T ~ G_n`` (see the module)."""
-    if "ids" in stats:
-        raise ValueError("embedding stats (one-hot ids) are not factorized")
-    g, a = stats["g"], stats["a"]
+def factorize(stats: Mapping[str, torch.Tensor], width: int) -> DenseStats:
+    """Pseudo-tokens ``g: [N, width, G, out]``, ``a: [N, width, G, in]`` with ``sum_k g_k a_k^T ~ G_n`` (see the module)."""
+    stats = require_dense(stats, "The training-gradient index (factorize)")
+    g, a = stats.g, stats.a
     if g.shape[1] <= width:
-        return {"g": _pad_tokens(g, width), "a": _pad_tokens(a, width)}
+        return DenseStats(_pad_tokens(a, width), _pad_tokens(g, width))
     left, right = _top_singular(g, a, width)
-    return {"g": left.permute(0, 3, 1, 2), "a": right.permute(0, 3, 1, 2)}
+    return DenseStats(right.permute(0, 3, 1, 2), left.permute(0, 3, 1, 2))
 
 
-def relative_residual(stats: Tensors, factored: Tensors) -> torch.Tensor:
+def relative_residual(stats: Mapping[str, torch.Tensor], factored: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``||G_n - sum_k g_k a_k^T||_F^2 / ||G_n||_F^2`` per example: the energy the truncation drops (0 if exact).
 
     Computed from Gram matrices, without forming ``G_n``: ``||sum_t g_t a_t^T||^2 = sum (g g^T) * (a a^T)``.
@@ -74,7 +72,8 @@ def relative_residual(stats: Tensors, factored: Tensors) -> torch.Tensor:
     def energy(g1, a1, g2, a2):
         return contract("ntgo,nsgo,ntgi,nsgi->n", g1, g2, a1, a2)
 
-    g, a, gk, ak = stats["g"], stats["a"], factored["g"], factored["a"]
+    stats, factored = require_dense(stats, "relative_residual"), require_dense(factored, "relative_residual")
+    g, a, gk, ak = stats.g, stats.a, factored.g, factored.a
     total = energy(g, a, g, a)
     kept = energy(gk, ak, gk, ak)
     cross = energy(g, a, gk, ak)

@@ -14,10 +14,11 @@ Layout (a Zarr v3 group; see docs/storage.md)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 
+from ..core.algebra import DenseStats, require_dense
 from ..errors import InfluenceError
 from .factors_store import layer_keys
 from .fingerprint import data_fingerprint, jsonable, model_fingerprint
@@ -55,14 +56,15 @@ class IndexStore:
     def missing_cells(self) -> List[str]:
         return [cell_name(d) for d in range(len(self.ranges)) if not self.markers.done(cell_name(d))]
 
-    def write_rows(self, start: int, factored: Dict[str, Dict[str, torch.Tensor]],
+    def write_rows(self, start: int, factored: Mapping[str, Mapping[str, torch.Tensor]],
                    residuals: Dict[str, torch.Tensor]) -> None:
         """Rows ``start:start + batch`` of every layer (within one data partition, so one writer per chunk)."""
         for layer, stats in factored.items():
             key = self.layers[layer]["key"]
-            rows = slice(start, start + stats["g"].shape[0])
-            write_array(self.group, f"g/{key}", stats["g"], (rows,))
-            write_array(self.group, f"a/{key}", stats["a"], (rows,))
+            stats = require_dense(stats, "The training-gradient index")
+            rows = slice(start, start + stats.g.shape[0])
+            write_array(self.group, f"g/{key}", stats.g, (rows,))
+            write_array(self.group, f"a/{key}", stats.a, (rows,))
             write_array(self.group, f"residual/{key}", residuals[layer], (rows,))
 
     def mark_cell(self, data_index: int) -> None:
@@ -71,9 +73,10 @@ class IndexStore:
         if not self.missing_cells():
             self.markers.mark("complete", self._expected_chunks("complete"))
 
-    def read_rows(self, layer: str, rows: slice) -> Dict[str, torch.Tensor]:
+    def read_rows(self, layer: str, rows: slice) -> DenseStats:
+        """The stored pseudo-tokens of examples ``rows``: stats whose per-example gradients are the index's."""
         key = self.layers[layer]["key"]
-        return {"g": read_array(self.group, f"g/{key}", (rows,)), "a": read_array(self.group, f"a/{key}", (rows,))}
+        return DenseStats(read_array(self.group, f"a/{key}", (rows,)), read_array(self.group, f"g/{key}", (rows,)))
 
     def residuals(self, layer: str) -> torch.Tensor:
         return read_array(self.group, f"residual/{self.layers[layer]['key']}")
