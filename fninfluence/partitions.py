@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from .errors import InfluenceError
@@ -50,3 +51,17 @@ def targets(requested: Optional[Sequence[int]], partitions: int, what: str) -> L
 
 def cell_name(kind: str, data_index: int, module_index: int) -> str:
     return f"{kind}-data{data_index}-modules{module_index}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work of a pass: data partition ``data`` x module partition ``module`` of pass or score kind
+    ``kind``; stores, markers and job arrays know it by :attr:`name`."""
+
+    kind: str
+    data: int
+    module: int
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.kind, self.data, self.module)

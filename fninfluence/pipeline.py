@@ -38,6 +38,8 @@ from .scores import (Query, example_grad_dot, low_rank, pairwise_layer_scores, s
                      summed_train_scores, total)
 from .store import factors_store, fingerprint, scores_store
 from .task import Task
+from .run.fit import FitRequest, fit
+from .run.options import Execution, Layout
 
 logger = logging.getLogger("fninfluence")
 
@@ -343,151 +345,13 @@ def fit_factors(
 
     Returns the factors once every cell of every pass is complete, else None.
     """
-    precision = precision or Precision()
-    arguments.check_positive(batch_size, "batch_size")
     arguments.check_per_pass(max_examples, "max_examples", allow_none=True)
+    execution = Execution.parse(batch_size, compile, progress, precision, per_example_vmap, distributed)
+    layout = Layout.parse(store, overwrite, data_partitions, module_partitions, target_data_partitions,
+                          target_module_partitions)
+    request = FitRequest(strategy, use_empirical_fisher, passes, max_examples, seed)
     model, task = parallel.unwrap(model, task)
-    group = parallel.ranks(distributed)
-    progress = progress and (group is None or group.leader)  # one set of progress bars, rank 0's
-    if group is not None:
-        parallel.check_data(data, "data")
-    objective = "train" if use_empirical_fisher else "train_sampled"
-    if not use_empirical_fisher:
-        task = sampling.SeededTask(task, seed)
-    total_examples = _length(data, "data") if (store or max_examples or data_partitions != 1 or group) else None
-
-    def plan_for(names):
-        return _fit_plan(names, total_examples, max_examples, data_partitions, module_partitions, group)
-
-    store_arguments = {"use_empirical_fisher": use_empirical_fisher, "precision": precision.as_dict(),
-                       "seed": None if use_empirical_fisher else int(seed)}
-    if store is not None and not overwrite and passes is None and group is None:
-        reused = factors_store.reuse_complete(  # a complete store: no data is read, not even for discovery
-            Path(store), model=model, task=task, data=data, resolve=lambda specs: resolve_strategies(strategy, specs),
-            plan_for=plan_for, arguments=store_arguments)
-        if reused is not None:
-            return reused
-    engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
-    specs = dict(engine.specs)
-    estimators = resolve_strategies(strategy, specs)
-    _check_parameter_layers(estimators, specs)
-    pass_names = pass_order(estimators)
-    fitting = precision.fitting(estimators, engine.dtype)  # their outputs in the dtypes asked for
-    layer_passes = {name: {layer: p for layer, e in fitting.items() for p in e.passes if p.name == name}
-                    for name in pass_names}
-    label = _strategy_label(estimators)
-    wanted = pass_names if passes is None else list(passes)
-    unknown = [p for p in wanted if p not in pass_names]
-    if unknown:
-        raise InfluenceError(f"Unknown passes {unknown} for strategy {label!r}: it has {pass_names}.")
-
-    plan = plan_for(pass_names)
-
-    saved = None
-    if store is not None:
-        saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
-            Path(store), model=model, data=data, estimators=fitting, specs=specs, plan=plan,
-            arguments=store_arguments,
-            state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
-            overwrite=fresh,
-        ), overwrite)
-
-    factors: Dict[str, Dict[str, torch.Tensor]] = {layer: {} for layer in specs}
-    done_passes: List[str] = []
-    examples_seen = 0
-    for name in pass_names:
-        if saved is not None and saved.pass_complete(name):
-            factors = saved.merge_pass_outputs(name, factors)
-            done_passes.append(name)
-            continue
-        if name not in wanted:
-            if any(p in wanted for p in pass_names[pass_names.index(name) + 1:]):
-                raise InfluenceError(
-                    f"Pass {name!r} must be complete before the later passes {wanted}: run it first "
-                    "(with the same store)."
-                )
-            continue
-        fit_passes = layer_passes[name]  # the layers whose estimator has this pass
-        examples, data_parts, module_parts = plan[name]
-        pass_data = data if examples is None or examples == total_examples else _subset(data, range(examples))
-        ranges = parts.data_ranges(examples, data_parts) if examples is not None else [None]
-        groups = parts.module_groups(list(fit_passes), module_parts)
-        targets_d = parts.targets(target_data_partitions, len(ranges), "data partitions")
-        targets_m = parts.targets(target_module_partitions, len(groups), "module partitions")
-        if saved is None and (len(targets_d) < len(ranges) or len(targets_m) < len(groups)):
-            raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
-        started = time.perf_counter()
-        pending: Dict[str, List[Dict[str, torch.Tensor]]] = {}
-        cells = [(m, d) for m in targets_m for d in targets_d]
-        computed, pass_examples, engines = {}, 0, {}
-        for m, d in (cells if group is None else group.mine(cells)):
-            if m not in engines:
-                every_layer = len(groups) == 1 and len(fit_passes) == len(specs)
-                engines[m] = engine if every_layer else ModelTap(model, task, layers=groups[m],
-                                                                 amp_dtype=precision.amp_dtype,
-                                                                 per_example=per_example_vmap)
-            cell = parts.cell_name(name, d, m)
-            if saved is not None and saved.cell_done(cell):
-                continue
-            cell_data = pass_data if ranges[d] is None or len(ranges) == 1 else _subset(pass_data, ranges[d])
-            with fingerprint.recording() as seen:  # the content of the cell's data, hashed as it is read
-                if ranges[d] is not None and len(ranges[d]) == 0:
-                    states, n = {layer: fit_passes[layer].init(specs[layer].shape, torch.float64, engine.device)
-                                 for layer in groups[m]}, 0
-                else:
-                    states, n = _fit_cell(engines[m], name, fit_passes, objective, cell_data, batch_size, factors,
-                                          precision, compile, progress, f"{label} {name} [{cell}]",
-                                          first=ranges[d].start if ranges[d] is not None else 0, seed=seed)
-            pass_examples += n if m == 0 else 0  # each example once, not once per module partition
-            if saved is not None:
-                saved.write_cell(name, d, states, cell, n, seen)
-            elif group is not None:
-                computed[(m, d)] = states
-            else:
-                for layer, state in states.items():
-                    pending.setdefault(layer, []).append(state)
-        examples_seen = pass_examples if group is None else group.total(pass_examples)  # this pass's, as the store's
-        if saved is not None:
-            if group is not None:
-                group.barrier()  # every rank's cells are written
-            if not saved.all_cells_done(name, len(ranges), len(groups)):
-                logger.info("%s: pass %s has missing cells %s; rerun to complete it.", store, name,
-                            saved.missing_cells(name, len(ranges), len(groups)))
-                return None
-        finalize_started = time.perf_counter()
-        if group is not None:  # the eigendecompositions are spread over the ranks, layer by layer
-            if saved is not None:
-                parallel.finalize_stored_pass(group, saved, name, fit_passes, factors)
-                stored = saved.merge_pass_outputs(name, {})
-                outputs = {layer: {k: v.to(engine.device) for k, v in stored[layer].items()} for layer in fit_passes}
-            else:
-                outputs = parallel.finalize_pass(group, fit_passes, cells, groups, computed, factors, engine.device)
-        else:
-            if saved is not None:
-                summed = saved.sum_partials(name)
-            else:
-                # the same reduction as the store's (stack, then sum), so both give identical bits
-                summed = {layer: parallel.sum_in_order(states) for layer, states in pending.items()}
-            outputs = {layer: fit_pass.finalize(summed[layer], factors[layer]) for layer, fit_pass in fit_passes.items()}
-        outputs = {layer: canonical_layout(tensors) for layer, tensors in outputs.items()}
-        finite.check_factors(outputs)  # before a store certifies them complete
-        finalize_seconds = time.perf_counter() - finalize_started
-        if group is None and saved is not None:
-            saved.write_pass_outputs(name, outputs)
-        factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in specs}
-        done_passes.append(name)
-        log_phase(f"{label} {name} pass", examples_seen, started, engine.device, phase=name,
-                  seconds=finalize_started - started, finalize_seconds=finalize_seconds)
-
-    complete = len(done_passes) == len(pass_names)
-    result = Factors(strategy=label, estimator=next(iter(estimators.values())), layers=specs, tensors=factors,
-                     num_examples=saved.num_examples() if saved is not None else examples_seen,
-                     use_empirical_fisher=use_empirical_fisher, passes_done=tuple(done_passes), estimators=estimators)
-    if saved is not None and complete:
-        saved.mark_complete()
-    if passes is None and not complete:
-        return None
-    return result
+    return fit(model, task, data, request, execution, layout)
 
 
 # -- scoring ---------------------------------------------------------------------------------------
