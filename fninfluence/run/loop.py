@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -51,6 +51,15 @@ class BatchStep:
     check: Callable[[Any, int], None]
     inputs: Callable[[Any], Any] = lambda carry: None
     init: Optional[Callable[[], Any]] = None
+    _runners: Dict[Any, Callable] = field(default_factory=dict, compare=False, repr=False)
+
+    def runner(self, compile: CompileOption) -> Callable:
+        """``compute``, compiled once per step and option (a step run over several slices, e.g. one pass per
+        group of queries, reuses its graph)."""
+        key = repr(compile)
+        if key not in self._runners:
+            self._runners[key] = maybe_compile(self.compute, compile)
+        return self._runners[key]
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class PassSettings:
 
 def run_pass(tap: ModelTap, data: Data, step: BatchStep, carry: Any, settings: PassSettings) -> Tuple[Any, int]:
     """``(carry, examples)`` after folding every batch of ``data`` through ``step``."""
-    run = maybe_compile(step.compute, tap.compile_option(settings.compile))
+    run = step.runner(tap.compile_option(settings.compile))
     bar = tqdm(total=num_batches(data, settings.batch_size, settings.argument), desc=settings.label, unit="batch",
                disable=not settings.progress, leave=False)
     started, examples = time.perf_counter(), 0
