@@ -16,11 +16,9 @@ from torch import nn
 
 from . import arguments
 from . import distributed as parallel
-from . import postprocess
 from .capture import ModelTap
 from .curvature import CurvatureEstimator
 from .data import Data
-from .errors import InfluenceError
 from .factors import Factors
 from .precision import Precision
 from .run.fit import FitRequest, fit
@@ -170,22 +168,11 @@ def pairwise_scores(
     ``distributed`` work as in :func:`fit_factors`; the result is None while cells are missing. Under
     ``torchrun`` each rank scores its share of the training data and, with a store, writes its own chunks.
     """
-    arguments.check_damping(damping)
-    for value, name in ((query_rank, "query_rank"), (query_batch_size, "query_batch_size"),
-                        (queries_per_pass, "queries_per_pass")):
-        arguments.check_positive(value, name)
-    if per_token and aggregate_train:
-        raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
-    if per_token and postprocess.post_process_of(task) is not None:
-        raise InfluenceError(
-            "per_token scores are not defined with post_process_per_sample_gradient: a post-processed gradient "
-            "has no tokens. Drop per_token, or set enable_post_process_per_sample_gradient = False."
-        )
+    kind = PairwiseKind.parse(task, damping, query_batch_size or batch_size, per_token, conv_tokens, query_rank,
+                              full_svd, aggregate_queries, aggregate_train, queries_per_pass)
     execution = Execution.parse(batch_size, compile, progress, precision, per_example_vmap, distributed)
     layout = Layout.parse(store, overwrite, data_partitions, module_partitions, target_data_partitions,
                           target_module_partitions)
-    kind = PairwiseKind(damping, query_batch_size or batch_size, per_token, conv_tokens, query_rank, full_svd,
-                        aggregate_queries, aggregate_train, queries_per_pass)
     model, task = parallel.unwrap(model, task)
     return score(ScoreCall(model, task, factors, train_data, query_data, kind, execution, layout, per_module))
 

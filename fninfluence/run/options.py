@@ -18,6 +18,7 @@ import torch
 from .. import arguments
 from .. import distributed as parallel
 from .. import partitions as parts
+from .. import postprocess
 from ..distributed import Ranks
 from ..errors import InfluenceError
 from ..precision import Precision
@@ -114,6 +115,23 @@ class PairwiseKind:
 
     name = "pairwise"
     train_argument = "train_data"
+
+    @staticmethod
+    def parse(task, damping, query_batch_size, per_token, conv_tokens, rank, full_svd, aggregate_queries,
+              aggregate_train, queries_per_pass) -> "PairwiseKind":
+        arguments.check_damping(damping)
+        for value, what in ((rank, "query_rank"), (query_batch_size, "query_batch_size"),
+                            (queries_per_pass, "queries_per_pass")):
+            arguments.check_positive(value, what)
+        if per_token and aggregate_train:
+            raise InfluenceError("per_token scores need per-example training gradients; drop aggregate_train.")
+        if per_token and postprocess.post_process_of(task) is not None:
+            raise InfluenceError(
+                "per_token scores are not defined with post_process_per_sample_gradient: a post-processed gradient "
+                "has no tokens. Drop per_token, or set enable_post_process_per_sample_gradient = False."
+            )
+        return PairwiseKind(damping, query_batch_size, per_token, conv_tokens, rank, full_svd, aggregate_queries,
+                            aggregate_train, queries_per_pass)
 
     def recorded(self, precision: Precision) -> Dict[str, Any]:
         """The options a store records: those that change the scores."""
