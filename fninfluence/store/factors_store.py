@@ -29,6 +29,7 @@ from ..capture import LayerSpec
 from ..curvature import pass_order
 from ..errors import InfluenceError
 from ..partitions import data_ranges, module_groups
+from ..version import __version__
 from .fingerprint import EXAMPLE_DIGEST_BYTES, DataDigest, data_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
                       done_cells, identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker,
@@ -40,12 +41,6 @@ IDENTITY = ("kind", "strategy", "strategies", "layers", "arguments", "plan", "da
 def _label(estimators) -> str:
     names = sorted({e.name for e in estimators.values()})
     return names[0] if len(names) == 1 else "mixed"
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def layer_keys(names: Sequence[str]) -> Dict[str, str]:
@@ -254,7 +249,7 @@ def _fit_header(*, model, data, estimators, specs: Dict[str, LayerSpec], plan, a
     return {
         "kind": "factors",
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "strategy": _label(estimators),
         "strategies": {layer: e.name for layer, e in estimators.items()},
         "passes": pass_order(estimators),
@@ -331,7 +326,7 @@ def save_factors(factors, path: Path, *, overwrite: bool = False) -> None:
     header = {
         "kind": "factors",
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "strategy": factors.strategy,
         "strategies": factors.strategies,
         "passes": list(factors.pass_names),

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from ..errors import InfluenceError
+from ..version import __version__
 from .factors_store import layer_keys
 from .fingerprint import data_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (FORMAT_VERSION, ArraySpec, Markers, chunk_files, identity_digest, numpy_dtype, open_store,
@@ -99,7 +100,7 @@ def open_index(path: Path, *, model, train_data, layers: Dict[str, Dict[str, Any
     header = {
         "kind": "index",
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "rank": rank,
         "dtype": str(dtype),
         "examples": examples,
@@ -131,9 +132,3 @@ def load_index(path: Path) -> IndexStore:
         raise InfluenceError(f"The index at {path} is incomplete (cells {missing} missing): rerun build_index with "
                              "the same arguments to finish it.")
     return store
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import InfluenceError
 from ..partitions import module_groups
+from ..version import __version__
 from .factors_store import layer_keys
 from .fingerprint import DataDigest, data_fingerprint, factors_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
@@ -149,7 +150,7 @@ def _scores_header(*, kind, model, factors, names: Sequence[str], train_data, qu
     return {
         "kind": kind,
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "shape": list(shape),
         "dtype": str(dtype),
         "layers": [{"name": name, "key": keys[name]} for name in names],
@@ -234,12 +235,6 @@ def _opened(path: Path, header: Dict[str, Any]) -> ScoreStore:
         int(partitions["data"])
     ranges = data_ranges(examples, int(partitions["data"]))
     return ScoreStore(path, zarr.open_group(str(path), mode="r"), header, ranges, partitions["modules"])
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _crafted(path: Path, what: str) -> InfluenceError:
