@@ -366,7 +366,7 @@ def fit_factors(
             Path(store), model=model, task=task, data=data, resolve=lambda specs: resolve_strategies(strategy, specs),
             plan_for=plan_for, arguments=store_arguments)
         if reused is not None:
-            return reused
+            return Factors.from_stored(reused)
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     estimators = resolve_strategies(strategy, specs)
@@ -426,7 +426,7 @@ def fit_factors(
                 engines[m] = engine if every_layer else ModelTap(model, task, layers=groups[m],
                                                                  amp_dtype=precision.amp_dtype,
                                                                  per_example=per_example_vmap)
-            cell = parts.cell_name(name, d, m)
+            cell = parts.Cell(name, d, m)
             if saved is not None and saved.cell_done(cell):
                 continue
             cell_data = pass_data if ranges[d] is None or len(ranges) == 1 else _subset(pass_data, ranges[d])
@@ -440,7 +440,7 @@ def fit_factors(
                                           first=ranges[d].start if ranges[d] is not None else 0, seed=seed)
             pass_examples += n if m == 0 else 0  # each example once, not once per module partition
             if saved is not None:
-                saved.write_cell(name, d, states, cell, n, seen)
+                saved.write_cell(cell, states, n, seen)
             elif group is not None:
                 computed[(m, d)] = states
             else:
@@ -1004,13 +1004,13 @@ def _partitioned_scores(kind, model, task, factors, engine, specs, train_data, q
         for m in targets_m:  # on every rank, in the same order: it holds collectives
             prepare(engine_for(m))
     for m, d in (work if group is None else group.mine(work)):
-        cell = parts.cell_name(kind, d, m)
+        cell = parts.Cell(kind, d, m)
         if saved is not None and saved.cell_done(cell):
             continue
         with fingerprint.recording() as seen:  # the content of the cell's training data, hashed as it is read
             per_layer = compute_cell(engine_for(m), _subset(train_data, ranges[d]), f"{kind} scores [{cell}]")
         if saved is not None:
-            saved.write_cell(d, m, per_layer, cell, seen, query_digest() if query_digest is not None else None)
+            saved.write_cell(cell, per_layer, seen, query_digest() if query_digest is not None else None)
         else:
             cells[(d, m)] = per_layer
     if group is not None and saved is None:
