@@ -86,7 +86,7 @@ class Cell:
         return cell if cell.name == name else None
 
 
-_CELL_NAME = re.compile(r"(?P<kind>.+)-data(?P<data>\d+)(?:-modules(?P<module>\d+))?")
+_CELL_NAME = re.compile(r"(?P<kind>.+)-data(?P<data>\d+)(?:-modules(?P<module>\d+))?", re.DOTALL)
 
 
 def cell_grid(kind: str, data_partitions: int, module_partitions: Optional[int]) -> List[Cell]:
