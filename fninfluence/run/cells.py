@@ -51,7 +51,7 @@ class PassCells(NamedTuple):
     groups: List[List[str]]
 
     def keys(self) -> List[tuple]:
-        return [(cell.module, cell.data) for cell in self.cells]
+        return [(cell.module_partition, cell.data_partition) for cell in self.cells]
 
 class FitInMemory:
     """One process, no store: partial states kept per layer, summed in partition order."""
@@ -99,10 +99,10 @@ class FitInStore(FitInMemory):
         return self.saved.merge_pass_outputs(pass_name, factors) if self.saved.pass_complete(pass_name) else None
 
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
-        return [cell for cell in cells if not self.saved.cell_done(cell.name)]
+        return [cell for cell in cells if not self.saved.cell_done(cell)]
 
     def keep(self, cell: Cell, states: States, examples: int, seen: DataDigest) -> None:
-        self.saved.write_cell(cell.kind, cell.data, states, cell.name, examples, seen)
+        self.saved.write_cell(cell, states, examples, seen)
 
     def _complete(self, pass_cells: PassCells) -> bool:
         missing = self.saved.missing_cells(pass_cells.name, pass_cells.data_parts, len(pass_cells.groups))
@@ -139,7 +139,7 @@ class FitOnRanks(FitInMemory):
         return self.group.mine(list(cells))
 
     def keep(self, cell: Cell, states: States, examples: int, seen: DataDigest) -> None:
-        self.computed[(cell.module, cell.data)] = states
+        self.computed[(cell.module_partition, cell.data_partition)] = states
 
     def examples(self, count: int) -> int:
         return self.group.total(count)
@@ -158,7 +158,7 @@ class FitOnRanksInStore(FitInStore):
         self.group, self.device = group, device
 
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
-        return [cell for cell in self.group.mine(list(cells)) if not self.saved.cell_done(cell.name)]
+        return [cell for cell in self.group.mine(list(cells)) if not self.saved.cell_done(cell)]
 
     def examples(self, count: int) -> int:
         return self.group.total(count)
@@ -203,7 +203,7 @@ class ScoresInMemory:
         by_layer: Dict[str, List[tuple]] = {}
         for cell, per_layer in cells.items():
             for layer, block in per_layer.items():
-                by_layer.setdefault(layer, []).append((cell.data, block))
+                by_layer.setdefault(layer, []).append((cell.data_partition, block))
         return {layer: self.join([block for _, block in sorted(blocks, key=lambda item: item[0])])
                 for layer, blocks in by_layer.items()}
 
@@ -223,10 +223,10 @@ class ScoresOnRanks(ScoresInMemory):
         return self.group.mine(list(cells))
 
     def result(self) -> Optional[Dict[str, torch.Tensor]]:
-        keys = [(c.module, c.data) for c in self.all_cells]
-        mine = {(c.module, c.data): v for c, v in self.cells.items()}
+        keys = [(c.module_partition, c.data_partition) for c in self.all_cells]
+        mine = {(c.module_partition, c.data_partition): v for c, v in self.cells.items()}
         shared = parallel.share_cells(self.group, keys, self.groups, mine, self.device)
-        return self._joined({cell: shared[(cell.module, cell.data)] for cell in self.all_cells})
+        return self._joined({cell: shared[(cell.module_partition, cell.data_partition)] for cell in self.all_cells})
 
 
 class ScoresInStore:
@@ -238,10 +238,10 @@ class ScoresInStore:
 
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
         mine = list(cells) if self.group is None else self.group.mine(list(cells))
-        return [cell for cell in mine if not self.saved.cell_done(cell.name)]
+        return [cell for cell in mine if not self.saved.cell_done(cell)]
 
     def keep(self, cell: Cell, per_layer: PerLayer, train: DataDigest, query: Optional[DataDigest]) -> None:
-        self.saved.write_cell(cell.data, cell.module, per_layer, cell.name, train, query)
+        self.saved.write_cell(cell, per_layer, train, query)
 
     def result(self) -> Optional[Dict[str, torch.Tensor]]:
         if self.group is not None:

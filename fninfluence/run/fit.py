@@ -140,7 +140,7 @@ def fit(model, task, data: Data, request: FitRequest, execution: Execution, layo
             plan_for=lambda names: plan_passes(names, total_examples, request, layout, group),
             arguments=request.recorded(execution))
         if reused is not None:
-            return reused
+            return Factors.from_stored(reused)
     tap = discover(model, task, data, execution.batch_size, request.objective, execution.precision.amp_dtype,
                    per_example=execution.per_example_vmap)
     estimators = resolve_strategies(request.strategy, dict(tap.specs))
@@ -218,11 +218,11 @@ def _fit_pass(fit_run: FitRun, name: str, factors: States):
     pass_data = _pass_data(fit_run, plan)
     every_layer = len(groups) == 1 and len(fit_passes) == len(fit_run.tap.specs)
     for cell in fit_run.place.todo(pass_cells.cells):
-        tap = fit_run.tap if every_layer else fit_run.tap.restricted(groups[cell.module])
-        cell_data = pass_data if ranges[cell.data] is None or len(ranges) == 1 else subset(pass_data, ranges[cell.data])
+        tap = fit_run.tap if every_layer else fit_run.tap.restricted(groups[cell.module_partition])
+        cell_data = pass_data if ranges[cell.data_partition] is None or len(ranges) == 1 else subset(pass_data, ranges[cell.data_partition])
         with fingerprint.recording() as seen:  # the content of the cell's data, hashed as it is read
-            states, count = _fit_cell(fit_run, tap, cell, fit_passes, cell_data, ranges[cell.data], factors)
-        examples += count if cell.module == 0 else 0  # each example once, not once per module partition
+            states, count = _fit_cell(fit_run, tap, cell, fit_passes, cell_data, ranges[cell.data_partition], factors)
+        examples += count if cell.module_partition == 0 else 0  # each example once, not once per module partition
         fit_run.place.keep(cell, states, count, seen)
     examples = fit_run.place.examples(examples)  # this pass's, as the store's
     finalize_started = time.perf_counter()

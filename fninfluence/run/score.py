@@ -102,9 +102,9 @@ def _cells(call: ScoreCall, tap: ModelTap) -> Optional[PerLayer]:
             scorers[m].prepare()
     for cell in place.todo(work):
         with fingerprint.recording() as seen:  # the content of the cell's training data, hashed as it is read
-            per_layer = scorers[cell.module].compute(subset(call.train_data, ranges[cell.data]),
+            per_layer = scorers[cell.module_partition].compute(subset(call.train_data, ranges[cell.data_partition]),
                                                      f"{call.kind.name} scores [{cell.name}]")
-        place.keep(cell, per_layer, seen, scorers[cell.module].query_digest)
+        place.keep(cell, per_layer, seen, scorers[cell.module_partition].query_digest)
     return place.result()
 
 
