@@ -14,8 +14,7 @@ from .index import build_index, index_scores
 from .memory import estimate_memory
 from .pipeline import fit_factors, pairwise_scores, query_gradients, self_scores
 from .task import Task, classification_task, task_from_functions
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Task", "task_from_functions", "classification_task", "fit_factors", "pairwise_scores", "self_scores",

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from . import __version__
 from .curvature import ESTIMATORS
 from .errors import InfluenceError
+from .version import __version__
 
 
 def _positive_int(text: str) -> int:

@@ -49,7 +49,7 @@ EXAMPLE_LETTERS = "nb"
 def _planning_sizes(equation: str, operands) -> list:
     """``ndim, *sizes`` per operand, flat, for :func:`_traced_plan`: the example axes (letters ``n`` and
     ``b`` in this library's equations, the compiled batch dimension) count as :data:`NOMINAL_DYNAMIC_SIZE`,
-    so the plan adds no guard on the batch size; the other sizes are static (see ``pipeline._maybe_compile``)."""
+    so the plan adds no guard on the batch size; the other sizes are static (see ``fninfluence.run.loop.maybe_compile``)."""
     flat = []
     for letters, operand in zip(equation.split("->")[0].split(","), operands):
         flat.append(len(letters))

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import InfluenceError
+from .store.describe import missing_cells  # noqa: F401 - job arrays' documented name; it reads a store
 from .task import Task, tracked_module_names
 
 logger = logging.getLogger("fninfluence")
@@ -522,33 +523,3 @@ def open_in_turn(group: Optional[Ranks], open_store: Callable[[bool], Any], over
     saved = open_store(overwrite) if group.leader else None
     group.barrier()
     return saved if group.leader else open_store(False)
-
-
-# -- many independent jobs -------------------------------------------------------------------------------
-
-def missing_cells(store) -> List[str]:
-    """The cells of a factors or scores store that no job has finished yet (an empty list: all are done).
-
-    For job arrays that fill one store through ``target_data_partitions`` / ``target_module_partitions``:
-    once this is empty, one more call with the same arguments and no targets only aggregates (it sums the
-    partial states or score partitions and marks the store ``complete``) and returns the result.
-    Reads the store's JSON attributes and marker files only: a marker written for other metadata or another
-    store (copied, forged) counts as missing; damaged chunks are found when the store is read or resumed.
-    """
-    from pathlib import Path
-
-    from .store.describe import written_for_this_store
-    from .store.zarr_io import read_header
-
-    header = read_header(Path(store))
-    done = written_for_this_store(Path(store), header)
-    if header.get("kind") == "factors":
-        cells = [f"{name}-data{d}-modules{m}" for name, plan in header["plan"].items()
-                 for m in range(plan["module_partitions"]) for d in range(plan["data_partitions"])]
-    elif header.get("kind") in ("pairwise", "self"):
-        partitions = header["partitions"]
-        cells = [f"{header['kind']}-data{d}-modules{m}" for m in range(len(partitions["modules"]))
-                 for d in range(partitions["data"])]
-    else:
-        raise InfluenceError(f"{store} holds {header.get('kind')!r} results, not factors or scores.")
-    return [cell for cell in cells if cell not in done]

@@ -10,6 +10,8 @@ import torch
 
 from .capture import LayerSpec
 from .curvature import CurvatureEstimator, pass_order
+from .store import factors_store
+from .store.factors_store import StoredFactors
 
 
 def canonical_layout(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -74,9 +76,7 @@ class Factors:
 
     def save(self, path: Union[str, Path], *, overwrite: bool = False) -> None:
         """Write the factors to a Zarr v3 store at ``path`` (see docs/storage.md)."""
-        from .store.factors_store import save_factors
-
-        save_factors(self, Path(path), overwrite=overwrite)
+        factors_store.save_factors(self.as_stored(), Path(path), overwrite=overwrite)
 
     @staticmethod
     def load(path: Union[str, Path], estimator: Optional[CurvatureEstimator] = None) -> "Factors":
@@ -85,9 +85,19 @@ class Factors:
         Only JSON attributes and numeric arrays are read: nothing is unpickled or executed. A custom
         estimator is not stored by value: pass it as ``estimator``.
         """
-        from .store.factors_store import load_factors
+        return Factors.from_stored(factors_store.load_factors(Path(path), estimator))
 
-        return load_factors(Path(path), estimator)
+    @staticmethod
+    def from_stored(stored: StoredFactors) -> "Factors":
+        """The factors a store read back (:func:`fninfluence.store.factors_store.load_factors`,
+        ``reuse_complete``); the estimator is the first layer's."""
+        return Factors(stored.strategy, next(iter(stored.estimators.values())), stored.layers, stored.tensors,
+                       stored.num_examples, stored.use_empirical_fisher, stored.passes_done, stored.estimators)
+
+    def as_stored(self) -> StoredFactors:
+        """The fields a store writes (:func:`fninfluence.store.factors_store.save_factors`)."""
+        return StoredFactors(self.strategy, self.layers, self.tensors, self.num_examples, self.use_empirical_fisher,
+                             tuple(self.passes_done), self.estimators)
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{name}: {spec.op} {spec.shape}" for name, spec in self.layers.items())

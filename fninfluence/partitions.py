@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from .errors import InfluenceError
@@ -48,5 +50,48 @@ def targets(requested: Optional[Sequence[int]], partitions: int, what: str) -> L
     return chosen
 
 
-def cell_name(kind: str, data_index: int, module_index: int) -> str:
-    return f"{kind}-data{data_index}-modules{module_index}"
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: data partition ``data_partition`` of module partition ``module_partition`` of a
+    fitting pass or a score kind (``kind``: ``"covariance"``, ``"lambda"``, a custom pass's name,
+    ``"pairwise"``, ``"self"`` or ``"index"``). The training-gradient index splits data only: its cells have
+    ``module_partition=None``.
+
+    :attr:`name` is the one naming rule for cells: completion markers (``_done/<name>.json``), progress
+    labels, log records and :func:`fninfluence.distributed.missing_cells` all use it.
+    """
+
+    kind: str
+    data_partition: int
+    module_partition: Optional[int]
+
+    @property
+    def name(self) -> str:
+        modules = "" if self.module_partition is None else f"-modules{self.module_partition}"
+        return f"{self.kind}-data{self.data_partition}{modules}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def parse(name: str) -> Optional["Cell"]:
+        """The cell called ``name`` (the inverse of :attr:`name`); None for other marker names
+        (``complete``, ``pass-<pass>``) and for names this rule never writes (``data01``). A pass name may
+        itself contain ``-data``: the last one counts."""
+        match = _CELL_NAME.fullmatch(name)
+        if match is None:
+            return None
+        module = match["module"]
+        cell = Cell(match["kind"], int(match["data"]), None if module is None else int(module))
+        return cell if cell.name == name else None
+
+
+_CELL_NAME = re.compile(r"(?P<kind>.+)-data(?P<data>\d+)(?:-modules(?P<module>\d+))?", re.DOTALL)
+
+
+def cell_grid(kind: str, data_partitions: int, module_partitions: Optional[int]) -> List[Cell]:
+    """Every cell of a pass or score kind, module partition by module partition and within each in data
+    order (the order stores list them in); ``module_partitions=None`` for the index's data-only cells."""
+    if module_partitions is None:
+        return [Cell(kind, d, None) for d in range(data_partitions)]
+    return [Cell(kind, d, m) for m in range(module_partitions) for d in range(data_partitions)]

@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 
 import fninfluence as fi
 from fninfluence import InfluenceError
+from fninfluence.partitions import Cell, cell_grid
 from fninfluence.store.names import check_name, child
 from fninfluence.store.scores_store import read_scores
 from models import ClassificationTask, LMTask, TinyTransformerLM, classification_data, float64, mlp, sequence_data
@@ -181,3 +182,28 @@ def test_sigkill_mid_run_loses_only_cells_in_progress(kind, tmp_path):
                 assert torch.equal(resumed[layer][name], value), (layer, name)
     else:
         assert torch.equal(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("cell, name", [
+    (Cell("covariance", 1, 0), "covariance-data1-modules0"), (Cell("pairwise", 3, 2), "pairwise-data3-modules2"),
+    (Cell("self", 0, 0), "self-data0-modules0"), (Cell("index", 4, None), "index-data4"),
+])
+def test_cell_names_are_the_marker_names_stores_have_always_written(cell, name):
+    assert cell.name == name == str(cell) and Cell.parse(name) == cell
+
+
+@given(st.text(min_size=1), st.integers(0, 10 ** 6), st.one_of(st.none(), st.integers(0, 10 ** 6)))
+def test_a_cell_is_read_back_from_its_name_whatever_its_pass_is_called(kind, data, module):
+    assert Cell.parse(Cell(kind, data, module).name) == Cell(kind, data, module)
+
+
+@pytest.mark.parametrize("name", ["complete", "pass-lambda", "lambda-data01-modules0", "lambda-data1-modules",
+                                  "-data1-modules0", "lambda-datax"])
+def test_other_marker_names_are_no_cells(name):
+    assert Cell.parse(name) is None
+
+
+def test_cell_grid_lists_module_partitions_then_data_partitions():
+    assert [c.name for c in cell_grid("lambda", 2, 2)] == ["lambda-data0-modules0", "lambda-data1-modules0",
+                                                         "lambda-data0-modules1", "lambda-data1-modules1"]
+    assert [c.name for c in cell_grid("index", 2, None)] == ["index-data0", "index-data1"]

@@ -11,6 +11,7 @@ updates and score contractions, and what ``torch.compile`` sees.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -220,6 +221,7 @@ class ModelTap:
         self._probes: Dict[Tuple, Dict[str, List[torch.Tensor]]] = {}
         self.checkpointed = False  # whether the objective uses activation checkpointing (seen by discovery)
         self._exact: set = set()  # objectives whose tapped gradients were checked against autograd's
+        self._whole: Optional["ModelTap"] = None  # the tap this one is restricted from (see restricted)
         first = self.params[self.targets[0].weight if self.targets else next(iter(self.parameter_layers.values()))[0]]
         self.device, self.dtype = first.device, first.dtype
 
@@ -317,11 +319,27 @@ class ModelTap:
 
     # -- the imperative shell ------------------------------------------------------------------
 
+    def restricted(self, layers: Sequence[str]) -> "ModelTap":
+        """This tap tracking only ``layers`` (a module partition), sharing its discovery: the layers' specs,
+        the probes of every batch shape and the exactness checks are this tap's, not found again."""
+        wanted = set(layers)
+        view = copy.copy(self)
+        view.targets = [t for t in self.targets if t.layer in wanted]
+        view.parameter_layers = {k: v for k, v in self.parameter_layers.items() if k in wanted}
+        view.specs = {k: v for k, v in self.specs.items() if k in wanted}
+        view._whole = self._whole or self
+        return view
+
     def probes_for(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         """Zero probes shaped like every tracked call's output on batches shaped like ``batch``.
 
-        In per-example mode the probes are those of a batch of one (the first example).
+        Probes depend on the batch's shapes only: a batch of shapes not seen before costs one discovery pass
+        (an eager forward without gradients) that also checks the layers did not change. In per-example mode
+        the probes are those of a batch of one (the first example).
         """
+        if self._whole is not None:
+            probes = self._whole.probes_for(objective, batch)
+            return {layer: calls for layer, calls in probes.items() if layer in self.specs}
         if self.per_example:
             batch = tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x, batch)
         key = (objective, batch_signature(batch))
@@ -359,7 +377,7 @@ class ModelTap:
         :data:`direct_checkpoints` can run its function, so the tap would not see the layers inside;
         eager runs give the same numbers.
         """
-        if compile and self.checkpointed:
+        if compile and (self._whole or self).checkpointed:
             warnings.warn("compile is ignored: the model uses activation checkpointing, which torch.compile hides "
                           "from the tap; running eagerly (the results are the same).", stacklevel=3)
             return False

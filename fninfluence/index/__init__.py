@@ -23,11 +23,15 @@ from tqdm.auto import tqdm
 
 from .. import partitions as parts
 from ..capture import ModelTap, check_finite
-from ..data import Data, batches
+from ..data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
-from ..pipeline import (CompileOption, Targets, _cast_stats, _check_damping, _check_layers, _discover, _first_batch,
-                        _length, _maybe_compile, _on_batch, _progress, _query_gradients, _subset)
+from ..arguments import check_damping
+from ..run.discovery import cast_stats, check_layers, discover
+from ..run.loop import BatchStep, CompileOption, PassSettings, run_pass
+from ..run.options import Execution, Targets
+from ..run.queries import query_gradients
+from ..run.slices import first_batch, length, subset
 from ..precision import Precision
 from ..scores import pairwise_layer_scores, total
 from ..store.fingerprint import model_fingerprint
@@ -79,41 +83,46 @@ def build_index(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InfluenceError(f"rank must be a positive integer or None (exact), got {rank!r}.")
     precision = precision or Precision()
-    engine = _discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data")
-    layers = _layer_plan(engine, _first_batch(train_data, batch_size, engine.device, "train_data"), rank)
-    examples = _length(train_data, "train_data")
+    engine = discover(model, task, train_data, batch_size, "train", precision.amp_dtype, "train_data")
+    layers = _layer_plan(engine, first_batch(train_data, batch_size, engine.device, "train_data"), rank)
+    examples = length(train_data, "train_data")
     ranges = parts.data_ranges(examples, data_partitions)
     index = open_index(Path(store), model=model, train_data=train_data, layers=layers, rank=rank, dtype=dtype,
                        ranges=ranges, arguments={"precision": precision.as_dict()}, overwrite=overwrite)
-    grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
-
-    def step(params, buffers, batch, probes):
-        loss, stats = engine.layer_stats("train", params, buffers, batch, probes)
-        stats = {layer: _cast_stats(s, grad_dtype) for layer, s in stats.items()}
-        factored = {layer: factorize(s, layers[layer]["width"]) for layer, s in stats.items()}
-        residuals = {layer: relative_residual(stats[layer], f) for layer, f in factored.items()}
-        return loss, factored, residuals
-
-    run = _maybe_compile(step, compile)
+    step = index_step(engine, layers, precision, dtype)
     for d in parts.targets(target_data_partitions, len(ranges), "data partitions"):
         if index.cell_done(d):
             continue
-        cell = _subset(train_data, ranges[d]) if len(ranges) > 1 else train_data
-        label = f"training-gradient index [{d + 1}/{len(ranges)}]"
-        bar = _progress(cell, batch_size, label, progress, "train_data")
-        start = ranges[d].start
-        for number, batch in enumerate(batches(cell, batch_size, engine.device, "train_data")):
-            with _on_batch(label, number):
-                probes = engine.probes_for("train", batch)
-                loss, factored, residuals = run(engine.params, engine.buffers, batch, probes)
-            check_finite(loss, "train", number)
-            index.write_rows(start, {layer: {k: v.to(dtype) for k, v in f.items()} for layer, f in factored.items()},
-                             residuals)
-            start += next(iter(factored.values()))["g"].shape[0]
-            bar.update(1)
-        bar.close()
+        cell = subset(train_data, ranges[d]) if len(ranges) > 1 else train_data
+        settings = PassSettings(f"training-gradient index [{d + 1}/{len(ranges)}]", batch_size, compile, progress,
+                                "train_data", log=False)
+        run_pass(engine, cell, step, (index, ranges[d].start), settings)
         index.mark_cell(d)
     return None if index.missing_cells() else index
+
+
+def index_step(engine: ModelTap, layers: Dict[str, Dict[str, int]], precision: Precision,
+               dtype: torch.dtype) -> BatchStep:
+    """Per training batch: each layer's per-example gradients, factored; written to the index as they come.
+    The carry is ``(index, first example of the next batch)``."""
+    grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
+
+    def compute(params, buffers, batch, probes, _):
+        loss, stats = engine.layer_stats("train", params, buffers, batch, probes[0])
+        stats = {layer: cast_stats(s, grad_dtype) for layer, s in stats.items()}
+        factored = {layer: factorize(s, layers[layer]["width"]) for layer, s in stats.items()}
+        residuals = {layer: relative_residual(stats[layer], f) for layer, f in factored.items()}
+        return loss, (factored, residuals)
+
+    def fold(carry, output):
+        index, start = carry
+        factored, residuals = output
+        index.write_rows(start, {layer: {k: v.to(dtype) for k, v in f.items()} for layer, f in factored.items()},
+                         residuals)
+        return index, start + next(iter(factored.values()))["g"].shape[0]
+
+    return BatchStep(compute=compute, objectives=("train",), fold=fold,
+                     check=lambda loss, index: check_finite(loss, "train", index))
 
 
 def index_scores(
@@ -138,7 +147,7 @@ def index_scores(
     wherever the index is exact; truncated layers are approximate (see ``IndexStore.residuals``).
     The model must be the one the index was built from.
     """
-    _check_damping(damping)
+    check_damping(damping)
     precision = precision or Precision()
     index = index if isinstance(index, IndexStore) else load_index(Path(index))
     if index.header["model"] != model_fingerprint(model):
@@ -147,12 +156,12 @@ def index_scores(
             "Training gradients depend on the weights: rebuild the index with build_index for this model."
         )
     engine = ModelTap(model, task, layers=list(index.layers), amp_dtype=precision.amp_dtype)
-    engine.probes_for("measurement", _first_batch(query_data, batch_size, engine.device, "query_data"))
+    engine.probes_for("measurement", first_batch(query_data, batch_size, engine.device, "query_data"))
     if set(engine.specs) != set(index.layers):
         raise InfluenceError(f"The index holds layers {sorted(index.layers)} but the task tracks {sorted(engine.specs)}.")
-    _check_layers(factors, engine)
-    chunks = _query_gradients(engine, factors, query_data, damping=damping, batch_size=batch_size, compile=compile,
-                              progress=progress, precision=precision, aggregate=False)
+    check_layers(factors, engine)
+    execution = Execution(batch_size, compile, progress, precision, False, None)
+    chunks = query_gradients(engine, factors, query_data, damping, False, execution, batch_size)
     score_dtype = precision.compute(precision.score_dtype, engine.dtype)
     queries = {layer: torch.cat([c[layer] for c in chunks]).to(score_dtype) for layer in engine.specs}
     per_layer: Dict[str, list] = {layer: [] for layer in engine.specs}

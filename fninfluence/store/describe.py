@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import InfluenceError
-from .zarr_io import _LOCK, _READY, Markers, done_cells, identity_digest
+from ..partitions import cell_grid
+from . import factors_store, index_store, scores_store
+from .zarr_io import _LOCK, _READY, Markers, done_cells, identity_digest, read_header
 
 MAX_SEARCH_DEPTH = 3
 
@@ -102,8 +104,6 @@ def _describe(path: Path) -> Dict[str, Any]:
 def written_for_this_store(path: Path, header: Dict[str, Any]) -> set:
     """The cells whose markers were written for this store and cell (markers of other metadata, forged or
     copied ones count as missing). Cheap: their chunks are checked when the store is read or resumed."""
-    from . import factors_store, index_store, scores_store
-
     keys = {"factors": factors_store.IDENTITY, "pairwise": scores_store.IDENTITY, "self": scores_store.IDENTITY,
             "index": index_store.IDENTITY}.get(header.get("kind"))
     if keys is None:
@@ -120,7 +120,7 @@ def _describe_factors(path: Path, header: Dict[str, Any], done) -> Dict[str, Any
         entry: Dict[str, Any] = {"name": name, "aggregated": f"pass-{name}" in done}
         if name in plan:
             data_parts, module_parts = plan[name]["data_partitions"], plan[name]["module_partitions"]
-            cells = [f"{name}-data{d}-modules{m}" for m in range(module_parts) for d in range(data_parts)]
+            cells = [cell.name for cell in cell_grid(name, data_parts, module_parts)]
             entry.update(examples=plan[name]["examples"], data_partitions=data_parts, module_partitions=module_parts,
                          cells_done=[c for c in cells if c in done], cells_missing=[c for c in cells if c not in done])
         passes.append(entry)
@@ -141,7 +141,7 @@ def _describe_scores(header: Dict[str, Any], done) -> Dict[str, Any]:
     partitions = header.get("partitions", {})
     data_parts, groups = partitions.get("data", 1), partitions.get("modules", [[]])
     kind = header["kind"]
-    cells = [f"{kind}-data{d}-modules{m}" for m in range(len(groups)) for d in range(data_parts)]
+    cells = [cell.name for cell in cell_grid(kind, data_parts, len(groups))]
     return {
         "shape": header.get("shape"), "dtype": header.get("dtype"), "per_module": header.get("per_module"),
         "layers": [record["name"] for record in header.get("layers", [])],
@@ -152,7 +152,7 @@ def _describe_scores(header: Dict[str, Any], done) -> Dict[str, Any]:
 
 
 def _describe_index(header: Dict[str, Any], done) -> Dict[str, Any]:
-    cells = [f"index-data{d}" for d in range(header.get("partitions", {}).get("data", 1))]
+    cells = [cell.name for cell in cell_grid("index", header.get("partitions", {}).get("data", 1), None)]
     return {
         "rank": header.get("rank"), "dtype": header.get("dtype"), "examples": header.get("examples"),
         "layers": [{"name": r["name"], "width": r["width"], "shape": [r["groups"], r["out"], r["in"]]}
@@ -234,16 +234,37 @@ def read_ranked_scores(path: Path) -> Tuple[Dict[str, Any], torch.Tensor]:
     Pairwise stores give ``[Q, N]`` (per-token scores summed over tokens); self-influence stores give
     ``[1, N]``. Incomplete stores are read as far as they are written (one module partition only).
     """
-    from .scores_store import read_scores
-
     header = _attributes(Path(path))
     if header is None or not isinstance(header.get("kind"), str) or header.get("kind") not in ("pairwise", "self"):
         kind = None if header is None else header.get("kind")
         raise InfluenceError(f"{path} is not a scores store (it holds {kind!r}); `top` ranks the training examples "
                              "of a pairwise or self-influence scores store.")
-    scores = read_scores(Path(path), allow_partial=True)["all_modules"].to(torch.float64)
+    scores = scores_store.read_scores(Path(path), allow_partial=True)["all_modules"].to(torch.float64)
     if header["kind"] == "self":
         scores = scores[None]
     elif scores.dim() == 3:
         scores = scores.sum(-1)  # NaN stays NaN: a missing example has every token missing
     return header, scores
+
+
+def missing_cells(store) -> List[str]:
+    """The cells of a factors or scores store that no job has finished yet (an empty list: all are done).
+
+    For job arrays that fill one store through ``target_data_partitions`` / ``target_module_partitions``:
+    once this is empty, one more call with the same arguments and no targets only aggregates (it sums the
+    partial states or score partitions and marks the store ``complete``) and returns the result.
+    Reads the store's JSON attributes and marker files only: a marker written for other metadata or another
+    store (copied, forged) counts as missing; damaged chunks are found when the store is read or resumed.
+    (Documented as :func:`fninfluence.distributed.missing_cells`, which re-exports it.)
+    """
+    header = read_header(Path(store))
+    done = written_for_this_store(Path(store), header)
+    if header.get("kind") == "factors":
+        cells = [cell for name, plan in header["plan"].items()
+                 for cell in cell_grid(name, plan["data_partitions"], plan["module_partitions"])]
+    elif header.get("kind") in ("pairwise", "self"):
+        partitions = header["partitions"]
+        cells = cell_grid(header["kind"], partitions["data"], len(partitions["modules"]))
+    else:
+        raise InfluenceError(f"{store} holds {header.get('kind')!r} results, not factors or scores.")
+    return [cell.name for cell in cells if cell.name not in done]

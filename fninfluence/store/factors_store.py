@@ -17,18 +17,19 @@ to module names. Loading reads only JSON and numeric arrays: nothing is unpickle
 from __future__ import annotations
 
 import base64
-import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import zarr
 from torch import nn
 
 from ..capture import LayerSpec
-from ..curvature import pass_order
+from ..curvature import CurvatureEstimator, get_estimator, pass_order
 from ..errors import InfluenceError
-from ..partitions import data_ranges, module_groups
+from ..partitions import Cell, cell_grid, data_ranges, module_groups
+from ..version import __version__
 from .fingerprint import EXAMPLE_DIGEST_BYTES, DataDigest, data_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
                       done_cells, identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker,
@@ -37,15 +38,29 @@ from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocati
 IDENTITY = ("kind", "strategy", "strategies", "layers", "arguments", "plan", "data", "model")
 
 
+@dataclass(frozen=True)
+class StoredFactors:
+    """The fields of :class:`fninfluence.Factors` as a store holds them (its ``estimator`` is the first of
+    ``estimators``). The store reads and writes this record, and ``Factors`` is built from it, so this
+    module never imports the class it stores."""
+
+    strategy: str
+    layers: Dict[str, LayerSpec]
+    tensors: Dict[str, Dict[str, torch.Tensor]]
+    num_examples: int
+    use_empirical_fisher: bool
+    passes_done: Tuple[str, ...]
+    estimators: Dict[str, CurvatureEstimator]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every pass of every layer's estimator has been fitted."""
+        return all(name in self.passes_done for name in pass_order(self.estimators))
+
+
 def _label(estimators) -> str:
     names = sorted({e.name for e in estimators.values()})
     return names[0] if len(names) == 1 else "mixed"
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def layer_keys(names: Sequence[str]) -> Dict[str, str]:
@@ -85,13 +100,6 @@ def _meta_outputs(estimators, specs: Dict[str, LayerSpec], state_dtypes: Dict[st
     return states, outputs
 
 
-_CELL = re.compile(r"(?P<pass>.+)-data(?P<d>\d+)-modules(?P<m>\d+)")
-
-
-def _is_cell(name: str) -> bool:
-    return "-data" in name and "-modules" in name
-
-
 class FitStore:
     """A factors store being filled, cell by cell. Every marker certifies the chunks it covers (see zarr_io)."""
 
@@ -106,46 +114,48 @@ class FitStore:
             return self._output_chunks(list(self.outputs))
         if cell.startswith("pass-"):
             return self._output_chunks([cell[len("pass-"):]])
-        match = _CELL.fullmatch(cell)
-        if match is None or match["pass"] not in self.states:
+        parsed = Cell.parse(cell)
+        if parsed is None or parsed.kind not in self.states or parsed.module_partition is None:
             raise KeyError(cell)
-        pass_name, d, m = match["pass"], int(match["d"]), int(match["m"])
-        layers = module_groups(list(self.states[pass_name]), self.plan[pass_name][2])[m]
-        region = (slice(d, d + 1),)
+        pass_name = parsed.kind
+        layers = module_groups(list(self.states[pass_name]), self.plan[pass_name][2])[parsed.module_partition]
+        region = (slice(parsed.data_partition, parsed.data_partition + 1),)
         return [chunk for layer in layers for name in self.states[pass_name][layer]
                 for chunk in chunk_files(self.group, f"passes/{pass_name}/{self.keys[layer]}/{name}", region)]
 
     # cells
-    def cell_done(self, cell: str) -> bool:
-        return self.markers.done(cell)
+    def cell_done(self, cell: Cell) -> bool:
+        return self.markers.done(cell.name)
 
     def _start(self, pass_name: str, data_index: int) -> int:
         examples, data_parts, _ = self.plan[pass_name]
         return data_ranges(examples, data_parts)[data_index].start if examples is not None else 0
 
-    def write_cell(self, pass_name: str, data_index: int, states: Dict[str, Dict[str, torch.Tensor]], cell: str,
-                   examples: int, data: Optional[DataDigest] = None) -> None:
+    def write_cell(self, cell: Cell, states: Dict[str, Dict[str, torch.Tensor]], examples: int,
+                   data: Optional[DataDigest] = None) -> None:
         """Write a cell's partial states and certify them; with ``data`` (the digests of the examples it read),
         first check that every other cell which read some of the same examples read the same values."""
-        start = self._start(pass_name, data_index)
+        start = self._start(cell.kind, cell.data_partition)
         if data is not None:
-            self._check_same_data(pass_name, cell, start, bytes(data.raw))
+            self._check_same_data(cell.name, start, bytes(data.raw))
         chunks = []
         for layer, state in states.items():
             for name, value in state.items():
-                array = f"passes/{pass_name}/{self.keys[layer]}/{name}"
-                region = (slice(data_index, data_index + 1),)
+                array = f"passes/{cell.kind}/{self.keys[layer]}/{name}"
+                region = (slice(cell.data_partition, cell.data_partition + 1),)
                 write_array(self.group, array, value[None], region)
                 chunks += chunk_files(self.group, array, region)
         info = {"examples": examples, "start": start}
         if data is not None:
             info["data"] = data.encoded()
-        self.markers.mark(cell, chunks, info)
+        self.markers.mark(cell.name, chunks, info)
 
-    def _check_same_data(self, pass_name: str, cell: str, start: int, mine: bytes) -> None:
+    def _check_same_data(self, cell: str, start: int, mine: bytes) -> None:
         width = EXAMPLE_DIGEST_BYTES
         for other in sorted(done_cells(self.path)):
-            record = self.markers.record(other) if other != cell and _is_cell(other) else None
+            parsed = Cell.parse(other)
+            is_cell = parsed is not None and parsed.module_partition is not None
+            record = self.markers.record(other) if other != cell and is_cell else None
             if record is None:
                 continue
             if not isinstance(record.get("data"), str):
@@ -166,11 +176,10 @@ class FitStore:
                     "(or another store) to compute everything on the new data."
                 )
 
-    def _cells(self, pass_name: str, data_parts: int, module_parts: int) -> List[str]:
-        return [f"{pass_name}-data{d}-modules{m}" for m in range(module_parts) for d in range(data_parts)]
-
     def missing_cells(self, pass_name: str, data_parts: int, module_parts: int) -> List[str]:
-        return [c for c in self._cells(pass_name, data_parts, module_parts) if not self.markers.done(c)]
+        """The names of the pass's cells not certified done, in store order."""
+        return [cell.name for cell in cell_grid(pass_name, data_parts, module_parts)
+                if not self.markers.done(cell.name)]
 
     def all_cells_done(self, pass_name: str, data_parts: int, module_parts: int) -> bool:
         return not self.missing_cells(pass_name, data_parts, module_parts)
@@ -225,11 +234,12 @@ class FitStore:
 
 
 def _certified_examples(path: Path, markers: Markers, pass_name: str) -> int:
+    """The examples the certified cells of the pass's first module partition read (each example once)."""
     total = 0
-    for marker in (Path(path) / "_done").glob(f"{pass_name}-data*-modules0.json"):
-        cell = marker.name[: -len(".json")]
-        if markers.done(cell):
-            total += int(read_marker(path, cell).get("examples", 0))
+    for name in sorted(done_cells(path)):
+        cell = Cell.parse(name)
+        if cell is not None and cell.kind == pass_name and cell.module_partition == 0 and markers.done(name):
+            total += int(read_marker(path, name).get("examples", 0))
     return total
 
 
@@ -254,7 +264,7 @@ def _fit_header(*, model, data, estimators, specs: Dict[str, LayerSpec], plan, a
     return {
         "kind": "factors",
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "strategy": _label(estimators),
         "strategies": {layer: e.name for layer, e in estimators.items()},
         "passes": pass_order(estimators),
@@ -278,7 +288,7 @@ def open_fit(path: Path, *, model: nn.Module, data, estimators, specs: Dict[str,
 
 
 def reuse_complete(path: Path, *, model: nn.Module, task, data, resolve: Callable[[Dict[str, LayerSpec]], Any],
-                   plan_for: Callable[[List[str]], Dict[str, Any]], arguments) -> Optional[Any]:
+                   plan_for: Callable[[List[str]], Dict[str, Any]], arguments) -> Optional[StoredFactors]:
     """The factors of a complete, intact store at ``path`` made with these arguments, data (size and indices)
     and model (every parameter), found without reading any data; None when the store must be opened the
     usual way (it is missing, incomplete, damaged, or differs: that path then says what differs).
@@ -311,13 +321,14 @@ def reuse_complete(path: Path, *, model: nn.Module, task, data, resolve: Callabl
     markers = _stored_markers(path, header, estimators)
     if not markers.done("complete") or not all(markers.done(f"pass-{p}") for p in header.get("passes", [])):
         return None
-    factors = _load(path, header, estimators)
-    return factors if factors.complete else None
+    stored = _load(path, header, estimators)
+    return stored if stored.complete else None
 
 
-def save_factors(factors, path: Path, *, overwrite: bool = False) -> None:
-    """Write complete factors to a new store at ``path`` (an existing one needs ``overwrite=True``, and only a
-    store is ever deleted: a folder of other files is refused)."""
+def save_factors(factors: StoredFactors, path: Path, *, overwrite: bool = False) -> None:
+    """Write factors to a new store at ``path`` (an existing one needs ``overwrite=True``, and only a store is
+    ever deleted: a folder of other files is refused). Each fitted pass is marked done, and the store
+    ``complete`` when every pass is."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
@@ -331,10 +342,10 @@ def save_factors(factors, path: Path, *, overwrite: bool = False) -> None:
     header = {
         "kind": "factors",
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "strategy": factors.strategy,
-        "strategies": factors.strategies,
-        "passes": list(factors.pass_names),
+        "strategies": {layer: estimator.name for layer, estimator in factors.estimators.items()},
+        "passes": pass_order(factors.estimators),
         "layers": [_spec_record(spec, keys[name]) for name, spec in factors.layers.items()],
         "arguments": {"use_empirical_fisher": factors.use_empirical_fisher},
         "num_examples": factors.num_examples,
@@ -344,16 +355,18 @@ def save_factors(factors, path: Path, *, overwrite: bool = False) -> None:
     for layer, tensors in factors.tensors.items():
         for name, value in tensors.items():
             write_array(group, f"layers/{keys[layer]}/{name}", value)
-    every = [chunk for name in arrays for chunk in chunk_files(group, name)]
-    for p in factors.passes_done:
-        estimators = {layer: factors.estimator_for(layer) for layer in factors.layers}
-        produced = [chunk for layer, spec in factors.layers.items()
-                    if any(fp.name == p for fp in estimators[layer].passes)
-                    for name in _pass_output_names(estimators[layer], p, spec) if name in factors.tensors[layer]
-                    for chunk in chunk_files(group, f"layers/{keys[layer]}/{name}")]
-        markers.mark(f"pass-{p}", produced)
+    for pass_name in factors.passes_done:
+        markers.mark(f"pass-{pass_name}", _saved_pass_chunks(factors, group, keys, pass_name))
     if factors.complete:
-        markers.mark("complete", every)
+        markers.mark("complete", [chunk for name in arrays for chunk in chunk_files(group, name)])
+
+
+def _saved_pass_chunks(factors: StoredFactors, group, keys: Dict[str, str], pass_name: str) -> List[str]:
+    """The chunks of the factors a pass produced, among those saved."""
+    return [chunk for layer, spec in factors.layers.items()
+            if any(fit_pass.name == pass_name for fit_pass in factors.estimators[layer].passes)
+            for name in _pass_output_names(factors.estimators[layer], pass_name, spec) if name in factors.tensors[layer]
+            for chunk in chunk_files(group, f"layers/{keys[layer]}/{name}")]
 
 
 def _malformed(path: Path, error: BaseException) -> InfluenceError:
@@ -362,15 +375,13 @@ def _malformed(path: Path, error: BaseException) -> InfluenceError:
                           "copy.")
 
 
-def load_factors(path: Path, estimator=None):
+def load_factors(path: Path, estimator: Optional[CurvatureEstimator] = None) -> StoredFactors:
     """Read factors written by :func:`save_factors` or by ``fit_factors(store=...)``.
 
     Each layer gets the built-in estimator of its stored strategy; ``estimator`` (a custom one, which is
     not stored by value) replaces them all. Only the passes whose markers certify their chunks are read;
     a marker whose chunks are missing or changed raises an error naming them.
     """
-    from ..curvature import get_estimator
-
     path = Path(path)
     header = read_header(path)
     if header.get("kind") != "factors":
@@ -392,8 +403,6 @@ def load_factors(path: Path, estimator=None):
 def _stored_markers(path: Path, header: Dict[str, Any], estimators: Dict[str, Any]) -> Markers:
     """The markers of a finished store: each pass marker must certify exactly the stored factors of its pass
     (and ``complete`` those of every pass), so a marker copied from another pass certifies nothing."""
-    import zarr
-
     group = zarr.open_group(str(path), mode="r")
     records = header["layers"]
 
@@ -427,19 +436,37 @@ def _check_spec(path: Path, spec: LayerSpec) -> None:
                                  "sane size: the store is damaged or crafted. Recompute it (overwrite=True).")
 
 
-def _load(path: Path, header: Dict[str, Any], estimators: Dict[str, Any]):
+def _load(path: Path, header: Dict[str, Any], estimators: Dict[str, CurvatureEstimator]) -> StoredFactors:
     """The factors of the certified passes of the store at ``path``, every array's shape checked against the
     shapes its layer's estimator produces before anything is read."""
-    import zarr
-
-    from ..factors import Factors
-
     try:
-        for record in header["layers"]:
-            _check_spec(path, _spec_from_record(record))
+        layers = {spec.name: spec for spec in map(_spec_from_record, header["layers"])}
+        for spec in layers.values():
+            _check_spec(path, spec)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise _malformed(path, error) from None
     markers = _stored_markers(path, header, estimators)
+    passes_done = _certified_passes(path, header, markers)
+    group = zarr.open_group(str(path), mode="r")
+    try:
+        wanted = {(record["name"], name): array for record in header["layers"]
+                  for name, array in _layer_arrays(path, group, header, record, estimators, passes_done).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _malformed(path, error) from None
+    check_allocation(path, [(array.shape, array.dtype) for _, array in wanted.values()])
+    tensors: Dict[str, Dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    for (layer, name), (array_name, _) in wanted.items():
+        tensors[layer][name] = read_array(group, array_name)
+    examples = header.get("num_examples")
+    if examples is None:
+        examples = _certified_examples(path, markers, list(header.get("plan", {}))[-1]) if header.get("plan") else 0
+    return StoredFactors(strategy=header["strategy"], layers=layers, tensors=tensors, num_examples=int(examples),
+                         use_empirical_fisher=bool(header.get("arguments", {}).get("use_empirical_fisher")),
+                         passes_done=passes_done, estimators=estimators)
+
+
+def _certified_passes(path: Path, header: Dict[str, Any], markers: Markers) -> Tuple[str, ...]:
+    """The passes whose markers certify their factors; a marker that certifies nothing is an error."""
     passes = [p for p in header.get("passes", []) if isinstance(p, str)]
     damaged = markers.damaged([f"pass-{p}" for p in passes])
     if damaged:
@@ -448,48 +475,37 @@ def _load(path: Path, header: Dict[str, Any], estimators: Dict[str, Any]):
             + ". Rerun the same fit_factors call with this store to recompute the damaged passes (or save the "
             "factors again)."
         )
-    passes_done = tuple(p for p in passes if markers.done(f"pass-{p}"))
-    group = zarr.open_group(str(path), mode="r")
-    layers, tensors, wanted = {}, {}, {}
-    try:
-        for record in header["layers"]:
-            spec = _spec_from_record(record)
-            _check_spec(path, spec)
-            layers[spec.name] = spec
-            folder = f"layers/{record['key']}"
-            expected = {}
-            for fit_pass in estimators[spec.name].passes:
-                if fit_pass.name in passes_done:
-                    _, outputs = _meta_outputs({spec.name: estimators[spec.name]}, {spec.name: spec}, {})
-                    expected.update(outputs[fit_pass.name][spec.name])
-            for name, meta in expected.items():
-                array = group[f"{folder}/{name}"] if f"{folder}/{name}" in group else None
-                if array is None:
-                    if header.get("num_examples") is None:
-                        raise InfluenceError(f"{path}: factor {folder}/{name} of a complete pass is missing.")
-                    continue  # saved factors may leave out what their estimator does not need
-                if tuple(array.shape) != tuple(meta.shape):
-                    raise InfluenceError(
-                        f"{path}: factor {folder}/{name} has shape {list(array.shape)} in its metadata, but layer "
-                        f"{spec.name!r} ({spec.op}, groups {spec.groups}, out {spec.out_features}, in "
-                        f"{spec.in_features}) gives {list(meta.shape)}: the store is damaged or crafted. Recompute "
-                        "it (overwrite=True)."
-                    )
-                check_array(path, f"{folder}/{name}", array)
-                wanted[(spec.name, name)] = (f"{folder}/{name}", array)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise _malformed(path, error) from None
-    check_allocation(path, [(array.shape, array.dtype) for _, array in wanted.values()])
-    for (layer, name), (array_name, _) in wanted.items():
-        tensors.setdefault(layer, {})[name] = read_array(group, array_name)
-    tensors = {layer: tensors.get(layer, {}) for layer in layers}
-    examples = header.get("num_examples")
-    if examples is None:
-        examples = _certified_examples(path, markers, list(header.get("plan", {}))[-1]) if header.get("plan") else 0
-    return Factors(strategy=header["strategy"], estimator=next(iter(estimators.values())), layers=layers,
-                   tensors=tensors, num_examples=int(examples),
-                   use_empirical_fisher=bool(header.get("arguments", {}).get("use_empirical_fisher")),
-                   passes_done=passes_done, estimators=estimators)
+    return tuple(p for p in passes if markers.done(f"pass-{p}"))
+
+
+def _layer_arrays(path: Path, group, header: Dict[str, Any], record: Dict[str, Any],
+                  estimators: Dict[str, CurvatureEstimator], passes_done: Tuple[str, ...]) -> Dict[str, Tuple[str, Any]]:
+    """``{factor: (array name, array)}`` of one stored layer's factors of the certified passes, each array's
+    shape and codecs checked against what the layer's estimator produces."""
+    spec = _spec_from_record(record)
+    folder = f"layers/{record['key']}"
+    expected = {}
+    for fit_pass in estimators[spec.name].passes:
+        if fit_pass.name in passes_done:
+            _, outputs = _meta_outputs({spec.name: estimators[spec.name]}, {spec.name: spec}, {})
+            expected.update(outputs[fit_pass.name][spec.name])
+    found = {}
+    for name, meta in expected.items():
+        array = group[f"{folder}/{name}"] if f"{folder}/{name}" in group else None
+        if array is None:
+            if header.get("num_examples") is None:
+                raise InfluenceError(f"{path}: factor {folder}/{name} of a complete pass is missing.")
+            continue  # saved factors may leave out what their estimator does not need
+        if tuple(array.shape) != tuple(meta.shape):
+            raise InfluenceError(
+                f"{path}: factor {folder}/{name} has shape {list(array.shape)} in its metadata, but layer "
+                f"{spec.name!r} ({spec.op}, groups {spec.groups}, out {spec.out_features}, in "
+                f"{spec.in_features}) gives {list(meta.shape)}: the store is damaged or crafted. Recompute "
+                "it (overwrite=True)."
+            )
+        check_array(path, f"{folder}/{name}", array)
+        found[name] = (f"{folder}/{name}", array)
+    return found
 
 
 def _pass_output_names(estimator, pass_name: str, spec: LayerSpec) -> set:

@@ -18,8 +18,10 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, Subset
 
+from ..capture import batch_examples
 from ..errors import InfluenceError
 
 
@@ -103,10 +105,6 @@ class DataDigest:
 def example_digests(batch: Any) -> List[bytes]:
     """One digest per example of ``batch``: every tensor (or array) with the batch in dimension 0 contributes
     its row; other leaves (strings, scalars, tensors without a batch dimension) go into every example's digest."""
-    from torch.utils._pytree import tree_flatten
-
-    from ..capture import batch_examples
-
     leaves, spec = tree_flatten(batch)
     try:
         n = batch_examples(batch)

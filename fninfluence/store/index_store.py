@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
+import zarr
 
 from ..core.algebra import DenseStats, require_dense
 from ..errors import InfluenceError
+from ..partitions import Cell, cell_grid
+from ..version import __version__
 from .factors_store import layer_keys
 from .fingerprint import data_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (FORMAT_VERSION, ArraySpec, Markers, chunk_files, identity_digest, numpy_dtype, open_store,
@@ -28,8 +31,17 @@ from .zarr_io import (FORMAT_VERSION, ArraySpec, Markers, chunk_files, identity_
 IDENTITY = ("kind", "rank", "dtype", "layers", "partitions", "train_data", "model", "arguments")
 
 
-def cell_name(data_index: int) -> str:
-    return f"index-data{data_index}"
+def _cell(data_index: int) -> Cell:
+    """The index's cells split the training data only."""
+    return Cell("index", data_index, None)
+
+
+def _parse(name: str) -> Cell:
+    """The index cell a marker names (KeyError for any other name: the marker certifies nothing)."""
+    cell = Cell.parse(name)
+    if cell is None or cell.kind != "index" or cell.module_partition is not None:
+        raise KeyError(name)
+    return cell
 
 
 class IndexStore:
@@ -41,7 +53,7 @@ class IndexStore:
 
     def _expected_chunks(self, cell: str) -> List[str]:
         """A cell certifies its rows of every layer's arrays; ``complete`` every cell's."""
-        cells = range(len(self.ranges)) if cell == "complete" else [int(cell[len("index-data"):])]
+        cells = range(len(self.ranges)) if cell == "complete" else [_parse(cell).data_partition]
         rows = [self.ranges[d] for d in cells]
         return [chunk for r in rows for record in self.layers.values() for kind in ("g", "a", "residual")
                 for chunk in chunk_files(self.group, f"{kind}/{record['key']}", (slice(r.start, r.stop),))]
@@ -51,10 +63,11 @@ class IndexStore:
         return self.header["examples"]
 
     def cell_done(self, data_index: int) -> bool:
-        return self.markers.done(cell_name(data_index))
+        return self.markers.done(_cell(data_index).name)
 
     def missing_cells(self) -> List[str]:
-        return [cell_name(d) for d in range(len(self.ranges)) if not self.markers.done(cell_name(d))]
+        """The names of the cells not certified done, in data order."""
+        return [cell.name for cell in cell_grid("index", len(self.ranges), None) if not self.markers.done(cell.name)]
 
     def write_rows(self, start: int, factored: Mapping[str, Mapping[str, torch.Tensor]],
                    residuals: Dict[str, torch.Tensor]) -> None:
@@ -68,7 +81,7 @@ class IndexStore:
             write_array(self.group, f"residual/{key}", residuals[layer], (rows,))
 
     def mark_cell(self, data_index: int) -> None:
-        cell = cell_name(data_index)
+        cell = _cell(data_index).name
         self.markers.mark(cell, self._expected_chunks(cell))
         if not self.missing_cells():
             self.markers.mark("complete", self._expected_chunks("complete"))
@@ -102,7 +115,7 @@ def open_index(path: Path, *, model, train_data, layers: Dict[str, Dict[str, Any
     header = {
         "kind": "index",
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "rank": rank,
         "dtype": str(dtype),
         "examples": examples,
@@ -118,14 +131,12 @@ def open_index(path: Path, *, model, train_data, layers: Dict[str, Dict[str, Any
 
 def load_index(path: Path) -> IndexStore:
     """Reopen a finished index for scoring (JSON and numeric arrays only)."""
-    import zarr
-
     path = Path(path)
     header = read_header(path)
     if header.get("kind") != "index":
         raise InfluenceError(f"{path} holds {header.get('kind')!r} results, not a training-gradient index.")
     store = IndexStore(path, zarr.open_group(str(path), mode="r"), header)
-    damaged = store.markers.damaged(cell_name(d) for d in range(len(store.ranges)))
+    damaged = store.markers.damaged(cell.name for cell in cell_grid("index", len(store.ranges), None))
     if damaged:
         raise InfluenceError(f"The index at {path} is damaged: " + "; ".join(f"{c}: {p}" for c, p in damaged.items())
                              + ". Rerun build_index with the same arguments and store to rebuild those cells.")
@@ -134,9 +145,3 @@ def load_index(path: Path) -> IndexStore:
         raise InfluenceError(f"The index at {path} is incomplete (cells {missing} missing): rerun build_index with "
                              "the same arguments to finish it.")
     return store
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -22,9 +22,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import zarr
 
 from ..errors import InfluenceError
-from ..partitions import module_groups
+from ..partitions import Cell, cell_grid, data_ranges, module_groups
+from ..version import __version__
 from .factors_store import layer_keys
 from .fingerprint import DataDigest, data_fingerprint, factors_fingerprint, jsonable, model_fingerprint
 from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
@@ -49,10 +51,10 @@ class ScoreStore:
         """The chunks a cell's marker must certify: its data partition of its module partition's arrays."""
         if cell == "complete":
             return self._final_chunks()
-        prefix = f"{self.header['kind']}-data"
-        if not cell.startswith(prefix) or "-modules" not in cell:
+        parsed = Cell.parse(cell)
+        if parsed is None or parsed.kind != self.header["kind"] or parsed.module_partition is None:
             raise KeyError(cell)
-        d, m = (int(x) for x in cell[len(prefix):].split("-modules"))
+        d, m = parsed.data_partition, parsed.module_partition
         target = "all_modules" if self.direct else f"partials/modules{m}"
         ndim = len(self.group[target].shape)
         chunks = chunk_files(self.group, target, self._region(ndim, d))
@@ -72,17 +74,19 @@ class ScoreStore:
             region[self.axis] = slice(r.start, r.stop)
         return tuple(region)
 
-    def cell_done(self, cell: str) -> bool:
-        return self.markers.done(cell)
+    def cell_done(self, cell: Cell) -> bool:
+        return self.markers.done(cell.name)
 
-    def _check_same_data(self, cell: str, data_index: int, train: Optional[str], query: Optional[str]) -> None:
+    def _check_same_data(self, cell: Cell, train: Optional[str], query: Optional[str]) -> None:
         """Every certified cell read the same queries, and the cells of one data partition the same training
         examples: else the store would combine scores of different data."""
         for other in sorted(done_cells(self.path)):
-            record = self.markers.record(other) if other != cell and "-data" in other else None
+            parsed = Cell.parse(other)
+            record = self.markers.record(other) if other != cell.name and parsed is not None else None
             if record is None:
                 continue
-            same_partition = other.startswith(f"{self.header['kind']}-data{data_index}-")
+            same_partition = (parsed.kind, parsed.data_partition) == (cell.kind, cell.data_partition) \
+                and parsed.module_partition is not None
             for what, mine, theirs in (("query data", query, record.get("query")),
                                        ("training data", train if same_partition else None, record.get("train"))):
                 if mine is not None and isinstance(theirs, str) and mine != theirs:
@@ -93,15 +97,16 @@ class ScoreStore:
                         "everything on the new data."
                     )
 
-    def write_cell(self, data_index: int, module_index: int, per_layer: Dict[str, torch.Tensor], cell: str,
-                   train: Optional[DataDigest] = None, query: Optional[DataDigest] = None) -> None:
+    def write_cell(self, cell: Cell, per_layer: Dict[str, torch.Tensor], train: Optional[DataDigest] = None,
+                   query: Optional[DataDigest] = None) -> None:
         """Write a cell's scores and certify them, with the digests of the training (and query) data it read."""
         train_digest = None if train is None else train.hexdigest()
         query_digest = None if query is None else query.hexdigest()
-        self._check_same_data(cell, data_index, train_digest, query_digest)
+        self._check_same_data(cell, train_digest, query_digest)
         values = list(per_layer.values())
         summed = sum(values[1:], values[0])
-        target = "all_modules" if self.direct else f"partials/modules{module_index}"
+        data_index = cell.data_partition
+        target = "all_modules" if self.direct else f"partials/modules{cell.module_partition}"
         region = self._region(summed.dim(), data_index)
         write_array(self.group, target, summed, region)
         chunks = chunk_files(self.group, target, region)
@@ -112,12 +117,12 @@ class ScoreStore:
                 layer_region = self._region(value.dim(), data_index)
                 write_array(self.group, name, value, layer_region)
                 chunks += chunk_files(self.group, name, layer_region)
-        self.markers.mark(cell, chunks, {"train": train_digest, "query": query_digest})
+        self.markers.mark(cell.name, chunks, {"train": train_digest, "query": query_digest})
 
     def missing_cells(self) -> List[str]:
-        kind = self.header["kind"]
-        return [f"{kind}-data{d}-modules{m}" for m in range(len(self.groups)) for d in range(len(self.ranges))
-                if not self.markers.done(f"{kind}-data{d}-modules{m}")]
+        """The names of the cells not certified done, in store order."""
+        return [cell.name for cell in cell_grid(self.header["kind"], len(self.ranges), len(self.groups))
+                if not self.markers.done(cell.name)]
 
     def all_cells_done(self) -> bool:
         return not self.missing_cells()
@@ -143,19 +148,32 @@ class ScoreStore:
         return read_scores(self.path)
 
 
-def _scores_header(*, kind, model, factors, names: Sequence[str], train_data, query_data, ranges, groups, per_module,
-                   shape: Tuple[int, ...], arguments: Dict[str, Any], dtype: torch.dtype) -> Dict[str, Any]:
+def _scores_header(kind: str, names: Sequence[str], shape: Tuple[int, ...], dtype: torch.dtype,
+                   arguments: Dict[str, Any], partitions: Dict[str, Any], per_module,
+                   fingerprints: Dict[str, Any]) -> Dict[str, Any]:
     keys = layer_keys(list(names))
     return {
         "kind": kind,
         "format": FORMAT_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "shape": list(shape),
         "dtype": str(dtype),
         "layers": [{"name": name, "key": keys[name]} for name in names],
         "arguments": jsonable(arguments),
-        "partitions": {"data": len(ranges), "partition_size": max(1, len(ranges[0])), "modules": groups},
+        "partitions": partitions,
         "per_module": bool(per_module),
+        **fingerprints,
+    }
+
+
+def _partitions(ranges: Sequence[range], groups: List[List[str]]) -> Dict[str, Any]:
+    """The header's record of the cells: data partitions (count and size) and the module partitions' layers."""
+    return {"data": len(ranges), "partition_size": max(1, len(ranges[0])), "modules": groups}
+
+
+def _fingerprints(model, factors, train_data, query_data) -> Dict[str, Any]:
+    """What the scores were computed from, as the header records it."""
+    return {
         "factors": factors_fingerprint(factors),
         "query_data": None if query_data is None else data_fingerprint(query_data),
         "train_data": data_fingerprint(train_data),
@@ -183,9 +201,8 @@ def open_scores(path: Path, *, kind: str, model, factors, specs, train_data, que
         arrays.update({f"per_module/{key}": final for key in keys.values()})
         if summed_train:
             arrays.update({f"partials/per_module/{key}": partial for key in keys.values()})
-    header = _scores_header(kind=kind, model=model, factors=factors, names=list(specs), train_data=train_data,
-                            query_data=query_data, ranges=ranges, groups=groups, per_module=per_module, shape=shape,
-                            arguments=arguments, dtype=dtype)
+    header = _scores_header(kind, list(specs), shape, dtype, arguments, _partitions(ranges, groups), per_module,
+                            _fingerprints(model, factors, train_data, query_data))
     group = open_store(path, header, arrays, overwrite=overwrite, identity_keys=IDENTITY)
     return ScoreStore(Path(path), group, header, ranges, groups)
 
@@ -210,9 +227,9 @@ def reuse_complete(path: Path, *, kind: str, model, factors, train_data, query_d
         stored_shape = tuple(header["shape"])
         if len(stored_shape) != len(shape) or any(a is not None and a != b for a, b in zip(shape, stored_shape)):
             return None
-        expected = _scores_header(kind=kind, model=model, factors=factors, names=names, train_data=train_data,
-                                  query_data=query_data, ranges=ranges, groups=module_groups(names, module_partitions),
-                                  per_module=per_module, shape=stored_shape, arguments=arguments, dtype=dtype)
+        partitions = _partitions(ranges, module_groups(names, module_partitions))
+        expected = _scores_header(kind, names, stored_shape, dtype, arguments, partitions, per_module,
+                                  _fingerprints(model, factors, train_data, query_data))
     except (InfluenceError, KeyError, TypeError, ValueError):
         return None
     if any(expected.get(k) != header.get(k) for k in IDENTITY):
@@ -224,22 +241,12 @@ def reuse_complete(path: Path, *, kind: str, model, factors, train_data, query_d
 
 def _opened(path: Path, header: Dict[str, Any]) -> ScoreStore:
     """A finished store, read-only, with its partitions from the header."""
-    import zarr
-
-    from ..partitions import data_ranges
-
     partitions = header["partitions"]
     axis = 0 if header["kind"] == "self" else 1
     examples = int(header["shape"][axis]) if not header["arguments"].get("aggregate_train") else \
         int(partitions["data"])
     ranges = data_ranges(examples, int(partitions["data"]))
     return ScoreStore(path, zarr.open_group(str(path), mode="r"), header, ranges, partitions["modules"])
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _crafted(path: Path, what: str) -> InfluenceError:
@@ -300,8 +307,6 @@ def read_scores(path: Path, allow_partial: bool = False) -> Dict[str, torch.Tens
     Incomplete stores raise an error unless ``allow_partial=True``; then the entries of cells not (or not
     intactly) written read as NaN. A complete store whose chunks are missing or changed raises an error.
     """
-    import zarr
-
     path = Path(path)
     header = read_header(path)
     if header.get("kind") not in ("pairwise", "self"):
@@ -348,7 +353,7 @@ def _read_certified_cells(path: Path, header, group, markers: Markers,
         array = group[name]
         values = torch.full(tuple(array.shape), NAN, dtype=torch.from_numpy(np.zeros(0, array.dtype)).dtype)
         for d in range(parts):
-            if markers.done(f"{kind}-data{d}-modules0"):
+            if markers.done(Cell(kind, d, 0).name):
                 region = [slice(None)] * len(array.shape)
                 region[axis] = slice(d * size, min((d + 1) * size, array.shape[axis]))
                 values[tuple(region)] = _read(path, group, name, tuple(region))

@@ -1,0 +1,68 @@
+"""The tap of one call: discovered once (on the first batch), restricted to each module partition's layers,
+checked against the factors it will use."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+
+from .. import postprocess, sampling
+from ..capture import ModelTap, batch_examples
+from ..core import algebra
+from ..core.algebra import LayerStats
+from ..data import Data
+from ..errors import InfluenceError
+from ..factors import Factors
+from .slices import first_batch
+
+
+def discover(model, task, data: Data, batch_size: Optional[int], objective: str, amp_dtype, argument: str = "data",
+             per_example: bool = False) -> ModelTap:
+    """A :class:`ModelTap` whose layers and probes were found on the first batch of ``data`` for ``objective``."""
+    tap = ModelTap(model, task, amp_dtype=amp_dtype, per_example=per_example)
+    first = first_batch(data, batch_size, tap.device, argument)
+    if objective == "train_sampled":  # a SeededTask's batches carry their examples' indices
+        first = sampling.with_example_ids(first, 0, batch_examples(first), tap.device)
+    tap.probes_for(objective, first)
+    return tap
+
+
+def gradient_stats(tap: ModelTap, objective: str, params, buffers, batch, probes):
+    """:meth:`ModelTap.layer_stats` with the task's ``post_process_per_sample_gradient`` applied to the
+    per-example gradients (:mod:`fninfluence.postprocess`); passes that read raw statistics call
+    ``layer_stats`` itself."""
+    loss, stats = tap.layer_stats(objective, params, buffers, batch, probes)
+    post_process = postprocess.post_process_of(tap.task)
+    if post_process is not None and tap.per_example:
+        raise InfluenceError(
+            "per_example_vmap=True runs each example alone, so post_process_per_sample_gradient would see "
+            "per-example instead of per-row gradients. Drop per_example_vmap (or the post-processing)."
+        )
+    if post_process is not None:
+        stats = postprocess.post_processed_stats(post_process, tap.specs, stats, batch)
+    return loss, stats
+
+
+def check_layers(factors: Factors, tap: ModelTap) -> None:
+    """The factors cover the tap's layers with the same shapes and are complete, else an error saying so."""
+    fitted = {name: spec.shape for name, spec in factors.layers.items() if name in tap.specs}
+    here = {name: spec.shape for name, spec in tap.specs.items()}
+    if fitted != here or not set(tap.specs) <= set(factors.layers):
+        raise InfluenceError(
+            f"The factors were fitted on layers { {n: s.shape for n, s in factors.layers.items()} }, but this model "
+            f"and task track {here}. Fit factors with the same model and Task.tracked_modules()."
+        )
+    if not factors.complete:
+        missing = [name for name in factors.pass_names if name not in factors.passes_done]
+        raise InfluenceError(f"The factors are incomplete (passes {missing} missing): finish fit_factors first.")
+
+
+def factors_on(factors: Factors, tap: ModelTap) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Factors on the model's device, fetched once per call rather than per batch."""
+    return {layer: {k: v.to(tap.device) for k, v in factors.tensors[layer].items()} for layer in tap.specs}
+
+
+def cast_stats(stats: Mapping[str, torch.Tensor], dtype: torch.dtype) -> LayerStats:
+    """Layer statistics with their floating-point tensors in ``dtype``."""
+    return algebra.cast(stats, dtype)

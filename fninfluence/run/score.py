@@ -1,0 +1,353 @@
+"""Scoring: pairwise and self-influence scores, cell by cell, through the place the cells go.
+
+A score kind (:class:`~.options.PairwiseKind`, :class:`~.options.SelfKind`) says what a cell computes and
+how its blocks join; :func:`score` runs the cells of any kind: in one pass when there is one cell and no store,
+else cell by cell through :func:`fninfluence.run.cells.score_cells`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .. import distributed as parallel
+from .. import finite
+from .. import partitions as parts
+from ..capture import LayerSpec, ModelTap, batch_examples, check_finite
+from ..curvature import per_example_grads
+from ..data import Data
+from ..errors import InfluenceError
+from ..factors import Factors
+from ..scores import example_grad_dot, pairwise_layer_scores, spread_to_tokens, summed_train_scores, total
+from ..store import fingerprint, scores_store
+from . import cells as places
+from .discovery import cast_stats, check_layers, discover, factors_on, gradient_stats
+from .estimator_calls import preconditioned, shaped
+from .loop import BatchStep, PassSettings, run_pass
+from .options import Execution, Layout, PairwiseKind, SelfKind
+from .queries import compress, query_gradients, query_groups, rows
+from .slices import first_batch, length, subset
+
+PerLayer = Dict[str, torch.Tensor]
+Kind = Union[PairwiseKind, SelfKind]
+CONV_OPS = ("conv1d", "conv2d")
+
+
+@dataclass
+class ScoreCall:
+    """One scoring call: the model and task, the factors, the data, and the parsed options."""
+
+    model: Any
+    task: Any
+    factors: Factors
+    train_data: Data
+    query_data: Optional[Data]
+    kind: Kind
+    execution: Execution
+    layout: Layout
+    per_module: bool
+
+
+def score(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
+    """Scores of any kind: ``[Q, N]`` / ``[N]`` (per layer if ``per_module``), or None while cells are missing."""
+    group, precision = call.execution.group, call.execution.precision
+    if group is not None:
+        parallel.check_data(call.train_data, call.kind.train_argument)
+        if call.query_data is not None:
+            parallel.check_data(call.query_data, "query_data")
+        call = replace(call, layout=call.layout.with_ranks(group))
+    if call.layout.store is not None and not call.layout.overwrite and group is None:
+        reused = _reuse(call)
+        if reused is not None:
+            return reused
+    tap = discover(call.model, call.task, call.train_data, call.execution.batch_size, "train", precision.amp_dtype,
+                   call.kind.train_argument, call.execution.per_example_vmap)
+    if isinstance(call.kind, PairwiseKind) and call.kind.per_token:  # the token count layers without tokens spread over
+        call = replace(call, kind=replace(call.kind, tokens=token_count(tap, call.train_data, call.execution.batch_size,
+                                                                       call.kind.conv_tokens)))
+    check_layers(call.factors, tap)
+    if call.layout.single_cell:
+        if call.layout.targeted:
+            raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
+        cell = ScoreCell(call, tap)
+        return _output(call, tap, cell.compute(call.train_data, f"{call.kind.name} scores"))
+    return _output(call, tap, _cells(call, tap))
+
+
+def _output(call: ScoreCall, tap: ModelTap, per_layer: Optional[PerLayer]):
+    """The scores as returned: per layer or summed over layers, in the dtype asked for."""
+    if per_layer is None:
+        return None
+    if "all_modules" in per_layer:  # read back from a store, which summed the layers itself
+        per_layer = {layer: per_layer[layer] for layer in tap.specs} if call.per_module else per_layer["all_modules"]
+    elif not call.per_module:
+        per_layer = total(per_layer)
+    return call.execution.precision.scores_out(per_layer, tap.dtype)
+
+
+def _cells(call: ScoreCall, tap: ModelTap) -> Optional[PerLayer]:
+    """Scores cell by cell (data x module partitions) through the place the cells go."""
+    ranges = parts.data_ranges(length(call.train_data, call.kind.train_argument), call.layout.data_partitions)
+    groups = parts.module_groups(list(tap.specs), call.layout.module_partitions)
+    data_indices, module_indices = call.layout.cells(len(ranges), len(groups))
+    work = [parts.Cell(call.kind.name, d, m) for m in module_indices for d in data_indices]
+    place = places.score_cells(_store_opener(call, tap, ranges, groups), call.layout.overwrite, call.execution.group,
+                               tap.device, call.kind.join, work, groups)
+    taps = {m: tap if len(groups) == 1 else tap.restricted(groups[m]) for m in module_indices}
+    scorers = {m: ScoreCell(call, taps[m]) for m in module_indices}
+    if call.execution.group is not None:
+        for m in module_indices:  # on every rank, in the same order: the shared query gradients hold collectives
+            scorers[m].prepare()
+    for cell in place.todo(work):
+        with fingerprint.recording() as seen:  # the content of the cell's training data, hashed as it is read
+            per_layer = scorers[cell.module_partition].compute(subset(call.train_data, ranges[cell.data_partition]),
+                                                     f"{call.kind.name} scores [{cell.name}]")
+        place.keep(cell, per_layer, seen, scorers[cell.module_partition].query_digest)
+    return place.result()
+
+
+def _store_opener(call: ScoreCall, tap: ModelTap, ranges, groups):
+    if call.layout.store is None:
+        return None
+    precision = call.execution.precision
+    return lambda fresh: scores_store.open_scores(
+        call.layout.store, kind=call.kind.name, model=call.model, factors=call.factors, specs=dict(tap.specs),
+        train_data=call.train_data, query_data=call.query_data, ranges=ranges, groups=groups,
+        per_module=call.per_module, shape=score_shape(call), arguments=call.kind.recorded(precision),
+        overwrite=fresh, dtype=precision.score_output(tap.dtype))
+
+
+def _reuse(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
+    """The result of a complete store made by the same call, found without reading any data; else None."""
+    kind = call.kind
+    try:
+        ranges = parts.data_ranges(length(call.train_data, "train_data"), call.layout.data_partitions)
+        shape = score_shape(replace(call, kind=replace(kind, per_token=False)) if isinstance(kind, PairwiseKind)
+                            else call)
+    except InfluenceError:
+        return None
+    if isinstance(kind, PairwiseKind) and kind.per_token:
+        shape = shape + (None,)
+    result = scores_store.reuse_complete(
+        call.layout.store, kind=kind.name, model=call.model, factors=call.factors, train_data=call.train_data,
+        query_data=call.query_data, ranges=ranges, module_partitions=call.layout.module_partitions,
+        per_module=call.per_module, shape=shape, arguments=kind.recorded(call.execution.precision), dtype=None)
+    if result is None:
+        return None
+    return {layer: value for layer, value in result.items() if layer != "all_modules"} if call.per_module \
+        else result["all_modules"]
+
+
+def score_shape(call: ScoreCall) -> Tuple[int, ...]:
+    """The shape of the full score array, known before any cell is computed."""
+    examples = length(call.train_data, call.kind.train_argument)
+    kind = call.kind
+    if isinstance(kind, SelfKind):
+        return (examples,)
+    queries = 1 if kind.aggregate_queries else length(call.query_data, "query_data")
+    if kind.aggregate_train:
+        return (queries, 1)
+    if kind.per_token:
+        return (queries, examples, kind.tokens)
+    return (queries, examples)
+
+
+# -- pairwise ---------------------------------------------------------------------------------------
+
+class PairwiseCell:
+    """Scores of every query against a slice of the training data, for the layers of one tap. The query
+    gradients are computed once per tap (module partition), when first needed, and kept for every cell."""
+
+    def __init__(self, call: ScoreCall, tap: ModelTap):
+        self.call, self.tap = call, tap
+        self.queries: Optional[List[PerLayer]] = None
+        self.query_digest: Optional[fingerprint.DataDigest] = None
+
+    def prepare(self) -> None:
+        """The preconditioned query gradients (shared between the ranks, each computing its share)."""
+        if self.queries is not None:
+            return
+        call, kind = self.call, self.call.kind
+        with fingerprint.recording() as seen:
+            self.queries = query_gradients(self.tap, call.factors, call.query_data, kind.damping,
+                                           kind.aggregate_queries, call.execution,
+                                           kind.query_batch_size or call.execution.batch_size)
+        if call.execution.group is None:  # under torchrun each rank reads only its share of the queries
+            self.query_digest = seen
+
+    def compute(self, train_data: Data, label: str) -> PerLayer:
+        """``{layer: [Q, N]}`` (``[Q, N, T]`` per token, ``[Q, 1]`` with ``aggregate_train``) on ``train_data``."""
+        self.prepare()
+        kind, execution, tap = self.call.kind, self.call.execution, self.tap
+        queries = compress(self.queries, kind.rank, kind.full_svd, execution.precision, tap.dtype)
+        results: Dict[str, List[torch.Tensor]] = {}
+        step = pairwise_step(tap, kind, execution.precision)
+        settings = PassSettings(label, execution.batch_size, execution.compile, execution.progress, "train_data")
+        for group in query_groups(queries, kind.queries_per_pass):
+            (columns, _), _ = run_pass(tap, train_data, step, ({layer: [] for layer in tap.specs}, group), settings)
+            for layer, blocks in columns.items():
+                if blocks:
+                    joined = sum(blocks) if kind.aggregate_train else torch.cat(blocks, dim=1)
+                    results.setdefault(layer, []).append(joined)
+        if not results:
+            count = sum(rows(next(iter(c.values()))) for c in queries)
+            shape = (count, 1) if kind.aggregate_train else (count, 0, kind.tokens) if kind.per_token else (count, 0)
+            dtype = execution.precision.score_compute(tap.dtype)
+            return {layer: torch.zeros(shape, dtype=dtype, device=tap.device) for layer in tap.specs}
+        per_layer = {layer: torch.cat(blocks, dim=0) for layer, blocks in results.items()}
+        return align_tokens(per_layer, kind.tokens) if kind.per_token else per_layer
+
+
+def pairwise_step(tap: ModelTap, kind: PairwiseKind, precision) -> BatchStep:
+    """Per training batch: the score columns of every query of a group against the batch's examples. The carry
+    is ``(columns so far, the group of queries)``."""
+    score_dtype = precision.score_compute(tap.dtype)
+    specs = tap.specs
+
+    def columns_of(layer: str, stats, group) -> torch.Tensor:
+        if kind.aggregate_train:
+            return torch.cat([summed_train_scores(q[layer], stats) for q in group])[:, None]
+        with_tokens = kind.per_token and has_tokens(specs[layer], kind.conv_tokens)
+        block = torch.cat([pairwise_layer_scores(q[layer], stats, with_tokens, specs[layer].calls) for q in group],
+                          dim=0)
+        return block if with_tokens or not kind.per_token else block[..., None]
+
+    def compute(params, buffers, batch, probes, group):
+        loss, stats = gradient_stats(tap, "train", params, buffers, batch, probes[0])
+        stats = {layer: cast_stats(s, score_dtype) for layer, s in stats.items()}
+        columns = {layer: columns_of(layer, s, group) for layer, s in stats.items()}
+        return (loss, finite.finite_flags(loss, stats, columns)), columns
+
+    def check(checked, index):
+        loss, flags = checked
+        finite.raise_not_finite(flags, loss, "train", index, [specs, specs], [finite.GRADIENTS, finite.SCORES],
+                                "The training gradients")
+
+    def fold(carry, block):
+        columns, group = carry
+        for layer, value in block.items():
+            columns[layer].append(value)
+        return columns, group
+
+    return BatchStep(compute=compute, objectives=("train",), fold=fold, check=check, inputs=lambda carry: carry[1])
+
+
+def has_tokens(spec: LayerSpec, conv_tokens: bool) -> bool:
+    """Whether a layer's per-token scores keep its tokens: a conv layer's output positions count as tokens
+    only with ``conv_tokens`` (else, as in Kronfluence, its scores are summed over them)."""
+    return conv_tokens or spec.op not in CONV_OPS
+
+
+def _token_count_error(lengths) -> InfluenceError:
+    return InfluenceError(
+        f"Per-token scores need one token count across layers, but the tracked layers have {sorted(lengths)} "
+        "tokens (or output positions) per example. Track layers that share a sequence length, or pass "
+        "conv_tokens=False (conv layers then give one score per example, summed over their positions, as in "
+        "Kronfluence), or use per_module=True with per_token=False."
+    )
+
+
+def token_count(tap: ModelTap, train_data: Data, batch_size, conv_tokens: bool) -> int:
+    """The one token count T of per-token scores (1 when no layer has tokens), or an error naming the counts."""
+    first = first_batch(train_data, batch_size, tap.device, "train_data")
+    lengths = {count for layer, count in tap.tokens_per_call("train", first).items()
+               if count != 1 and has_tokens(tap.specs[layer], conv_tokens)}
+    if len(lengths) > 1:
+        raise _token_count_error(lengths)
+    return lengths.pop() if lengths else 1
+
+
+def align_tokens(per_layer: PerLayer, tokens: Optional[int] = None) -> PerLayer:
+    """Layers without a token dimension (T = 1) spread their scores evenly over the ``tokens`` of the model
+    (by default, those of the other layers here)."""
+    lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1} | ({tokens} - {None, 1})
+    if len(lengths) > 1:
+        raise _token_count_error(lengths)
+    if not lengths:
+        return per_layer
+    tokens = lengths.pop()
+    return {layer: spread_to_tokens(v[..., 0], tokens) if v.shape[-1] == 1 else v for layer, v in per_layer.items()}
+
+
+# -- self-influence ---------------------------------------------------------------------------------
+
+class SelfCell:
+    """Self-influence of a slice of the data, for the layers of one tap."""
+
+    query_digest = None  # self-influence reads no queries
+
+    def __init__(self, call: ScoreCall, tap: ModelTap):
+        self.call, self.tap = call, tap
+
+    def prepare(self) -> None:
+        pass
+
+    def compute(self, data: Data, label: str) -> PerLayer:
+        """``{layer: [N]}`` on ``data``."""
+        execution, tap = self.call.execution, self.tap
+        settings = PassSettings(label, execution.batch_size, execution.compile, execution.progress, "data")
+        step = self_step(tap, self.call.factors, self.call.kind, execution.precision)
+        blocks, _ = run_pass(tap, data, step, {layer: [] for layer in tap.specs}, settings)
+        dtype = execution.precision.score_compute(tap.dtype)
+        return {layer: torch.cat(b) if b else torch.zeros(0, dtype=dtype, device=tap.device)
+                for layer, b in blocks.items()}
+
+
+def self_step(tap: ModelTap, factors: Factors, kind: SelfKind, precision) -> BatchStep:
+    """Per batch: ``<P(grad), grad>`` of every example (the estimator's ``self_score``), or with
+    ``use_measurement`` ``<P(grad f), grad L>``."""
+    grad_dtype = precision.compute(precision.per_sample_gradient_dtype, tap.dtype)
+    precondition_dtype = precision.compute(precision.precondition_dtype, tap.dtype)
+    score_dtype = precision.score_compute(tap.dtype)
+    on_device = factors_on(factors, tap)
+
+    def own_scores(stats, layer_factors, examples):
+        return {layer: shaped(factors.estimator_for(layer).self_score(
+                    layer_factors[layer], cast_stats(s, precondition_dtype), kind.damping),
+                    (examples,), f"({factors.estimator_for(layer).name}) self_score", layer).to(score_dtype)
+                for layer, s in stats.items()}
+
+    def measured_scores(stats, measured_stats, layer_factors):
+        scores = {}
+        for layer, s in stats.items():
+            grads = per_example_grads(cast_stats(measured_stats[layer], grad_dtype), tap.specs[layer].in_features)
+            result = preconditioned(factors.estimator_for(layer), layer, layer_factors[layer],
+                                    grads.to(precondition_dtype), kind.damping).to(score_dtype)
+            scores[layer] = example_grad_dot(result, cast_stats(s, score_dtype))
+        return scores
+
+    def compute(params, buffers, batch, probes, layer_factors):
+        loss, stats = gradient_stats(tap, "train", params, buffers, batch, probes[0])
+        stats = {layer: cast_stats(s, grad_dtype) for layer, s in stats.items()}
+        if not kind.use_measurement:
+            scores = own_scores(stats, layer_factors, batch_examples(batch))
+            return (loss, None, finite.finite_flags(loss, stats, scores)), scores
+        measured, measured_stats = gradient_stats(tap, "measurement", params, buffers, batch, probes[1])
+        scores = measured_scores(stats, measured_stats, layer_factors)
+        return (loss, measured, finite.finite_flags(loss, stats, measured_stats, scores)), scores
+
+    def check(checked, index):
+        loss, measured, flags = checked
+        if measured is not None:
+            check_finite(measured, "measurement", index)
+        stages = [tap.specs] * (3 if measured is not None else 2)
+        messages = [finite.GRADIENTS] * (len(stages) - 1) + [finite.PRECONDITIONED]
+        finite.raise_not_finite(flags, loss, "train", index, stages, messages, "The self-influence")
+
+    def fold(blocks, scores):
+        for layer, block in scores.items():
+            blocks[layer].append(block)
+        return blocks
+
+    objectives = ("train", "measurement") if kind.use_measurement else ("train",)
+    return BatchStep(compute=compute, objectives=objectives, fold=fold, check=check, inputs=lambda _: on_device)
+
+
+_CELL_OF_KIND = {PairwiseKind: PairwiseCell, SelfKind: SelfCell}
+
+
+def ScoreCell(call: ScoreCall, tap: ModelTap):
+    """The cell computation of ``call``'s score kind."""
+    return _CELL_OF_KIND[type(call.kind)](call, tap)
