@@ -115,8 +115,9 @@ class OneHotInput(_FieldMapping):
 
 LayerStats = Union[DenseStats, OneHotStats]
 
-for _record in (DenseStats, OneHotStats, OneHotInput):
-    register_dataclass(_record)
+register_dataclass(DenseStats)
+register_dataclass(OneHotStats)
+register_dataclass(OneHotInput)
 
 
 def as_stats(stats: Mapping) -> LayerStats:
