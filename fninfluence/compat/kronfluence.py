@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from .. import pipeline
 from ..curvature import get_estimator
-from ..distributed import unwrap
+from ..run.ranks import unwrap
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..precision import Precision
