@@ -252,7 +252,7 @@ def estimate_memory(
         raise InfluenceError(f"estimate_memory knows the built-in strategies {sorted(_PRECONDITION_COPIES)}, "
                              f"not {name!r}: estimate with the built-in one closest to it.")
     tap = _tap or ModelTap(model, task, amp_dtype=precision.amp_dtype)
-    tap.probes_for("train", example_batch)
+    tap.discover("train", example_batch)
     layers = _layers(tap, example_batch)
     batch = batch_size or batch_examples(example_batch)
     query_batch = min(query_batch_size or batch, num_queries)
@@ -382,7 +382,7 @@ def suggest(
     """
     precision = precision or Precision()
     tap = ModelTap(model, task, amp_dtype=precision.amp_dtype)
-    tap.probes_for("train", example_batch)
+    tap.discover("train", example_batch)
     activation = _activation_bytes(tap, example_batch, "train")
 
     def estimate(batch_size: int, query_batch_size: int, queries: int) -> MemoryEstimate:

@@ -329,6 +329,12 @@ class ModelTap:
         view._whole = self._whole or self
         return view
 
+    def discover(self, objective: str, batch: Any) -> Dict[str, LayerSpec]:
+        """The tracked layers' specs, found by running ``objective`` on ``batch`` under the tap (eagerly, without
+        gradients) unless batches of its shapes were seen before; also checks the tap is exact for ``objective``."""
+        self.probes_for(objective, batch)
+        return self.specs
+
     def probes_for(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         """Zero probes shaped like every tracked call's output on batches shaped like ``batch``.
 

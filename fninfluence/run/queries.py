@@ -36,7 +36,7 @@ def query_gradients(tap: ModelTap, factors: Factors, query_data: Data, damping: 
     each query gradient is computed once and every rank holds them all.
     """
     if tap.specs is None:
-        tap.probes_for("measurement", first_batch(query_data, batch_size, tap.device, "query_data"))
+        tap.discover("measurement", first_batch(query_data, batch_size, tap.device, "query_data"))
     check_layers(factors, tap)  # once: the layers do not change between batches (discovery checks that)
     ranks = execution.ranks
     settings = PassSettings("query gradients", batch_size, execution.compile, execution.progress, "query_data",
