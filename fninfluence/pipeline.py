@@ -28,7 +28,8 @@ from . import partitions as parts
 from . import postprocess
 from . import sampling
 from .capture import LayerSpec, ModelTap, batch_examples, check_finite, unfused
-from .curvature import CurvatureEstimator, pass_order, per_example_grads, resolve_strategies
+from .curvature import (CurvatureEstimator, check_parameter_layers, pass_declaration, pass_order, per_example_grads,
+                        resolve_strategies)
 from .data import Data, batches, num_batches
 from .errors import InfluenceError
 from .factors import Factors, canonical_layout
@@ -207,25 +208,8 @@ def _discover(model, task, data, batch_size, objective, amp_dtype, argument="dat
 
 # -- fitting ---------------------------------------------------------------------------------------
 
-MAX_DENSE_PARAMETER_LAYER = 4096
-
-
-def _check_parameter_layers(estimators: Dict[str, CurvatureEstimator], specs: Dict[str, LayerSpec]) -> None:
-    """KFAC/EKFAC on a parameter layer form its exact [P, P] Fisher block: refuse it when P is large."""
-    large = {name: spec.in_features for name, spec in specs.items()
-             if spec.op == "parameters" and spec.in_features > MAX_DENSE_PARAMETER_LAYER
-             and any(p.name == "covariance" for p in estimators[name].passes)}
-    if large:
-        raise InfluenceError(
-            f"Parameter layers {large} (modules tracked through their own parameters, e.g. norms) would need a "
-            f"[P, P] curvature block with {_strategy_label({n: estimators[n] for n in large})}; above "
-            f"{MAX_DENSE_PARAMETER_LAYER} parameters use strategy='diagonal' or 'identity' for them (e.g. "
-            "strategy={'*': 'ekfac', '<layer>': 'diagonal'}), or leave them out of Task.tracked_modules()."
-        )
-
-
-def _state_dtype(precision: Precision, pass_name: str, model_dtype: torch.dtype) -> torch.dtype:
-    return precision.fit_dtypes(pass_name, model_dtype)[0]
+def _state_dtype(precision: Precision, fit_pass, model_dtype: torch.dtype) -> torch.dtype:
+    return precision.fit_dtypes(fit_pass, model_dtype)[0]
 
 
 def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data: Data, batch_size, earlier,
@@ -235,10 +219,11 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
     ``data``'s examples are examples ``first, first + 1, ...`` of the whole dataset: with sampled labels each batch
     carries those indices, so that every example's labels depend on (seed, index) only (:mod:`.sampling`)."""
     model_dtype = engine.dtype
-    state_dtype, compute_dtype = precision.fit_dtypes(pass_name, model_dtype)
+    declared = pass_declaration(fit_passes)
+    state_dtype, compute_dtype = precision.fit_dtypes(declared, model_dtype)
 
     def step(params, buffers, batch, probes, state, earlier):
-        if pass_name == "covariance":  # sums of raw a a^T and g g^T: no per-example gradient to post-process
+        if declared.raw_statistics:  # e.g. sums of raw a a^T and g g^T: no per-example gradient to post-process
             loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
         else:
             loss, stats = _gradient_stats(engine, objective, params, buffers, batch, probes)
@@ -370,7 +355,7 @@ def fit_factors(
     engine = _discover(model, task, data, batch_size, objective, precision.amp_dtype, per_example=per_example_vmap)
     specs = dict(engine.specs)
     estimators = resolve_strategies(strategy, specs)
-    _check_parameter_layers(estimators, specs)
+    check_parameter_layers(estimators, specs)
     pass_names = pass_order(estimators)
     fitting = precision.fitting(estimators, engine.dtype)  # their outputs in the dtypes asked for
     layer_passes = {name: {layer: p for layer, e in fitting.items() for p in e.passes if p.name == name}
@@ -388,7 +373,8 @@ def fit_factors(
         saved = parallel.open_in_turn(group, lambda fresh: factors_store.open_fit(
             Path(store), model=model, data=data, estimators=fitting, specs=specs, plan=plan,
             arguments=store_arguments,
-            state_dtypes={name: _state_dtype(precision, name, engine.dtype) for name in pass_names},
+            state_dtypes={name: _state_dtype(precision, pass_declaration(layer_passes[name]), engine.dtype)
+                          for name in pass_names},
             overwrite=fresh,
         ), overwrite)
 
