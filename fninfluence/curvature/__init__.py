@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Union
+
+import torch
 
 from ..errors import InfluenceError
-from .base import (MAX_DENSE_PARAMETER_LAYER, CurvatureEstimator, FitPass, PassMemory, ScoreMemory, Workspace,
+from .base import (MAX_DENSE_PARAMETER_LAYER, CurvatureEstimator, FitPass, LayerShape, PassMemory, ScoreMemory,
+                   Tensors, Workspace,
                    default_pass_memory, default_score_memory, default_self_score, heuristic_damping, per_example_grads)
 from .diagonal import diagonal
 from .identity import identity
@@ -66,6 +69,27 @@ def pass_declaration(fit_passes: Mapping[str, FitPass]) -> FitPass:
     return next(iter(fit_passes.values()))
 
 
+class MetaPass(NamedTuple):
+    """One pass at one layer run on the meta device: its state, its outputs and the factors before it."""
+
+    state: Tensors
+    outputs: Tensors
+    earlier: Tensors
+
+
+def meta_passes(estimator: CurvatureEstimator, shape: LayerShape,
+                state_dtype: Callable[[FitPass], torch.dtype]) -> Dict[str, MetaPass]:
+    """``{pass name: MetaPass}`` of one layer: each pass's ``init`` and then ``finalize`` (fed the outputs of the
+    passes before it) on the meta device, which gives every shape and dtype and allocates nothing."""
+    meta, earlier, passes = torch.device("meta"), {}, {}
+    for fit_pass in estimator.passes:
+        state = fit_pass.init(shape, state_dtype(fit_pass), meta)
+        outputs = fit_pass.finalize(state, earlier)
+        passes[fit_pass.name] = MetaPass(state, outputs, earlier)
+        earlier = {**earlier, **outputs}
+    return passes
+
+
 def strategy_label(estimators: Mapping[str, CurvatureEstimator]) -> str:
     """The estimators' name, or ``"mixed"`` when the layers have several."""
     names = sorted({e.name for e in estimators.values()})
@@ -94,7 +118,7 @@ def check_parameter_layers(estimators: Mapping[str, CurvatureEstimator], specs: 
 
 __all__ = [
     "resolve_strategies", "pass_order", "pass_declaration", "strategy_label", "dense_parameter_layers",
-    "check_parameter_layers", "MAX_DENSE_PARAMETER_LAYER",
+    "check_parameter_layers", "MAX_DENSE_PARAMETER_LAYER", "MetaPass", "meta_passes",
     "CurvatureEstimator", "FitPass", "PassMemory", "ScoreMemory", "Workspace", "ESTIMATORS", "get_estimator",
     "identity", "diagonal", "kfac", "ekfac", "default_pass_memory", "default_score_memory",
     "default_self_score", "heuristic_damping", "per_example_grads",
