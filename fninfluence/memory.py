@@ -4,8 +4,10 @@ Everything fninfluence allocates is computed from the shapes the tap discovers o
 tracked layer ``(groups G, out, in)`` and tokens per example ``T``. For a batch of ``B`` examples:
 
 * layer statistics ``a: [B, T, G, in]``, ``g: [B, T, G, out]``; per-example gradients ``[B, G, out, in]``;
-* KFAC/EKFAC states and factors ``A: [G, in, in]``, ``S: [G, out, out]`` (plus their float64 eigenvectors)
-  and ``Lambda: [G, out, in]``;
+* the estimator's states and factors (``A: [G, in, in]``, ``S: [G, out, out]``, their float64 eigenvectors and
+  ``Lambda: [G, out, in]`` for EKFAC): read off each pass's ``init`` and ``finalize`` run on the meta device, so
+  a user's estimator is sized as the built-ins are; the transients inside its calls (einsum intermediates,
+  ``eigh``'s workspace) come from its memory hints (:mod:`fninfluence.curvature.base`);
 * preconditioned query gradients, kept for all ``Q`` queries: ``Q x sum_layers G out in``;
 * score contractions, whose largest intermediate is read off the contraction order opt_einsum picks;
 * the score matrices ``[Q, N]`` per layer and in total.
