@@ -182,21 +182,28 @@ def _largest_intermediate(equation: str, *shapes: Tuple[int, ...]) -> int:
     return int(info.largest_intermediate)
 
 
+def _on_meta(estimator: CurvatureEstimator, what: str, layer: str, run: Callable[[], Any]) -> Any:
+    """``run()``, an estimator's function on meta tensors, with an error that says what the meta device needs."""
+    try:
+        return run()
+    except Exception as error:
+        raise InfluenceError(
+            f"estimate_memory runs {what} of {estimator.name!r} on the meta device (torch.device('meta')) to size "
+            f"it, and it failed there for layer {layer!r}: {error}. Write it without reading tensor values (no "
+            ".item(), no Python branches on values), creating tensors on the device init is given or like its "
+            "inputs.") from error
+
+
 def _meta_fit(estimator: CurvatureEstimator, layers: Dict[str, _Layer], precision: Precision,
               model_dtype: torch.dtype) -> Dict[str, Dict[str, MetaPass]]:
     """``{pass: {layer: MetaPass}}``: each pass's ``init`` and ``finalize`` (its outputs cast as a fit casts them)
     run on the meta device."""
     fitting = precision.fitting({"*": estimator}, model_dtype)["*"]
+    state_dtype = lambda fit_pass: precision.fit_dtypes(fit_pass, model_dtype)[0]  # noqa: E731
     sized: Dict[str, Dict[str, MetaPass]] = {fit_pass.name: {} for fit_pass in fitting.passes}
     for name, layer in layers.items():
-        try:
-            passes = meta_passes(fitting, layer.shape, lambda fit_pass: precision.fit_dtypes(fit_pass, model_dtype)[0])
-        except Exception as error:
-            raise InfluenceError(
-                f"estimate_memory runs the passes' init and finalize of {estimator.name!r} on the meta device "
-                f"(torch.device('meta')) to size them, and they failed there for layer {name!r}: {error}. Write "
-                "them without reading tensor values (no .item(), no Python branches on values) and create tensors "
-                "on the device init is given.") from error
+        passes = _on_meta(estimator, "the passes' init and finalize", name,
+                          lambda: meta_passes(fitting, layer.shape, state_dtype))
         for pass_name, sized_pass in passes.items():
             sized[pass_name][name] = sized_pass
     return sized
@@ -246,7 +253,7 @@ def _preconditions_in_place(estimator: CurvatureEstimator, factors: Dict[str, Te
     returned_input = True
     for name, layer in layers.items():
         grads = torch.empty(rows, *layer.shape, dtype=compute, device=_META)
-        out = estimator.precondition(factors[name], grads, None)
+        out = _on_meta(estimator, "precondition", name, lambda: estimator.precondition(factors[name], grads, None))
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(grads.shape):
             raise InfluenceError(
                 f"The estimator {estimator.name!r}'s precondition returned "

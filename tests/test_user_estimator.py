@@ -137,3 +137,12 @@ def test_passes_of_one_name_must_agree_on_what_they_read():
     assert pass_order({"a": RENAMED, "b": RENAMED}) == ["moments", "scales"]
     with pytest.raises(fi.InfluenceError, match="raw_statistics"):
         pass_order({"a": RENAMED, "b": gradients})
+
+
+def test_estimate_memory_names_what_the_meta_device_needs():
+    scales = RENAMED.passes[1]
+    valued = scales._replace(finalize=lambda state, factors: {"lambda": state["lambda_sum"] / float(state["examples"])})
+    estimator = RENAMED._replace(passes=(RENAMED.passes[0], valued))
+    model, data, task = _mlp(torch.float32)
+    with pytest.raises(fi.InfluenceError, match="meta device"):
+        estimate_memory(model, task, data[:4], strategy=estimator, activation_bytes=(0, 0))

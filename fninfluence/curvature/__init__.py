@@ -8,8 +8,8 @@ import torch
 
 from ..errors import InfluenceError
 from .base import (MAX_DENSE_PARAMETER_LAYER, CurvatureEstimator, FitPass, LayerShape, PassMemory, ScoreMemory,
-                   Tensors, Workspace,
-                   default_pass_memory, default_score_memory, default_self_score, heuristic_damping, per_example_grads)
+                   Tensors, Workspace, default_pass_memory, default_score_memory, default_self_score,
+                   heuristic_damping, per_example_grads)
 from .diagonal import diagonal
 from .identity import identity
 from .kfac import ekfac, kfac

@@ -123,9 +123,8 @@ def lambda_memory(workspace: Workspace) -> PassMemory:
     tokens per example, the per-example gradients and their squares; the new float64 sums of every layer."""
     sums = workspace.gradient_elements * torch.float64.itemsize
     example_grads = workspace.rows * workspace.gradient_elements * workspace.itemsize
-    return PassMemory(update=sums + cast_eigenvector_bytes(workspace) + (2 * example_grads if workspace.tokens > 1
-                                                                         else 0),
-                      new_state=sums)
+    per_example = 2 * example_grads if workspace.tokens > 1 else 0
+    return PassMemory(update=sums + cast_eigenvector_bytes(workspace) + per_example, new_state=sums)
 
 
 def inverse_bytes(workspace: Workspace) -> int:
