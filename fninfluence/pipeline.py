@@ -223,7 +223,7 @@ def _fit_cell(engine: ModelTap, pass_name: str, fit_passes, objective: str, data
     state_dtype, compute_dtype = precision.fit_dtypes(declared, model_dtype)
 
     def step(params, buffers, batch, probes, state, earlier):
-        if declared.raw_statistics:  # e.g. sums of raw a a^T and g g^T: no per-example gradient to post-process
+        if declared.reads_raw_statistics:  # e.g. sums of raw a a^T and g g^T: no per-example gradient to post-process
             loss, stats = engine.layer_stats(objective, params, buffers, batch, probes)
         else:
             loss, stats = _gradient_stats(engine, objective, params, buffers, batch, probes)

@@ -47,10 +47,10 @@ class Precision:
 
     def fit_dtypes(self, fit_pass: FitPass, model_dtype: torch.dtype) -> Tuple[torch.dtype, torch.dtype]:
         """``(state, compute)`` dtypes of a fit pass: float64 sums across batches of per-batch results
-        computed in ``compute``: a pass that reads raw layer statistics (``fit_pass.raw_statistics``, the
+        computed in ``compute``: a pass that reads raw layer statistics (``fit_pass.reads_raw_statistics``, the
         covariance products) in ``covariance_dtype``, at least float32; other passes in the per-sample
         gradient dtype."""
-        if fit_pass.raw_statistics:
+        if fit_pass.reads_raw_statistics:
             return torch.float64, self.accumulator(self.covariance_dtype, model_dtype)
         return torch.float64, self.compute(self.per_sample_gradient_dtype, model_dtype)
 

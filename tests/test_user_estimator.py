@@ -67,9 +67,12 @@ def test_the_pass_compute_dtype_follows_the_declaration():
     moments, scales = RENAMED.passes
     assert precision.fit_dtypes(moments, torch.float32) == (torch.float64, torch.float64)
     assert precision.fit_dtypes(scales, torch.float32) == (torch.float64, torch.float32)
-    # a pass that declares nothing reads per-example gradients, whatever its name
-    plain = fi.FitPass("covariance", *fi.ekfac.passes[0][1:4])
-    assert precision.fit_dtypes(plain, torch.float32) == (torch.float64, torch.float32)
+    # a pass that declares nothing follows the built-ins' names, as before the declarations existed
+    functions = fi.ekfac.passes[0][1:4]
+    assert precision.fit_dtypes(fi.FitPass("covariance", *functions), torch.float32) == (torch.float64, torch.float64)
+    assert precision.fit_dtypes(fi.FitPass("moments", *functions), torch.float32) == (torch.float64, torch.float32)
+    declared = fi.FitPass("moments", *functions, raw_statistics=True)
+    assert precision.fit_dtypes(declared, torch.float32) == (torch.float64, torch.float64)
 
 
 def test_factor_dtypes_come_from_the_declaration_and_default_to_the_names_convention():
@@ -129,6 +132,12 @@ def test_the_dense_parameter_layer_refusal_reads_the_declaration():
              "linear": SimpleNamespace(op="linear", in_features=5000)}
     assert dense_parameter_layers({name: RENAMED for name in specs}, specs) == {"norm": 5000}
     assert dense_parameter_layers({name: fi.diagonal for name in specs}, specs) == {}
+    undeclared = lambda name, **declared: fi.CurvatureEstimator(  # noqa: E731
+        "mine", (fi.FitPass(name, *fi.ekfac.passes[0][1:4], **declared),), fi.ekfac.precondition, fi.ekfac.self_score)
+    assert dense_parameter_layers({name: undeclared("covariance") for name in specs}, specs) == {"norm": 5000}
+    assert dense_parameter_layers({name: undeclared("moments") for name in specs}, specs) == {}
+    assert dense_parameter_layers({name: undeclared("moments", dense_input_block=True) for name in specs},
+                                  specs) == {"norm": 5000}
 
 
 def test_passes_of_one_name_must_agree_on_what_they_read():

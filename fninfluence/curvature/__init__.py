@@ -53,7 +53,7 @@ def pass_order(estimators: Mapping[str, CurvatureEstimator]) -> List[str]:
     reads: Dict[str, bool] = {}
     for estimator in estimators.values():
         for fit_pass in estimator.passes:
-            if reads.setdefault(fit_pass.name, fit_pass.raw_statistics) != fit_pass.raw_statistics:
+            if reads.setdefault(fit_pass.name, fit_pass.reads_raw_statistics) != fit_pass.reads_raw_statistics:
                 raise InfluenceError(
                     f"Two estimators have a pass named {fit_pass.name!r}, one reading raw layer statistics and one "
                     "post-processed per-example gradients (FitPass.raw_statistics): they cannot share a pass over "
@@ -65,7 +65,7 @@ def pass_order(estimators: Mapping[str, CurvatureEstimator]) -> List[str]:
 
 def pass_declaration(fit_passes: Mapping[str, FitPass]) -> FitPass:
     """The pass that speaks for the layers' passes of one name (``{layer: pass}``) in a data pass: what it reads
-    (``raw_statistics``), hence its dtypes (``Precision.fit_dtypes``); :func:`pass_order` checked they agree."""
+    (``reads_raw_statistics``), hence its dtypes (``Precision.fit_dtypes``); :func:`pass_order` checked they agree."""
     return next(iter(fit_passes.values()))
 
 
@@ -101,7 +101,7 @@ def dense_parameter_layers(estimators: Mapping[str, CurvatureEstimator], specs: 
     P above :data:`MAX_DENSE_PARAMETER_LAYER` whose estimator has a pass forming a dense ``[P, P]`` block."""
     return {name: spec.in_features for name, spec in specs.items()
             if spec.op == "parameters" and spec.in_features > MAX_DENSE_PARAMETER_LAYER
-            and any(p.dense_input_block for p in estimators[name].passes)}
+            and any(p.forms_dense_block for p in estimators[name].passes)}
 
 
 def check_parameter_layers(estimators: Mapping[str, CurvatureEstimator], specs: Mapping) -> None:

@@ -24,18 +24,23 @@ tests in :mod:`fninfluence.testing` take it as they take the built-in ones.
 What a pass declares (fields of :class:`FitPass` after the four above; all optional), so that the pipeline and
 :func:`fninfluence.estimate_memory` never need to know a pass or an estimator by its name:
 
-* ``raw_statistics`` (default False): the pass reads the raw layer statistics ``a``, ``g`` (e.g. sums of
-  ``a a^T``, ``g g^T``), computed in ``Precision.covariance_dtype`` (at least float32); otherwise it reads the
-  statistics after the task's ``post_process_per_sample_gradient``, in ``Precision.per_sample_gradient_dtype``.
-  Passes of one name share one data pass, so they must agree on it.
-* ``dense_input_block`` (default False): the state holds a dense ``[G, in, in]`` block, ``[P, P]`` for a layer
-  tracked through its own P parameters; the pipeline refuses such a pass on parameter layers above
+* ``raw_statistics``: True if the pass reads the raw layer statistics ``a``, ``g`` (e.g. sums of ``a a^T``,
+  ``g g^T``), computed in ``Precision.covariance_dtype`` (at least float32); False if it reads the statistics
+  after the task's ``post_process_per_sample_gradient``, in ``Precision.per_sample_gradient_dtype``. Passes of
+  one name share one data pass, so they must agree on it.
+* ``dense_input_block``: True if the state holds a dense ``[G, in, in]`` block, ``[P, P]`` for a layer tracked
+  through its own P parameters; the pipeline refuses such a pass on parameter layers above
   :data:`MAX_DENSE_PARAMETER_LAYER` parameters.
-* ``factor_dtypes`` (default None): ``{factor name: "covariance_dtype" | "lambda_dtype"}``, the
+* ``factor_dtypes``: ``{factor name: "covariance_dtype" | "lambda_dtype"}``, the
   :class:`~fninfluence.precision.Precision` field each output factor is returned and stored in (when that field
   is None: the model's dtype, at least float32); factors not named keep the dtype ``finalize`` computed them in
-  (float64 from the float64 states). None means the convention of the built-ins' names
-  (:func:`conventional_factor_dtype`), so estimators written before the field existed keep their dtypes.
+  (float64 from the float64 states).
+
+Left at None, these three follow the convention of the built-ins' names, so that estimators written before the
+fields existed behave as they did: a pass named ``"covariance"`` reads raw statistics and forms a dense block
+(:func:`conventional_raw_pass`), and factors take their dtype by name (:func:`conventional_factor_dtype`). The
+built-ins declare all three, so renaming their passes changes nothing. The shell reads them through
+:attr:`FitPass.reads_raw_statistics`, :attr:`FitPass.forms_dense_block` and :meth:`FitPass.factor_dtype_field`.
 * ``memory`` (default :func:`default_pass_memory`): ``memory(workspace) -> PassMemory``, the transient bytes of
   the pass at one layer (a :class:`Workspace`) beyond what a memory estimate measures itself: the state and the
   outputs (``init`` and ``finalize`` run on the meta device) and the batch's statistics.
@@ -128,6 +133,12 @@ def default_score_memory(workspace: Workspace) -> ScoreMemory:
     return ScoreMemory(precondition=block, self_score=3 * block)
 
 
+def conventional_raw_pass(name: str) -> bool:
+    """Whether a pass that declares neither ``raw_statistics`` nor ``dense_input_block`` has them, read off its
+    name as the built-ins name theirs: KFAC's ``covariance`` pass (sums of raw ``a a^T``, ``g g^T``) does."""
+    return name == "covariance"
+
+
 def conventional_factor_dtype(name: str) -> Optional[str]:
     """The :class:`~fninfluence.precision.Precision` field a factor of a pass that declares no ``factor_dtypes``
     is stored in, read off its name as the built-ins name theirs: ``*_covariance`` and ``activation_diagonal``
@@ -146,10 +157,20 @@ class FitPass(NamedTuple):
     init: Callable[[LayerShape, torch.dtype, torch.device], Tensors]
     update: Callable[[Tensors, Tensors, Tensors], Tensors]
     finalize: Callable[[Tensors, Tensors], Tensors]
-    raw_statistics: bool = False
-    dense_input_block: bool = False
+    raw_statistics: Optional[bool] = None
+    dense_input_block: Optional[bool] = None
     factor_dtypes: Optional[Mapping[str, str]] = None
     memory: Callable[[Workspace], PassMemory] = default_pass_memory
+
+    @property
+    def reads_raw_statistics(self) -> bool:
+        """Whether ``update`` reads the raw layer statistics (else the post-processed per-example ones)."""
+        return conventional_raw_pass(self.name) if self.raw_statistics is None else self.raw_statistics
+
+    @property
+    def forms_dense_block(self) -> bool:
+        """Whether the state holds a dense ``[G, in, in]`` block (``[P, P]`` on a parameter layer)."""
+        return conventional_raw_pass(self.name) if self.dense_input_block is None else self.dense_input_block
 
     def factor_dtype_field(self, factor: str) -> Optional[str]:
         """The Precision field output ``factor`` is stored in (None: the dtype ``finalize`` computed it in)."""
