@@ -382,8 +382,9 @@ def estimate_memory(
               "self": _self_phase(estimator, factors, layers, sizes, compute)}
     resident = {"parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
                 "factors": sum(_nbytes(layer_factors) for layer_factors in factors.values())}
-    settings = dict(strategy=estimator.name, batch_size=sizes.batch, query_batch_size=query_batch_size or batch,
-                    num_queries=num_queries, num_train=train, queries_per_pass=queries_per_pass, query_rank=query_rank)
+    settings = dict(strategy=estimator.name, batch_size=sizes.batch,
+                    query_batch_size=query_batch_size or sizes.batch, num_queries=num_queries, num_train=train,
+                    queries_per_pass=queries_per_pass, query_rank=query_rank)
     return MemoryEstimate(phases, resident, settings, fit_phases=(DISCOVERY, *(p.name for p in estimator.passes)))
 
 
