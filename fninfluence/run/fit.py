@@ -25,7 +25,8 @@ from .. import finite
 from .. import partitions as parts
 from .. import sampling
 from ..capture import LayerSpec, ModelTap
-from ..curvature import CurvatureEstimator, pass_order, resolve_strategies
+from ..curvature import (CurvatureEstimator, check_parameter_layers, pass_declaration, pass_order,
+                         resolve_strategies, strategy_label)
 from ..data import Data
 from ..errors import InfluenceError
 from ..factors import Factors, canonical_layout
@@ -39,7 +40,6 @@ from .options import Execution, Layout, per_pass
 from .slices import length, subset
 
 States = Dict[str, Dict[str, torch.Tensor]]
-MAX_DENSE_PARAMETER_LAYER = 4096
 
 
 class PassPlan(NamedTuple):
@@ -91,11 +91,6 @@ class FitRun:
         return strategy_label(self.estimators)
 
 
-def strategy_label(estimators: Dict[str, CurvatureEstimator]) -> str:
-    names = sorted({e.name for e in estimators.values()})
-    return names[0] if len(names) == 1 else "mixed"
-
-
 def plan_passes(pass_names, total_examples, request: FitRequest, layout: Layout, ranks) -> Dict[str, PassPlan]:
     """``{pass: PassPlan}``: each pass's examples and partitions (at least one data partition per rank)."""
     plan = {}
@@ -108,20 +103,6 @@ def plan_passes(pass_names, total_examples, request: FitRequest, layout: Layout,
         parts.check_count(module_parts, "module partitions")
         plan[name] = PassPlan(examples, data_parts, module_parts)
     return plan
-
-
-def check_parameter_layers(estimators: Dict[str, CurvatureEstimator], specs: Dict[str, LayerSpec]) -> None:
-    """KFAC/EKFAC on a parameter layer form its exact [P, P] Fisher block: refuse it when P is large."""
-    large = {name: spec.in_features for name, spec in specs.items()
-             if spec.op == "parameters" and spec.in_features > MAX_DENSE_PARAMETER_LAYER
-             and any(p.name == "covariance" for p in estimators[name].passes)}
-    if large:
-        raise InfluenceError(
-            f"Parameter layers {large} (modules tracked through their own parameters, e.g. norms) would need a "
-            f"[P, P] curvature block with {strategy_label({n: estimators[n] for n in large})}; above "
-            f"{MAX_DENSE_PARAMETER_LAYER} parameters use strategy='diagonal' or 'identity' for them (e.g. "
-            "strategy={'*': 'ekfac', '<layer>': 'diagonal'}), or leave them out of Task.tracked_modules()."
-        )
 
 
 def fit(model, task, data: Data, request: FitRequest, execution: Execution, layout: Layout) -> Optional[Factors]:
@@ -166,7 +147,8 @@ def _store_opener(model, data, fitting, tap: ModelTap, plan, request: FitRequest
     """``open(overwrite) -> FitStore`` for ``layout.store``, or None without a store."""
     if layout.store is None:
         return None
-    state_dtypes = {name: execution.precision.fit_dtypes(name, tap.dtype)[0] for name in plan}
+    state_dtypes = {name: execution.precision.fit_dtypes(pass_declaration(_layer_passes(fitting, name)), tap.dtype)[0]
+                    for name in plan}
     return lambda fresh: factors_store.open_fit(
         layout.store, model=model, data=data, estimators=fitting, specs=dict(tap.specs), plan=plan,
         arguments=request.recorded(execution), state_dtypes=state_dtypes, overwrite=fresh)
@@ -207,7 +189,7 @@ def _fit_passes(fit_run: FitRun, estimators: Dict[str, CurvatureEstimator]) -> O
 def _fit_pass(fit_run: FitRun, name: str, factors: States):
     """``(outputs, examples)`` of pass ``name``: its cells computed (those of this process), reduced by the place
     and finalized; None while cells are missing."""
-    fit_passes = {layer: p for layer, e in fit_run.estimators.items() for p in e.passes if p.name == name}
+    fit_passes = _layer_passes(fit_run.estimators, name)
     plan = fit_run.plan[name]
     ranges = parts.data_ranges(plan.examples, plan.data_partitions) if plan.examples is not None else [None]
     partition_layers = parts.module_groups(list(fit_passes), plan.module_partitions)
@@ -238,6 +220,11 @@ def _fit_pass(fit_run: FitRun, name: str, factors: States):
     return outputs, examples
 
 
+def _layer_passes(estimators: Dict[str, CurvatureEstimator], name: str) -> Dict[str, Any]:
+    """``{layer: its estimator's pass called name}`` for the layers whose estimator has that pass."""
+    return {layer: p for layer, e in estimators.items() for p in e.passes if p.name == name}
+
+
 def _pass_data(fit_run: FitRun, plan: PassPlan) -> Data:
     if plan.examples is None or plan.examples == fit_run.total_examples:
         return fit_run.data
@@ -263,8 +250,9 @@ def _fit_cell(fit_run: FitRun, tap: ModelTap, cell: parts.Cell, fit_passes, data
 
 def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precision, earlier: States) -> BatchStep:
     """The per-batch step of a fit pass: ``state + update(stats of the batch)`` for every layer of the tap."""
-    state_dtype, compute_dtype = precision.fit_dtypes(pass_name, tap.dtype)
-    raw = pass_name == "covariance"  # sums of raw a a^T and g g^T: no per-example gradient to post-process
+    declared = pass_declaration(fit_passes)
+    state_dtype, compute_dtype = precision.fit_dtypes(declared, tap.dtype)
+    raw = declared.reads_raw_statistics  # e.g. sums of a a^T and g g^T: no per-example gradient to post-process
 
     def compute(params, buffers, batch, probes, inputs):
         state, earlier = inputs
