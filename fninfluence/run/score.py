@@ -114,7 +114,7 @@ def _store_opener(call: ScoreCall, tap: ModelTap, ranges, partition_layers):
     precision = call.execution.precision
     return lambda fresh: scores_store.open_scores(
         call.layout.store, kind=call.kind.name, model=call.model, factors=call.factors, specs=dict(tap.specs),
-        train_data=call.train_data, query_data=call.query_data, ranges=ranges, partition_layers=partition_layers,
+        train_data=call.train_data, query_data=call.query_data, ranges=ranges, groups=partition_layers,
         per_module=call.per_module, shape=score_shape(call), arguments=call.kind.recorded(precision),
         overwrite=fresh, dtype=precision.score_output(tap.dtype))
 
