@@ -24,6 +24,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import fninfluence  # the package's own API, as a user would call it
+
+from .store.describe import is_store
+from .store.scores_store import read_scores
+
 NUM_TRAIN = 1500
 EPOCHS = 400  # full-batch Adam steps: 1500 images of 64 pixels make one cheap batch
 INFLUENCE_BATCH_SIZE = 250
@@ -61,8 +66,6 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None
 
 def _store_path(out: Path, name: str) -> Path:
     """``out / name``, refusing to replace a folder that is not an fninfluence store (the demo overwrites its own)."""
-    from .store.describe import is_store
-
     path = out / name
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_store(path))):
         raise DemoArgumentError(
@@ -117,12 +120,9 @@ def run_demo(strategy: str = "ekfac", num_queries: int = 3, top_k: int = 5, seed
         torch.set_num_threads(threads)
 
 
-def _run(strategy: str, num_queries: int, top_k: int, seed: int, progress: bool, out: Path) -> Dict[str, Any]:
-    import fninfluence  # the package's own API, as a user would call it
-    from fninfluence.store.scores_store import read_scores
-
-    timings: Dict[str, float] = {}
-    started = time.perf_counter()
+def _split(num_queries: int, top_k: int):
+    """``(train_x, train_y, test_x, test_y)``: the first NUM_TRAIN digits and the rest, after checking the
+    demo's arguments against their sizes."""
     images, labels = _load_digits()
     train_x, train_y = images[:NUM_TRAIN], labels[:NUM_TRAIN]
     test_x, test_y = images[NUM_TRAIN:], labels[NUM_TRAIN:]
@@ -130,42 +130,25 @@ def _run(strategy: str, num_queries: int, top_k: int, seed: int, progress: bool,
         raise DemoArgumentError(f"num_queries must be between 1 and {len(test_x)}, got {num_queries}.")
     if not 1 <= top_k <= len(train_x):
         raise DemoArgumentError(f"top_k must be between 1 and {len(train_x)}, got {top_k}.")
-    factors_store, scores_store = _store_path(out, "factors"), _store_path(out, "scores")
-    train_ds = TensorDataset(train_x, train_y)
-    query_ds = TensorDataset(test_x[:num_queries], test_y[:num_queries])
-    timings["load data"] = time.perf_counter() - started
     print(f"Data: scikit-learn digits, {len(train_x)} training and {len(test_x)} test images "
           f"(8x8 pixels scaled to [0, 1]).")
+    return train_x, train_y, test_x, test_y
 
-    started = time.perf_counter()
+
+def _trained_model(seed: int, train_x, train_y, test_x, test_y):
+    """``(model, test predictions, test accuracy)`` of the demo's MLP."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     _train(model, train_x, train_y)
     with torch.no_grad():
         predictions = model(test_x).argmax(dim=-1)
     accuracy = (predictions == test_y).float().mean().item()
-    timings["train model"] = time.perf_counter() - started
     print(f"Model: MLP 64-32-10 (tanh), full-batch Adam for {EPOCHS} epochs; test accuracy {100 * accuracy:.1f}%.")
+    return model, predictions, accuracy
 
-    task = fninfluence.classification_task()
-    started = time.perf_counter()
-    factors = fninfluence.fit_factors(model, task, train_ds, strategy=strategy, batch_size=INFLUENCE_BATCH_SIZE,
-                                      progress=progress, store=factors_store, overwrite=True)
-    timings["fit factors"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    per_layer = fninfluence.pairwise_scores(model, task, factors, query_ds, train_ds, batch_size=INFLUENCE_BATCH_SIZE,
-                                            progress=progress, per_module=True, store=scores_store, overwrite=True)
-    scores = read_scores(scores_store)["all_modules"]  # the layers' sum, as the store holds it
-    timings["pairwise scores"] = time.perf_counter() - started
-    print(f"Influence: {factors.strategy} curvature fitted on the {len(train_x)} training images, then the "
-          f"scores of {num_queries} test image{'s' if num_queries > 1 else ''} against all of them.\n"
-          "  score > 0: upweighting the training image raises the query's margin for its true label (it helps);\n"
-          "  score < 0: it lowers that margin (it hurts). Scores are not divided by the number of examples.")
-
-    proponents = scores.topk(top_k, dim=1).indices
-    opponents = (-scores).topk(top_k, dim=1).indices
-    for q in range(num_queries):
+def _print_ranking(scores, proponents, opponents, test_y, predictions, train_y, top_k: int) -> None:
+    for q in range(scores.shape[0]):
         label, predicted = int(test_y[q]), int(predictions[q])
         verdict = "correct" if label == predicted else "WRONG"
         print(f"\nQuery {q}: test image #{NUM_TRAIN + q}, label {label}, predicted {predicted} ({verdict})")
@@ -174,20 +157,42 @@ def _run(strategy: str, num_queries: int, top_k: int, seed: int, progress: bool,
             for n in picked.tolist():
                 print(f"    train #{n:<5d} label {int(train_y[n])}   score {float(scores[q, n]):+.2e}")
 
+
+def _timed(timings: Dict[str, float], name: str, compute):
+    started = time.perf_counter()
+    result = compute()
+    timings[name] = time.perf_counter() - started
+    return result
+
+
+def _run(strategy: str, num_queries: int, top_k: int, seed: int, progress: bool, out: Path) -> Dict[str, Any]:
+    timings: Dict[str, float] = {}
+    train_x, train_y, test_x, test_y = _timed(timings, "load data", lambda: _split(num_queries, top_k))
+    factors_store, scores_store = _store_path(out, "factors"), _store_path(out, "scores")
+    train_ds = TensorDataset(train_x, train_y)
+    query_ds = TensorDataset(test_x[:num_queries], test_y[:num_queries])
+    model, predictions, accuracy = _timed(timings, "train model",
+                                          lambda: _trained_model(seed, train_x, train_y, test_x, test_y))
+    task = fninfluence.classification_task()
+    factors = _timed(timings, "fit factors", lambda: fninfluence.fit_factors(
+        model, task, train_ds, strategy=strategy, batch_size=INFLUENCE_BATCH_SIZE, progress=progress,
+        store=factors_store, overwrite=True))
+    per_layer = _timed(timings, "pairwise scores", lambda: fninfluence.pairwise_scores(
+        model, task, factors, query_ds, train_ds, batch_size=INFLUENCE_BATCH_SIZE, progress=progress, per_module=True,
+        store=scores_store, overwrite=True))
+    scores = read_scores(scores_store)["all_modules"]  # the layers' sum, as the store holds it
+    print(f"Influence: {factors.strategy} curvature fitted on the {len(train_x)} training images, then the "
+          f"scores of {num_queries} test image{'s' if num_queries > 1 else ''} against all of them.\n"
+          "  score > 0: upweighting the training image raises the query's margin for its true label (it helps);\n"
+          "  score < 0: it lowers that margin (it hurts). Scores are not divided by the number of examples.")
+    proponents, opponents = scores.topk(top_k, dim=1).indices, (-scores).topk(top_k, dim=1).indices
+    _print_ranking(scores, proponents, opponents, test_y, predictions, train_y, top_k)
     result = {
-        "scores": scores,
-        "per_layer": per_layer,
-        "strategy": factors.strategy,
-        "top_k": top_k,
+        "scores": scores, "per_layer": per_layer, "strategy": factors.strategy, "top_k": top_k,
         "query_indices": list(range(NUM_TRAIN, NUM_TRAIN + num_queries)),
-        "query_labels": test_y[:num_queries].clone(),
-        "query_predictions": predictions[:num_queries].clone(),
-        "proponents": proponents,
-        "opponents": opponents,
-        "accuracy": accuracy,
-        "timings": timings,
-        "factors_store": factors_store,
-        "scores_store": scores_store,
+        "query_labels": test_y[:num_queries].clone(), "query_predictions": predictions[:num_queries].clone(),
+        "proponents": proponents, "opponents": opponents, "accuracy": accuracy, "timings": timings,
+        "factors_store": factors_store, "scores_store": scores_store,
     }
     out.mkdir(parents=True, exist_ok=True)
     result["figure"] = _save_figure(result, test_x[:num_queries], train_x, train_y, test_y[:num_queries],

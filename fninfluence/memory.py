@@ -4,8 +4,10 @@ Everything fninfluence allocates is computed from the shapes the tap discovers o
 tracked layer ``(groups G, out, in)`` and tokens per example ``T``. For a batch of ``B`` examples:
 
 * layer statistics ``a: [B, T, G, in]``, ``g: [B, T, G, out]``; per-example gradients ``[B, G, out, in]``;
-* KFAC/EKFAC states and factors ``A: [G, in, in]``, ``S: [G, out, out]`` (plus their float64 eigenvectors)
-  and ``Lambda: [G, out, in]``;
+* the estimator's states and factors (``A: [G, in, in]``, ``S: [G, out, out]``, their float64 eigenvectors and
+  ``Lambda: [G, out, in]`` for EKFAC): read off each pass's ``init`` and ``finalize`` run on the meta device, so
+  a user's estimator is sized as the built-ins are; the transients inside its calls (einsum intermediates,
+  ``eigh``'s workspace) come from its memory hints (:mod:`fninfluence.curvature.base`);
 * preconditioned query gradients, kept for all ``Q`` queries: ``Q x sum_layers G out in``;
 * score contractions, whose largest intermediate is read off the contraction order opt_einsum picks;
 * the score matrices ``[Q, N]`` per layer and in total.
@@ -23,7 +25,7 @@ the data; for scoring, also the factors). ``MemoryEstimate.resident`` holds thos
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import opt_einsum
 import torch
@@ -31,19 +33,16 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .capture import ModelTap, batch_examples, unfused
-from .curvature import get_estimator
+from .curvature import CurvatureEstimator, FitPass, MetaPass, ScoreMemory, Workspace, get_estimator, meta_passes
+from .curvature.base import LayerShape, Tensors, is_one_hot
 from .errors import InfluenceError
 from .precision import Precision
 from .task import Task
 
 MiB = 2 ** 20
-FIT_PHASES = ("discovery", "covariance", "lambda")  # fit_factors: the factors are made during the call
-
-# Live copies of the largest layer's block of per-example query gradients while it is preconditioned, beyond
-# the raw gradients of every layer: the rotation into the eigenbasis (torch.einsum keeps one intermediate),
-# the scaled copy and the rotation back (measured on CPU; identity returns its input, diagonal scales it once).
-_PRECONDITION_COPIES = {"identity": 0, "diagonal": 0, "kfac": 3, "ekfac": 3}
-_EIGEN = ("kfac", "ekfac")
+DISCOVERY = "discovery"
+SCORE_PHASES = ("query gradients", "pairwise", "self")
+_META = torch.device("meta")
 
 
 def measure_peak(fn: Callable[[], Any], device: Optional[torch.device] = None) -> Tuple[Any, int]:
@@ -91,10 +90,11 @@ class MemoryEstimate:
     phases: Dict[str, PhaseEstimate]
     resident: Dict[str, int]
     settings: Dict[str, Any] = field(default_factory=dict)
+    fit_phases: Tuple[str, ...] = (DISCOVERY,)  # fit_factors's phases: discovery, then one per pass
 
     def before(self, phase: str) -> int:
         """What exists before a phase's call: the parameters, and for scoring also the factors."""
-        return self.resident["parameters"] + (0 if phase in FIT_PHASES else self.resident["factors"])
+        return self.resident["parameters"] + (0 if phase in self.fit_phases else self.resident["factors"])
 
     @property
     def peak(self) -> int:
@@ -118,23 +118,39 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class _Layer:
-    groups: int
-    out: int
-    inp: int
+    shape: LayerShape  # (groups, out, in); a OneHotShape for an embedding
     tokens: int  # per example, all calls together
-    one_hot: bool
 
     @property
     def grad(self) -> int:  # elements of one example's gradient
-        return self.groups * self.out * self.inp
+        groups, out, inp = self.shape
+        return groups * out * inp
 
     @property
-    def stats(self) -> int:  # elements of a, g per example
-        return self.tokens * self.groups * ((0 if self.one_hot else self.inp) + self.out)
+    def stats(self) -> int:  # elements of a, g per example (an embedding's inputs are ids, not a)
+        groups, out, inp = self.shape
+        return self.tokens * groups * ((0 if is_one_hot(self.shape) else inp) + out)
 
-    @property
-    def covariances(self) -> int:  # elements of A and S
-        return self.groups * ((self.inp if self.one_hot else self.inp ** 2) + self.out ** 2)
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The settings an estimate is for, in examples, and the measured activation memory ``(fixed, per example)``."""
+
+    batch: int
+    query_batch: int
+    train: int
+    num_queries: int
+    kept_queries: int
+    query_rank: Optional[int]
+    activation: Tuple[int, int]
+
+    def act(self, examples: int) -> int:
+        """Bytes of the model's own forward+backward on ``examples`` examples."""
+        return self.activation[0] + self.activation[1] * examples
+
+
+def _nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _repeat(batch: Any, times: int) -> Any:
@@ -158,8 +174,7 @@ def _activation_bytes(tap: ModelTap, batch: Any, objective: str) -> Tuple[int, i
 
 def _layers(tap: ModelTap, batch: Any) -> Dict[str, _Layer]:
     tokens = tap.tokens_per_call("train", batch)
-    return {name: _Layer(*spec.shape, tokens=tokens[name] * spec.calls, one_hot=spec.one_hot)
-            for name, spec in tap.specs.items()}
+    return {name: _Layer(spec.shape, tokens=tokens[name] * spec.calls) for name, spec in tap.specs.items()}
 
 
 def _largest_intermediate(equation: str, *shapes: Tuple[int, ...]) -> int:
@@ -167,59 +182,155 @@ def _largest_intermediate(equation: str, *shapes: Tuple[int, ...]) -> int:
     return int(info.largest_intermediate)
 
 
-def _factor_bytes(layer: _Layer, strategy: str, accumulate: int) -> int:
-    """Fitted factors of one layer: A, S in the accumulator dtype, their eigenvectors and eigenvalues in float64,
-    Lambda (float64 for KFAC's outer product, the accumulator dtype for EKFAC and diagonal)."""
-    if strategy == "identity":
-        return 0
-    if strategy == "diagonal":
-        return layer.grad * accumulate
-    covariances = layer.covariances * (accumulate + 8) + layer.groups * (layer.inp + layer.out) * 8
-    return covariances + layer.grad * (8 if strategy == "kfac" else accumulate)
+def _on_meta(estimator: CurvatureEstimator, what: str, layer: str, run: Callable[[], Any]) -> Any:
+    """``run()``, an estimator's function on meta tensors, with an error that says what the meta device needs."""
+    try:
+        return run()
+    except Exception as error:
+        raise InfluenceError(
+            f"estimate_memory runs {what} of {estimator.name!r} on the meta device (torch.device('meta')) to size "
+            f"it, and it failed there for layer {layer!r}: {error}. Write it without reading tensor values (no "
+            ".item(), no Python branches on values), creating tensors on the device init is given or like its "
+            "inputs.") from error
 
 
-def _eigenvector_bytes(layer: _Layer, compute: int) -> int:
-    """The float64 eigenvectors cast to the compute dtype at each use (nothing when that is float64)."""
-    return 0 if compute == 8 else layer.groups * (layer.inp ** 2 + layer.out ** 2) * compute
+def _meta_fit(estimator: CurvatureEstimator, layers: Dict[str, _Layer], precision: Precision,
+              model_dtype: torch.dtype) -> Dict[str, Dict[str, MetaPass]]:
+    """``{pass: {layer: MetaPass}}``: each pass's ``init`` and ``finalize`` (its outputs cast as a fit casts them)
+    run on the meta device."""
+    fitting = precision.fitting({"*": estimator}, model_dtype)["*"]
+    state_dtype = lambda fit_pass: precision.fit_dtypes(fit_pass, model_dtype)[0]  # noqa: E731
+    sized: Dict[str, Dict[str, MetaPass]] = {fit_pass.name: {} for fit_pass in fitting.passes}
+    for name, layer in layers.items():
+        passes = _on_meta(estimator, "the passes' init and finalize", name,
+                          lambda: meta_passes(fitting, layer.shape, state_dtype))
+        for pass_name, sized_pass in passes.items():
+            sized[pass_name][name] = sized_pass
+    return sized
 
 
-def _inverse_bytes(layer: _Layer, strategy: str, compute: int) -> int:
-    """``1 / (Lambda + damping)``: widened to float64 (KFAC's Lambda already is), damped, inverted, cast back."""
-    if strategy == "identity":
-        return 0
-    return layer.grad * ((2 if strategy == "kfac" else 3) * 8 + compute)
+def _pass_phase(fit_pass: FitPass, sized: Dict[str, MetaPass], layers: Dict[str, _Layer], sizes: _Sizes,
+                earlier_bytes: int, compute: torch.dtype) -> PhaseEstimate:
+    """One fit pass: the factors of the earlier passes and the float64 accumulators throughout; then the larger of
+    a batch (the model's forward+backward, the cast statistics and the update's transients of the largest layer,
+    every layer's updated state) and ``finalize`` (all outputs, the largest layer's transients)."""
+    hints = {name: fit_pass.memory(Workspace(layer.shape, layer.tokens, sizes.batch, compute, sized[name].earlier,
+                                             _nbytes(sized[name].state)))
+             for name, layer in layers.items()}
+    per_batch = max(sizes.batch * layer.stats * compute.itemsize + hints[name].update for name, layer in layers.items())
+    new_states = sum(hint.new_state for hint in hints.values())
+    batch_peak = sizes.act(sizes.batch) + per_batch + new_states
+    finalize_peak = sum(_nbytes(s.outputs) for s in sized.values()) + max(hint.finalize for hint in hints.values())
+    batch_wins = batch_peak > finalize_peak
+    return PhaseEstimate(fit_pass.name, {
+        "earlier factors": earlier_bytes, "accumulators": sum(_nbytes(s.state) for s in sized.values()),
+        "model forward+backward": sizes.act(sizes.batch) if batch_wins else 0,
+        "statistics and update": per_batch if batch_wins else 0, "updated states": new_states if batch_wins else 0,
+        "factors and finalize": 0 if batch_wins else finalize_peak})
 
 
-def _fit_phases(layers: Dict[str, _Layer], strategy: str, batch: int, act: Callable[[int], int],
-                accumulate: int, compute: int) -> Dict[str, PhaseEstimate]:
-    phases = {}
-    factors = {name: _factor_bytes(layer, strategy, accumulate) for name, layer in layers.items()}
-    summed = 8  # sums across batches are float64 whatever the factors' dtype (see Precision.fit_dtypes)
-    if strategy in ("kfac", "ekfac"):
-        states = sum(layer.covariances * summed for layer in layers.values())
-        per_batch = max(layer.covariances * accumulate + batch * layer.stats * accumulate for layer in layers.values())
-        covariance_factors = {name: factors[name] - (layer.grad * accumulate if strategy == "ekfac" else 0)
-                              for name, layer in layers.items()}
-        # widened and symmetrised copies, the eigenvectors and LAPACK's workspace: ~4 float64 copies of the matrix
-        eigh = max(4 * max(layer.inp if layer.one_hot else layer.inp ** 2, layer.out ** 2) * 8 * layer.groups
-                   for layer in layers.values())
-        batch_peak = act(batch) + per_batch
-        finalize_peak = sum(covariance_factors.values()) + eigh
-        phases["covariance"] = PhaseEstimate("covariance", {
-            "accumulators": states, "model forward+backward": batch_peak if batch_peak > finalize_peak else 0,
-            "factors and eigh": finalize_peak if finalize_peak >= batch_peak else 0})
-        earlier = sum(covariance_factors.values())
-    else:
-        earlier = 0
-    if strategy in ("diagonal", "ekfac"):
-        state = sum(layer.grad * summed for layer in layers.values())
-        per_batch = max(batch * layer.stats * compute + layer.grad * summed
-                        + (_eigenvector_bytes(layer, compute) if strategy in _EIGEN else 0)
-                        + (2 * batch * layer.grad * compute if layer.tokens > 1 else 0) for layer in layers.values())
-        phases["lambda"] = PhaseEstimate("lambda", {
-            "earlier factors": earlier, "accumulators": state, "model forward+backward": act(batch),
-            "rotated statistics": per_batch, "Lambda": state})
+def _fit_phases(estimator: CurvatureEstimator, sized, layers: Dict[str, _Layer], sizes: _Sizes,
+                precision: Precision, model_dtype: torch.dtype) -> Dict[str, PhaseEstimate]:
+    """One phase per pass, named as the pass; each holds the factors of the passes before it."""
+    phases, earlier = {}, 0
+    for fit_pass in estimator.passes:
+        compute = precision.fit_dtypes(fit_pass, model_dtype)[1]
+        phases[fit_pass.name] = _pass_phase(fit_pass, sized[fit_pass.name], layers, sizes, earlier, compute)
+        earlier += sum(_nbytes(s.outputs) for s in sized[fit_pass.name].values())
     return phases
+
+
+def _fitted_factors(sized: Dict[str, Dict[str, MetaPass]], layers: Dict[str, _Layer]) -> Dict[str, Tensors]:
+    """Every layer's fitted factors (meta tensors): the outputs of all passes."""
+    return {name: {key: value for per_layer in sized.values() for key, value in per_layer[name].outputs.items()}
+            for name in layers}
+
+
+def _preconditions_in_place(estimator: CurvatureEstimator, factors: Dict[str, Tensors], layers: Dict[str, _Layer],
+                            rows: int, compute: torch.dtype) -> bool:
+    """Whether ``precondition`` returns its input (as identity does), run on meta query gradients of every layer,
+    whose output shapes it also checks: then the raw gradients are the kept ones, not a copy beside them."""
+    returned_input = True
+    for name, layer in layers.items():
+        grads = torch.empty(rows, *layer.shape, dtype=compute, device=_META)
+        out = _on_meta(estimator, "precondition", name, lambda: estimator.precondition(factors[name], grads, None))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(grads.shape):
+            raise InfluenceError(
+                f"The estimator {estimator.name!r}'s precondition returned "
+                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__} on meta gradients of "
+                f"shape {tuple(grads.shape)} for layer {name!r}; it must return its input's shape.")
+        returned_input = returned_input and out is grads
+    return returned_input
+
+
+def _score_hints(estimator, factors, layers: Dict[str, _Layer], rows: int, compute: torch.dtype) -> List[ScoreMemory]:
+    return [estimator.memory(Workspace(layer.shape, layer.tokens, rows, compute, factors[name]))
+            for name, layer in layers.items()]
+
+
+def _query_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype) -> PhaseEstimate:
+    """Every query's preconditioned gradient is kept; the raw per-example gradients of a query batch (one layer's
+    only, if ``precondition`` returns its input) and the largest layer's preconditioning transients."""
+    raw = [sizes.query_batch * layer.grad * compute.itemsize for layer in layers.values()]
+    in_place = _preconditions_in_place(estimator, factors, layers, sizes.query_batch, compute)
+    return PhaseEstimate("query gradients", {
+        "kept query gradients": sum(sizes.num_queries * layer.grad * compute.itemsize for layer in layers.values()),
+        "model forward+backward": sizes.act(sizes.query_batch),
+        "per-example gradients": max(raw) if in_place else sum(raw),
+        "preconditioning": max(hint.precondition for hint in _score_hints(estimator, factors, layers,
+                                                                           sizes.query_batch, compute)),
+    })
+
+
+def _pairwise_phase(layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype) -> PhaseEstimate:
+    """The kept query gradients (low rank: L and R when query_rank is set), the contraction's largest intermediate
+    for ``queries_per_pass`` queries and the score matrices."""
+    def query_grad(layer: _Layer) -> int:  # elements of one kept query gradient
+        groups, out, inp = layer.shape
+        if sizes.query_rank is not None and sizes.query_rank < min(out, inp):
+            return groups * sizes.query_rank * (out + inp)
+        return layer.grad
+
+    held = sum(sizes.num_queries * query_grad(layer) * compute.itemsize for layer in layers.values())
+    contraction = max(_largest_intermediate("qgoi,ntgo,ntgi->qn", (sizes.kept_queries, *l.shape),
+                                            (sizes.batch, l.tokens, l.shape[0], l.shape[1]),
+                                            (sizes.batch, l.tokens, l.shape[0], l.shape[2]))
+                      for l in layers.values())
+    scores = sizes.num_queries * sizes.train * compute.itemsize
+    return PhaseEstimate("pairwise", {
+        "kept query gradients": held, "model forward+backward": sizes.act(sizes.batch),
+        "contraction": contraction * compute.itemsize,
+        "scores per layer": 2 * len(layers) * scores, "scores": scores,
+    })
+
+
+def _self_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype) -> PhaseEstimate:
+    hints = _score_hints(estimator, factors, layers, sizes.batch, compute)
+    rotations = max(sizes.batch * layer.stats * compute.itemsize + hint.self_score
+                    for layer, hint in zip(layers.values(), hints))
+    return PhaseEstimate("self", {
+        "model forward+backward": sizes.act(sizes.batch), "rotations": rotations,
+        "scores": (2 * len(layers) + 1) * sizes.train * compute.itemsize,
+    })
+
+
+def _discovery_phase(model: nn.Module, layers: Dict[str, _Layer], sizes: _Sizes, model_dtype: torch.dtype
+                     ) -> PhaseEstimate:
+    """One forward without gradients on the first batch, then the exactness check: one forward+backward under the
+    tap that also takes autograd's weight gradients, compared with the tap's summed (a, g) products."""
+    stats_bytes = sizes.batch * sum(l.stats for l in layers.values()) * model_dtype.itemsize
+    tracked = sum(p.numel() * p.element_size() for p in model.parameters())
+    return PhaseEstimate(DISCOVERY, {
+        "layer inputs and outputs": stats_bytes, "exactness check: forward+backward": sizes.act(sizes.batch),
+        "exactness check: layer inputs and output gradients": stats_bytes,
+        "exactness check: weight gradients": 2 * tracked})
+
+
+def _check_pass_names(estimator: CurvatureEstimator) -> None:
+    clashes = sorted({p.name for p in estimator.passes} & ({DISCOVERY} | set(SCORE_PHASES)))
+    if clashes:
+        raise InfluenceError(f"The estimator {estimator.name!r} has passes named {clashes}, which estimate_memory "
+                             f"uses for its own phases ({[DISCOVERY, *SCORE_PHASES]}): rename them.")
 
 
 def estimate_memory(
@@ -227,7 +338,7 @@ def estimate_memory(
     task: Task,
     example_batch: Any,
     *,
-    strategy: str = "ekfac",
+    strategy: Union[str, CurvatureEstimator] = "ekfac",
     batch_size: Optional[int] = None,
     query_batch_size: Optional[int] = None,
     num_queries: int = 1,
@@ -238,99 +349,58 @@ def estimate_memory(
     activation_bytes: Optional[Tuple[int, int]] = None,
     _tap: Optional[ModelTap] = None,
 ) -> MemoryEstimate:
-    """Predicted peak memory (bytes) of each phase: ``covariance`` / ``lambda`` (``fit_factors``), ``query
-    gradients`` and ``pairwise`` (``pairwise_scores``), ``self`` (``self_scores``).
+    """Predicted peak memory (bytes) of each phase: one per fit pass, named as the pass (``covariance`` /
+    ``lambda`` for EKFAC; ``fit_factors``), ``query gradients`` and ``pairwise`` (``pairwise_scores``), ``self``
+    (``self_scores``).
 
     ``example_batch`` is one batch as the data yields it (any size; its shapes are what matter). ``batch_size``
     (default: that batch's size) and ``query_batch_size`` (default ``batch_size``) are the settings to estimate;
     ``num_queries`` and ``num_train`` size the query gradients kept and the score matrix. ``strategy`` is one
-    name. See the module docstring for what is computed and what is measured.
+    name or a :class:`~fninfluence.CurvatureEstimator` (a user's one is sized as the built-ins are: its passes'
+    ``init`` and ``finalize`` run on the meta device, plus its memory hints). See the module docstring for what is
+    computed and what is measured.
     """
     precision = precision or Precision()
-    name = get_estimator(strategy).name
-    if name not in _PRECONDITION_COPIES:
-        raise InfluenceError(f"estimate_memory knows the built-in strategies {sorted(_PRECONDITION_COPIES)}, "
-                             f"not {name!r}: estimate with the built-in one closest to it.")
+    estimator = get_estimator(strategy)
+    _check_pass_names(estimator)
     tap = _tap or ModelTap(model, task, amp_dtype=precision.amp_dtype)
-    tap.probes_for("train", example_batch)
+    tap.discover("train", example_batch)
     layers = _layers(tap, example_batch)
     batch = batch_size or batch_examples(example_batch)
-    query_batch = min(query_batch_size or batch, num_queries)
     train = num_train or batch
-    batch = min(batch, train)  # no batch is larger than the data
-    fixed, per_example = activation_bytes or _activation_bytes(tap, example_batch, "train")
-    act = lambda b: fixed + per_example * b  # noqa: E731
-    accumulate = torch.tensor([], dtype=precision.accumulator(None, tap.dtype)).element_size()
-    compute = torch.tensor([], dtype=precision.compute(None, tap.dtype)).element_size()
-
-    stats_bytes = batch * sum(l.stats for l in layers.values()) * tap.dtype.itemsize
-    tracked = sum(p.numel() * p.element_size() for p in model.parameters())
-    # one forward without gradients on the first batch, then the exactness check: one forward+backward under the
-    # tap that also takes autograd's weight gradients, compared with the tap's summed (a, g) products
-    phases = {"discovery": PhaseEstimate("discovery", {
-        "layer inputs and outputs": stats_bytes, "exactness check: forward+backward": act(batch),
-        "exactness check: layer inputs and output gradients": stats_bytes,
-        "exactness check: weight gradients": 2 * tracked})}
-    phases.update(_fit_phases(layers, name, batch, act, accumulate, compute))
-    copies = _PRECONDITION_COPIES[name]
-    kept_queries = min(num_queries, queries_per_pass or num_queries)
-
-    def query_grad(layer: _Layer) -> int:  # elements of one kept query gradient (low rank: L and R)
-        if query_rank is not None and query_rank < min(layer.out, layer.inp):
-            return layer.groups * query_rank * (layer.out + layer.inp)
-        return layer.grad
-
-    # every query's gradient is kept (low rank when query_rank is set); queries_per_pass bounds the contraction
-    held = sum(num_queries * query_grad(layer) * compute for layer in layers.values())
-    raw = [query_batch * layer.grad * compute for layer in layers.values()]
-    # identity: only torch.einsum's temporary of the largest layer; the others keep every layer's raw gradients
-    # while preconditioning, and cast the float64 eigenvectors to the compute dtype
-    phases["query gradients"] = PhaseEstimate("query gradients", {
-        "kept query gradients": sum(num_queries * layer.grad * compute for layer in layers.values()),
-        "model forward+backward": act(query_batch),
-        "per-example gradients": max(raw) if name == "identity" else sum(raw),
-        "preconditioning": max(copies * r + _inverse_bytes(l, name, compute)
-                               + (_eigenvector_bytes(l, compute) if name in _EIGEN else 0)
-                               for r, l in zip(raw, layers.values())),
-    })
-    contraction = max(_largest_intermediate("qgoi,ntgo,ntgi->qn", (kept_queries, l.groups, l.out, l.inp),
-                                            (batch, l.tokens, l.groups, l.out), (batch, l.tokens, l.groups, l.inp))
-                      for l in layers.values())
-    scores = num_queries * train * compute
-    phases["pairwise"] = PhaseEstimate("pairwise", {
-        "kept query gradients": held, "model forward+backward": act(batch),
-        "contraction": contraction * compute,
-        "scores per layer": 2 * len(layers) * scores, "scores": scores,
-    })
-    self_transient = max(batch * layer.stats * compute + _inverse_bytes(layer, name, compute)
-                         + (_eigenvector_bytes(layer, compute) if name in _EIGEN else 0)
-                         + (2 * batch * layer.grad * compute if layer.tokens > 1 else 0) for layer in layers.values())
-    phases["self"] = PhaseEstimate("self", {
-        "model forward+backward": act(batch), "rotations": self_transient,
-        "scores": (2 * len(layers) + 1) * train * compute,
-    })
-    resident = {
-        "parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "factors": sum(_factor_bytes(layer, name, accumulate) for layer in layers.values()),
-    }
-    settings = dict(strategy=name, batch_size=batch, query_batch_size=query_batch_size or batch,
-                    num_queries=num_queries, num_train=train, queries_per_pass=queries_per_pass, query_rank=query_rank)
-    return MemoryEstimate(phases, resident, settings)
+    sizes = _Sizes(batch=min(batch, train),  # no batch is larger than the data
+                   query_batch=min(query_batch_size or batch, num_queries), train=train, num_queries=num_queries,
+                   kept_queries=min(num_queries, queries_per_pass or num_queries), query_rank=query_rank,
+                   activation=activation_bytes or _activation_bytes(tap, example_batch, "train"))
+    compute = precision.compute(None, tap.dtype)
+    sized = _meta_fit(estimator, layers, precision, tap.dtype)
+    factors = _fitted_factors(sized, layers)
+    phases = {DISCOVERY: _discovery_phase(model, layers, sizes, tap.dtype),
+              **_fit_phases(estimator, sized, layers, sizes, precision, tap.dtype),
+              "query gradients": _query_phase(estimator, factors, layers, sizes, compute),
+              "pairwise": _pairwise_phase(layers, sizes, compute),
+              "self": _self_phase(estimator, factors, layers, sizes, compute)}
+    resident = {"parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
+                "factors": sum(_nbytes(layer_factors) for layer_factors in factors.values())}
+    settings = dict(strategy=estimator.name, batch_size=sizes.batch,
+                    query_batch_size=query_batch_size or sizes.batch, num_queries=num_queries, num_train=train,
+                    queries_per_pass=queries_per_pass, query_rank=query_rank)
+    return MemoryEstimate(phases, resident, settings, fit_phases=(DISCOVERY, *(p.name for p in estimator.passes)))
 
 
 def fit_phase_peak(estimate: MemoryEstimate) -> int:
     """The peak of a whole ``fit_factors`` call: its passes run one after the other."""
-    return max(estimate.phases[p].peak for p in FIT_PHASES if p in estimate.phases)
+    return max(estimate.phases[p].peak for p in estimate.fit_phases if p in estimate.phases)
 
 
 def self_call_peak(estimate: MemoryEstimate) -> int:
     """The peak of a whole ``self_scores`` call: discovery (with its exactness check), then the pass."""
-    return max(estimate.phases["discovery"].peak, estimate.phases["self"].peak)
+    return max(estimate.phases[DISCOVERY].peak, estimate.phases["self"].peak)
 
 
 def pairwise_call_peak(estimate: MemoryEstimate) -> int:
     """The peak of a whole ``pairwise_scores`` call: query gradients first, then the pass over the training data."""
-    return max(estimate.phases["discovery"].peak, estimate.phases["query gradients"].peak,
+    return max(estimate.phases[DISCOVERY].peak, estimate.phases["query gradients"].peak,
                estimate.phases["pairwise"].peak)
 
 
@@ -364,7 +434,7 @@ def suggest(
     example_batch: Any,
     budget_bytes: int,
     *,
-    strategy: str = "ekfac",
+    strategy: Union[str, CurvatureEstimator] = "ekfac",
     num_queries: int = 1,
     num_train: Optional[int] = None,
     max_batch_size: int = 512,
@@ -382,7 +452,7 @@ def suggest(
     """
     precision = precision or Precision()
     tap = ModelTap(model, task, amp_dtype=precision.amp_dtype)
-    tap.probes_for("train", example_batch)
+    tap.discover("train", example_batch)
     activation = _activation_bytes(tap, example_batch, "train")
 
     def estimate(batch_size: int, query_batch_size: int, queries: int) -> MemoryEstimate:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import arguments
-from . import distributed as parallel
+from .run import ranks as parallel
 from .capture import ModelTap
 from .curvature import CurvatureEstimator
 from .data import Data

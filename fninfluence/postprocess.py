@@ -12,7 +12,7 @@ with the same meaning:
   example into the batch (its choices, say). The function must return ``[B, ...]``: one gradient per
   example of the batch, with the same trailing shape.
 - It applies wherever a per-example gradient is formed or implied: the lambda pass of EKFAC and the diagonal
-  estimator (and any pass of a custom estimator other than ``"covariance"``), the query gradients, the
+  estimator (and any pass that does not declare ``FitPass.raw_statistics``), the query gradients, the
   training side of pairwise scores (also with ``aggregate_train``), and self-influence.
 - It does not apply to the covariance pass: ``A = sum a a^T`` and ``S = sum g g^T`` are sums over the layer's
   raw inputs and output gradients, in which no per-example gradient exists (as in Kronfluence).

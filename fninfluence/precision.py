@@ -7,7 +7,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .curvature.base import CurvatureEstimator, FitPass
+from .curvature.base import FACTOR_DTYPE_FIELDS, CurvatureEstimator, FitPass, conventional_factor_dtype
+from .errors import InfluenceError
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -44,29 +45,38 @@ class Precision:
     def accumulator(self, requested: Optional[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
         return _at_least_float32(requested or model_dtype)
 
-    def fit_dtypes(self, pass_name: str, model_dtype: torch.dtype) -> Tuple[torch.dtype, torch.dtype]:
+    def fit_dtypes(self, fit_pass: FitPass, model_dtype: torch.dtype) -> Tuple[torch.dtype, torch.dtype]:
         """``(state, compute)`` dtypes of a fit pass: float64 sums across batches of per-batch results
-        computed in ``compute`` (the covariance products in at least float32, other passes in the
-        per-sample gradient dtype)."""
-        if pass_name == "covariance":
+        computed in ``compute``: a pass that reads raw layer statistics (``fit_pass.reads_raw_statistics``, the
+        covariance products) in ``covariance_dtype``, at least float32; other passes in the per-sample
+        gradient dtype."""
+        if fit_pass.reads_raw_statistics:
             return torch.float64, self.accumulator(self.covariance_dtype, model_dtype)
         return torch.float64, self.compute(self.per_sample_gradient_dtype, model_dtype)
 
-    def factor_dtype(self, name: str, model_dtype: torch.dtype) -> Optional[torch.dtype]:
+    def factor_dtype(self, name: str, model_dtype: torch.dtype, fit_pass: Optional[FitPass] = None
+                     ) -> Optional[torch.dtype]:
         """The dtype a fitted factor is returned and stored in, or None to keep the one it was computed in.
 
-        A and S (``*_covariance``, ``activation_diagonal``) take ``covariance_dtype`` and ``lambda`` takes
-        ``lambda_dtype`` (by default the model's dtype, at least float32); eigenvectors, eigenvalues and
+        The pass that makes the factor declares which field it takes (``FitPass.factor_dtypes``; without
+        ``fit_pass``, or for a pass that declares nothing, the built-ins' convention
+        :func:`~fninfluence.curvature.base.conventional_factor_dtype`): A and S take ``covariance_dtype`` and
+        Lambda ``lambda_dtype`` (by default the model's dtype, at least float32); eigenvectors, eigenvalues and
         counts stay float64.
         """
-        if name.endswith("_covariance") or name == "activation_diagonal":
-            return self.accumulator(None, model_dtype) if self.covariance_dtype is None else self.covariance_dtype
-        if name == "lambda":
-            return self.accumulator(None, model_dtype) if self.lambda_dtype is None else self.lambda_dtype
-        return None
+        field_name = conventional_factor_dtype(name) if fit_pass is None else fit_pass.factor_dtype_field(name)
+        if field_name is None:
+            return None
+        if field_name not in FACTOR_DTYPE_FIELDS:
+            raise InfluenceError(
+                f"Pass {fit_pass.name!r} stores factor {name!r} in {field_name!r}, which is not a Precision dtype "
+                f"for factors: declare one of {list(FACTOR_DTYPE_FIELDS)} in its factor_dtypes, or leave it out.")
+        requested = getattr(self, field_name)
+        return self.accumulator(None, model_dtype) if requested is None else requested
 
-    def cast_factors(self, factors: Dict[str, torch.Tensor], model_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-        """``factors`` with each tensor in its :meth:`factor_dtype`."""
+    def cast_factors(self, factors: Dict[str, torch.Tensor], model_dtype: torch.dtype,
+                     fit_pass: Optional[FitPass] = None) -> Dict[str, torch.Tensor]:
+        """``factors`` (``fit_pass``'s outputs) with each tensor in its :meth:`factor_dtype`."""
         def cast(value: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
             if dtype is None:
                 return value
@@ -74,7 +84,7 @@ class Precision:
                 value = value.to(torch.float32)
             return value.to(dtype)
 
-        return {name: cast(value, self.factor_dtype(name, model_dtype)) for name, value in factors.items()}
+        return {name: cast(value, self.factor_dtype(name, model_dtype, fit_pass)) for name, value in factors.items()}
 
     def fitting(self, estimators: Mapping[str, CurvatureEstimator], model_dtype: torch.dtype
                 ) -> Dict[str, CurvatureEstimator]:
@@ -83,7 +93,7 @@ class Precision:
         def cast(fit_pass: FitPass) -> FitPass:
             finalize = fit_pass.finalize
             return fit_pass._replace(finalize=lambda state, factors: self.cast_factors(finalize(state, factors),
-                                                                                      model_dtype))
+                                                                                      model_dtype, fit_pass))
 
         wrapped = {id(e): e._replace(passes=tuple(cast(p) for p in e.passes)) for e in estimators.values()}
         return {layer: wrapped[id(e)] for layer, e in estimators.items()}

@@ -70,9 +70,17 @@ def test_estimates_grow_with_the_batch_size_and_the_query_count():
         assert large.phases[phase].peak > small.phases[phase].peak
     assert large.resident == small.resident  # factors do not depend on the batch size
     assert "query gradients" in str(large) and "total peak" in str(large)
-    with pytest.raises(fi.InfluenceError, match="built-in strategies"):
-        custom = fi.CurvatureEstimator("mine", (), fi.identity.precondition, fi.identity.self_score)
-        estimate_memory(model, task, data[:4], strategy=custom, activation_bytes=activation)
+    # a user's estimator is sized from itself: identity's functions under another name, with identity's memory
+    # hints, give identity's estimate; without hints its preconditioning gets the default transient (one block)
+    identity = estimate_memory(model, task, data[:4], strategy="identity", activation_bytes=activation)
+    renamed = estimate_memory(model, task, data[:4], strategy=fi.identity._replace(name="mine"),
+                              activation_bytes=activation)
+    assert {k: p.breakdown for k, p in renamed.phases.items()} == {k: p.breakdown for k, p in identity.phases.items()}
+    custom = fi.CurvatureEstimator("mine", (), fi.identity.precondition, fi.identity.self_score)
+    unhinted = estimate_memory(model, task, data[:4], strategy=custom, activation_bytes=activation)
+    query = unhinted.phases["query gradients"].breakdown
+    assert query["per-example gradients"] == identity.phases["query gradients"].breakdown["per-example gradients"]
+    assert query["preconditioning"] == 256 * 129 * 4  # one float32 block of the largest layer's query gradient
 
 
 def test_suggested_settings_run_within_the_budget():

@@ -330,6 +330,12 @@ class ModelTap:
         view._whole = self._whole or self
         return view
 
+    def discover(self, objective: str, batch: Any) -> Dict[str, LayerSpec]:
+        """The tracked layers' specs, found by running ``objective`` on ``batch`` under the tap (eagerly, without
+        gradients) unless batches of its shapes were seen before; also checks the tap is exact for ``objective``."""
+        self.probes_for(objective, batch)
+        return self.specs
+
     def probes_for(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         """Zero probes shaped like every tracked call's output on batches shaped like ``batch``.
 
@@ -399,6 +405,32 @@ class ModelTap:
         _check_loss(loss, objective)
         record = tap.record
         _check_random(record.random_calls, objective)
+        self._check_record(record, objective, examples)
+        specs = specs_from_calls(self.targets, record.calls)
+        specs.update(self._parameter_specs())
+        if self.specs is None:
+            self.specs = specs
+        else:
+            for layer, spec in specs.items():
+                known = self.specs[layer]
+                if spec.shape != known.shape or spec.op != known.op:
+                    raise InfluenceError(
+                        f"Layer {layer!r} looks different on this batch ({spec.op} {spec.shape}) than before "
+                        f"({known.op} {known.shape}); tracked layers must not change with the data or the objective."
+                    )
+        probes = {
+            layer: [torch.zeros(c.output_shape, dtype=c.output_dtype, device=self.device) for c in calls]
+            for layer, calls in record.calls.items()
+        }
+        if objective not in self._exact:  # a use that escapes the tap is in the code, not in a batch's shapes
+            self._check_exact(objective, batch, probes)
+            self._exact.add(objective)
+        return probes
+
+    def _check_record(self, record, objective: str, examples: int) -> None:
+        """Refuse a discovery record the tap cannot compute exactly from: a tracked layer not called with its
+        weight, a tracked weight used by a function the tap cannot follow, an input whose dimension 0 is not the
+        batch, or a layer input modified in place after the layer read it."""
         missing = [t.layer for t in self.targets if t.layer not in record.calls]
         if missing:
             raise InfluenceError(
@@ -433,26 +465,6 @@ class ModelTap:
                     f"The input of layer {layer!r} is modified in place after the layer reads it (e.g. "
                     "ReLU(inplace=True) on it): its recorded value would be wrong. Use out-of-place ops there."
                 )
-        specs = specs_from_calls(self.targets, record.calls)
-        specs.update(self._parameter_specs())
-        if self.specs is None:
-            self.specs = specs
-        else:
-            for layer, spec in specs.items():
-                known = self.specs[layer]
-                if spec.shape != known.shape or spec.op != known.op:
-                    raise InfluenceError(
-                        f"Layer {layer!r} looks different on this batch ({spec.op} {spec.shape}) than before "
-                        f"({known.op} {known.shape}); tracked layers must not change with the data or the objective."
-                    )
-        probes = {
-            layer: [torch.zeros(c.output_shape, dtype=c.output_dtype, device=self.device) for c in calls]
-            for layer, calls in record.calls.items()
-        }
-        if objective not in self._exact:  # a use that escapes the tap is in the code, not in a batch's shapes
-            self._check_exact(objective, batch, probes)
-            self._exact.add(objective)
-        return probes
 
     def _check_exact(self, objective: str, batch: Any, probes: Dict[str, List[torch.Tensor]]) -> None:
         """The safety net behind the discovery pass: the tap must account for every use of a tracked weight.

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from .. import pipeline
 from ..curvature import get_estimator
-from ..distributed import unwrap
+from ..run.ranks import unwrap
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..precision import Precision
@@ -500,6 +500,16 @@ def _read_zarr_arrays(path: Path) -> Dict[str, torch.Tensor]:
 
 # -- the Analyzer ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _FitData:
+    """The data of a fitting call and how Kronfluence's arguments batch it."""
+
+    dataset: Dataset
+    per_device_batch_size: Optional[int]
+    initial_attempt: int
+    dataloader_kwargs: Optional["DataLoaderKwargs"]
+
+
 class Analyzer:
     """Kronfluence 1.0.1's ``Analyzer``: fit factors and compute scores, stored under ``output_dir``.
 
@@ -609,8 +619,8 @@ class Analyzer:
         overwrite_output_dir: bool = False,
     ) -> None:
         """Fit every factor of the strategy (covariance, eigendecomposition, Lambda) on ``dataset``."""
-        self._fit("all", factors_name, dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
-                  dataloader_kwargs, factor_args, None, None, overwrite_output_dir)
+        self._fit("all", factors_name, _FitData(dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
+                                                dataloader_kwargs), factor_args, None, None, overwrite_output_dir)
 
     def fit_covariance_matrices(
         self,
@@ -625,9 +635,9 @@ class Analyzer:
         overwrite_output_dir: bool = False,
     ) -> None:
         """The covariance pass (kfac, ekfac). fninfluence eigendecomposes at the end of this pass."""
-        self._fit("covariance", factors_name, dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
-                  dataloader_kwargs, factor_args, target_data_partitions, target_module_partitions,
-                  overwrite_output_dir)
+        self._fit("covariance", factors_name, _FitData(dataset, per_device_batch_size,
+                                                       initial_per_device_batch_size_attempt, dataloader_kwargs),
+                  factor_args, target_data_partitions, target_module_partitions, overwrite_output_dir)
 
     def perform_eigendecomposition(
         self,
@@ -693,9 +703,9 @@ class Analyzer:
     ) -> None:
         """The Lambda pass (ekfac, diagonal). With ``load_from_factors_name`` the covariance pass of those
         factors is copied first (same FactorArguments and data needed)."""
-        self._fit("lambda", factors_name, dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
-                  dataloader_kwargs, factor_args, target_data_partitions, target_module_partitions,
-                  overwrite_output_dir, load_from_factors_name)
+        self._fit("lambda", factors_name, _FitData(dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
+                                                   dataloader_kwargs), factor_args, target_data_partitions,
+                  target_module_partitions, overwrite_output_dir, load_from_factors_name)
 
     def _seed_covariance(self, source_name: str, directory: Path, args: FactorArguments, overwrite: bool) -> None:
         """Copy the covariance pass of factors ``source_name`` into ``directory`` (a new factors store)."""
@@ -730,48 +740,23 @@ class Analyzer:
             FACTOR_ARGUMENTS_FILE, ".fninfluence-create.lock", ".*.tmp"))
         _drop_passes_after_covariance(directory, get_estimator(args.strategy))
 
-    def _fit(self, stage: str, factors_name: str, dataset: Dataset, per_device_batch_size: Optional[int],
-             initial_attempt: int, dataloader_kwargs: Optional[DataLoaderKwargs], factor_args: Optional[FactorArguments],
+    def _fit(self, stage: str, factors_name: str, data: "_FitData", factor_args: Optional[FactorArguments],
              target_data_partitions, target_module_partitions, overwrite: bool,
              load_from_factors_name: Optional[str] = None) -> None:
         started = time.perf_counter()
         directory = self.factors_output_dir(factors_name)
         args = factor_args or FactorArguments()
-        estimator = get_estimator(args.strategy)
-        all_passes = [p.name for p in estimator.passes]
+        all_passes = [p.name for p in get_estimator(args.strategy).passes]
         wanted = list(all_passes) if stage == "all" else [p for p in all_passes if p == stage]
         self._check_saved(directory / FACTOR_ARGUMENTS_FILE, args.to_dict(), "Factors", factors_name, overwrite)
-        target_data, target_modules = _targets(target_data_partitions), _targets(target_module_partitions)
+        targets = _targets(target_data_partitions), _targets(target_module_partitions)
         if stage != "all":
             _check_targets(getattr(args, f"{stage}_data_partitions"), getattr(args, f"{stage}_module_partitions"),
-                           target_data, target_modules, f"{stage} matrices")
+                           *targets, f"{stage} matrices")
         native_overwrite = overwrite
         if stage == "lambda" and "lambda" in all_passes and "covariance" in all_passes:
-            if load_from_factors_name is not None:
-                self._seed_covariance(load_from_factors_name, directory, args, overwrite)
-                native_overwrite = False
-            existing = _load_native_factors(directory)
-            if existing is None or "covariance" not in existing.passes_done:
-                raise FactorsNotFoundError(
-                    f"Fitting the Lambda matrices of factors {factors_name!r} ({args.strategy}) needs its covariance "
-                    f"matrices, which were not found (or are incomplete) in {directory}: run fit_covariance_matrices "
-                    "(and perform_eigendecomposition) first."
-                )
-            if overwrite and load_from_factors_name is None:
-                saved = _read_json(directory / FACTOR_ARGUMENTS_FILE)
-                if saved is not None and not _differences(saved, args.to_dict()):
-                    _drop_passes_after_covariance(directory, estimator)  # recompute Lambda only
-                    native_overwrite = False
-                else:
-                    if target_data is not None or target_modules is not None:
-                        raise ValueError(
-                            f"Factors {factors_name!r}: the new arguments change the covariance pass too, which "
-                            "target partitions of the Lambda pass cannot redo. Run fit_covariance_matrices(..., "
-                            "overwrite_output_dir=True) with the new arguments first."
-                        )
-                    wanted = list(all_passes)  # the covariance pass was fitted with other arguments: redo it too
-                    self.logger.info("Factors %r: refitting the covariance pass too, since the arguments changed.",
-                                     factors_name)
+            wanted, native_overwrite = self._prepare_lambda(factors_name, directory, args, targets, overwrite,
+                                                            load_from_factors_name)
         existing = _load_native_factors(directory)
         needs_store = not all_passes and (existing is None or not existing.complete or overwrite)
         if wanted or needs_store:
@@ -780,18 +765,52 @@ class Analyzer:
 
             def run(batch_size: int, first: bool):
                 return pipeline.fit_factors(
-                    self.model, self.task, self._loader(dataset, batch_size, dataloader_kwargs), batch_size=None,
-                    progress=not self.disable_tqdm, store=directory, overwrite=native_overwrite and first,
-                    passes=passes, target_data_partitions=target_data, target_module_partitions=target_modules,
-                    **keywords,
+                    self.model, self.task, self._loader(data.dataset, batch_size, data.dataloader_kwargs),
+                    batch_size=None, progress=not self.disable_tqdm, store=directory,
+                    overwrite=native_overwrite and first, passes=passes, target_data_partitions=targets[0],
+                    target_module_partitions=targets[1], **keywords,
                 )
 
-            _with_batch_size(run, per_device_batch_size, dataset, initial_attempt, f"factors {factors_name!r}")
+            _with_batch_size(run, data.per_device_batch_size, data.dataset, data.initial_attempt,
+                             f"factors {factors_name!r}")
         else:
             directory.mkdir(parents=True, exist_ok=True)
         _write_json(directory / FACTOR_ARGUMENTS_FILE, args.to_dict())
         self._timed({"all": "fit_all_factors", "covariance": "fit_covariance_matrices",
                      "lambda": "fit_lambda_matrices"}[stage], started)
+
+    def _prepare_lambda(self, factors_name: str, directory: Path, args: "FactorArguments", targets, overwrite: bool,
+                        load_from_factors_name: Optional[str]):
+        """``(passes to run, overwrite the native store)`` for fit_lambda_matrices: the covariance pass must be
+        in the store (seeded from ``load_from_factors_name`` if given); new arguments that change it redo it."""
+        estimator = get_estimator(args.strategy)
+        wanted, native_overwrite = ["lambda"], overwrite
+        if load_from_factors_name is not None:
+            self._seed_covariance(load_from_factors_name, directory, args, overwrite)
+            native_overwrite = False
+        existing = _load_native_factors(directory)
+        if existing is None or "covariance" not in existing.passes_done:
+            raise FactorsNotFoundError(
+                f"Fitting the Lambda matrices of factors {factors_name!r} ({args.strategy}) needs its covariance "
+                f"matrices, which were not found (or are incomplete) in {directory}: run fit_covariance_matrices "
+                "(and perform_eigendecomposition) first."
+            )
+        if overwrite and load_from_factors_name is None:
+            saved = _read_json(directory / FACTOR_ARGUMENTS_FILE)
+            if saved is not None and not _differences(saved, args.to_dict()):
+                _drop_passes_after_covariance(directory, estimator)  # recompute Lambda only
+                native_overwrite = False
+            else:
+                if targets[0] is not None or targets[1] is not None:
+                    raise ValueError(
+                        f"Factors {factors_name!r}: the new arguments change the covariance pass too, which "
+                        "target partitions of the Lambda pass cannot redo. Run fit_covariance_matrices(..., "
+                        "overwrite_output_dir=True) with the new arguments first."
+                    )
+                wanted = [p.name for p in estimator.passes]  # fitted with other arguments: redo the covariance too
+                self.logger.info("Factors %r: refitting the covariance pass too, since the arguments changed.",
+                                 factors_name)
+        return wanted, native_overwrite
 
     # -- factor loading ------------------------------------------------------------------------------
 

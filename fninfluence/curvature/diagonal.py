@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from .base import CurvatureEstimator, FitPass
-from .eigenbasis import lambda_finalize, lambda_init, lambda_update, precondition_in_basis, self_score_in_basis
+from .base import CurvatureEstimator
+from .eigenbasis import LAMBDA_PASS, basis_score_memory, precondition_in_basis, self_score_in_basis
 
-diagonal = CurvatureEstimator(
-    "diagonal",
-    (FitPass("lambda", lambda_init, lambda_update, lambda_finalize),),
-    precondition_in_basis,
-    self_score_in_basis,
-)
+diagonal = CurvatureEstimator("diagonal", (LAMBDA_PASS,), precondition_in_basis, self_score_in_basis,
+                              basis_score_memory)

@@ -18,7 +18,9 @@ import torch
 
 from ..contract import contract
 from ..core import algebra
-from .base import Damping, LayerShape, Tensors, damped_reciprocal
+from .base import Damping, FitPass, LayerShape, PassMemory, ScoreMemory, Tensors, Workspace, damped_reciprocal
+
+EIGENVECTORS = ("activation_eigenvectors", "gradient_eigenvectors")
 
 
 def rotated_stats(stats, factors: Tensors) -> algebra.LayerStats:
@@ -68,3 +70,38 @@ def self_score_in_basis(factors: Tensors, stats, damping: Damping) -> torch.Tens
     """
     rotated = rotated_stats(stats, factors)
     return algebra.self_products(rotated, damped_reciprocal(factors["lambda"], damping, rotated.dtype))
+
+def cast_eigenvector_bytes(workspace: Workspace) -> int:
+    """The float64 eigenvectors cast to the compute dtype at each use (nothing when they already are in it)."""
+    vectors = [workspace.factors[name] for name in EIGENVECTORS if name in workspace.factors]
+    return sum(v.numel() * workspace.itemsize for v in vectors if v.dtype != workspace.dtype)
+
+
+def lambda_memory(workspace: Workspace) -> PassMemory:
+    """Per batch: the float64 squared gradients before they are added, the cast eigenvectors and, with several
+    tokens per example, the per-example gradients and their squares; the new float64 sums of every layer."""
+    sums = workspace.gradient_elements * torch.float64.itemsize
+    example_grads = workspace.rows * workspace.gradient_elements * workspace.itemsize
+    per_example = 2 * example_grads if workspace.tokens > 1 else 0
+    return PassMemory(update=sums + cast_eigenvector_bytes(workspace) + per_example, new_state=sums)
+
+
+def inverse_bytes(workspace: Workspace) -> int:
+    """``1 / (Lambda + damping)``: Lambda widened to float64 (unless it is), damped, inverted, cast back."""
+    widened = 0 if workspace.factors["lambda"].dtype == torch.float64 else 1
+    return workspace.gradient_elements * ((widened + 2) * torch.float64.itemsize + workspace.itemsize)
+
+
+def basis_score_memory(workspace: Workspace) -> ScoreMemory:
+    """``precondition``: the rotation into the eigenbasis (torch.einsum keeps one intermediate), the scaled copy
+    and the rotation back, the damped inverse and the cast eigenvectors; ``self_score``: the damped inverse, the
+    cast eigenvectors and, with several tokens per example, the rotated per-example gradients and their squares."""
+    block = workspace.rows * workspace.gradient_elements * workspace.itemsize
+    common = inverse_bytes(workspace) + cast_eigenvector_bytes(workspace)
+    rotations = 3 * block if "gradient_eigenvectors" in workspace.factors else 0
+    return ScoreMemory(precondition=rotations + common,
+                       self_score=common + (2 * block if workspace.tokens > 1 else 0))
+
+
+LAMBDA_PASS = FitPass("lambda", lambda_init, lambda_update, lambda_finalize, factor_dtypes={"lambda": "lambda_dtype"},
+                      memory=lambda_memory)

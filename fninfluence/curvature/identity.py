@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core import algebra
-from .base import CurvatureEstimator, Damping, Tensors
+from .base import CurvatureEstimator, Damping, ScoreMemory, Tensors, Workspace
 
 
 def _precondition(factors: Tensors, grads: torch.Tensor, damping: Damping) -> torch.Tensor:
@@ -17,4 +17,11 @@ def _self_score(factors: Tensors, stats, damping: Damping) -> torch.Tensor:
     return algebra.self_products(stats)
 
 
-identity = CurvatureEstimator("identity", (), _precondition, _self_score)
+def _memory(workspace: Workspace) -> ScoreMemory:
+    """``precondition`` returns its input; ``self_score`` forms the per-example gradients and their squares only
+    when there are several tokens per example."""
+    block = workspace.rows * workspace.gradient_elements * workspace.itemsize
+    return ScoreMemory(precondition=0, self_score=2 * block if workspace.tokens > 1 else 0)
+
+
+identity = CurvatureEstimator("identity", (), _precondition, _self_score, _memory)

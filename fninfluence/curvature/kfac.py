@@ -21,12 +21,14 @@ the vector ``activation_diagonal`` ``[G, V]``; it is its own eigendecomposition 
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from ..core import algebra
 from ..core.algebra import second_moment  # noqa: F401  (re-exported: the shifted product lives with the algebra)
-from .base import CurvatureEstimator, FitPass, LayerShape, Tensors, is_one_hot
-from .eigenbasis import lambda_finalize, lambda_init, lambda_update, precondition_in_basis, self_score_in_basis
+from .base import CurvatureEstimator, FitPass, LayerShape, PassMemory, Tensors, Workspace, is_one_hot
+from .eigenbasis import LAMBDA_PASS, basis_score_memory, precondition_in_basis, self_score_in_basis
 
 
 def _activation_state(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> Tensors:
@@ -95,19 +97,33 @@ def kfac_finalize(state: Tensors, factors: Tensors) -> Tensors:
     return eigen
 
 
-kfac = CurvatureEstimator(
-    "kfac",
-    (FitPass("covariance", covariance_init, covariance_update, kfac_finalize),),
-    precondition_in_basis,
-    self_score_in_basis,
-)
+def _activation_elements(shape: LayerShape) -> int:
+    """Elements of A: ``G in^2``, or ``G V`` for one-hot inputs (a diagonal)."""
+    groups, _, inp = shape
+    return groups * (inp if is_one_hot(shape) else inp * inp)
 
-ekfac = CurvatureEstimator(
-    "ekfac",
-    (
-        FitPass("covariance", covariance_init, covariance_update, covariance_finalize),
-        FitPass("lambda", lambda_init, lambda_update, lambda_finalize),
-    ),
-    precondition_in_basis,
-    self_score_in_basis,
-)
+
+def covariance_memory(workspace: Workspace) -> PassMemory:
+    """Per batch: the batch's products ``a a^T``, ``g g^T`` in the compute dtype; in ``finalize``: about four
+    float64 copies of the larger of A and S (widened, symmetrised, the eigenvectors and LAPACK's workspace).
+    Calibrated against the peaks tests/test_memory.py measures."""
+    groups, out, _ = workspace.shape
+    products = (_activation_elements(workspace.shape) + groups * out * out) * workspace.itemsize
+    largest = max(_activation_elements(workspace.shape), groups * out * out)
+    return PassMemory(update=products, finalize=4 * largest * torch.float64.itemsize)
+
+
+def _covariance_pass(finalize, lambda_factors: Tuple[str, ...]) -> FitPass:
+    """A pass of raw ``a a^T``, ``g g^T`` sums (a dense ``[in, in]`` block), A and S in ``covariance_dtype``."""
+    dtypes = {name: "covariance_dtype" for name in ("activation_covariance", "activation_diagonal",
+                                                    "gradient_covariance")}
+    dtypes.update({name: "lambda_dtype" for name in lambda_factors})
+    return FitPass("covariance", covariance_init, covariance_update, finalize, raw_statistics=True,
+                   dense_input_block=True, factor_dtypes=dtypes, memory=covariance_memory)
+
+
+kfac = CurvatureEstimator("kfac", (_covariance_pass(kfac_finalize, ("lambda",)),), precondition_in_basis,
+                          self_score_in_basis, basis_score_memory)
+
+ekfac = CurvatureEstimator("ekfac", (_covariance_pass(covariance_finalize, ()), LAMBDA_PASS), precondition_in_basis,
+                           self_score_in_basis, basis_score_memory)

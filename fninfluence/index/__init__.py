@@ -156,7 +156,7 @@ def index_scores(
             "Training gradients depend on the weights: rebuild the index with build_index for this model."
         )
     engine = ModelTap(model, task, layers=list(index.layers), amp_dtype=precision.amp_dtype)
-    engine.probes_for("measurement", first_batch(query_data, batch_size, engine.device, "query_data"))
+    engine.discover("measurement", first_batch(query_data, batch_size, engine.device, "query_data"))
     if set(engine.specs) != set(index.layers):
         raise InfluenceError(f"The index holds layers {sorted(index.layers)} but the task tracks {sorted(engine.specs)}.")
     check_layers(factors, engine)

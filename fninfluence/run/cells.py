@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .. import distributed as parallel
-from ..distributed import Ranks
+from . import ranks as parallel
+from .ranks import Ranks
 from ..partitions import Cell
 from ..store.fingerprint import DataDigest
 from ..store.scores_store import read_scores
@@ -43,12 +43,12 @@ PerLayer = Dict[str, torch.Tensor]
 
 class PassCells(NamedTuple):
     """The cells of one fitting pass this call computes (``cells``, its targets), with the pass's data partition
-    count and module partitions (``groups``: the layers of each)."""
+    count and module partitions (``partition_layers``: the layers of each)."""
 
     name: str
     cells: List[Cell]
     data_parts: int
-    groups: List[List[str]]
+    partition_layers: List[List[str]]
 
     def keys(self) -> List[tuple]:
         return [(cell.module_partition, cell.data_partition) for cell in self.cells]
@@ -105,7 +105,7 @@ class FitInStore(FitInMemory):
         self.saved.write_cell(cell, states, examples, seen)
 
     def _complete(self, pass_cells: PassCells) -> bool:
-        missing = self.saved.missing_cells(pass_cells.name, pass_cells.data_parts, len(pass_cells.groups))
+        missing = self.saved.missing_cells(pass_cells.name, pass_cells.data_parts, len(pass_cells.partition_layers))
         if missing:
             logger.info("%s: pass %s has missing cells %s; rerun to complete it.", self.saved.path, pass_cells.name,
                         missing)
@@ -130,44 +130,44 @@ class FitInStore(FitInMemory):
 class FitOnRanks(FitInMemory):
     """Several ranks, no store: each computes every ``world``-th cell; layer owners finalize and broadcast."""
 
-    def __init__(self, group: Ranks, device: torch.device):
+    def __init__(self, ranks: Ranks, device: torch.device):
         super().__init__()
-        self.group, self.device = group, device
+        self.ranks, self.device = ranks, device
         self.computed: Dict[tuple, States] = {}
 
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
-        return self.group.mine(list(cells))
+        return self.ranks.mine(list(cells))
 
     def keep(self, cell: Cell, states: States, examples: int, seen: DataDigest) -> None:
         self.computed[(cell.module_partition, cell.data_partition)] = states
 
     def examples(self, count: int) -> int:
-        return self.group.total(count)
+        return self.ranks.total(count)
 
     def reduce(self, pass_cells: PassCells, fit_passes, earlier: States) -> Optional[States]:
         computed, self.computed = self.computed, {}
-        return parallel.finalize_pass(self.group, fit_passes, pass_cells.keys(), pass_cells.groups, computed,
+        return parallel.finalize_pass(self.ranks, fit_passes, pass_cells.keys(), pass_cells.partition_layers, computed,
                                       earlier, self.device)
 
 
 class FitOnRanksInStore(FitInStore):
     """Several ranks sharing a store: each writes its own cells, layer owners finalize from the store."""
 
-    def __init__(self, saved, group: Ranks, device: torch.device):
+    def __init__(self, saved, ranks: Ranks, device: torch.device):
         super().__init__(saved)
-        self.group, self.device = group, device
+        self.ranks, self.device = ranks, device
 
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
-        return [cell for cell in self.group.mine(list(cells)) if not self.saved.cell_done(cell)]
+        return [cell for cell in self.ranks.mine(list(cells)) if not self.saved.cell_done(cell)]
 
     def examples(self, count: int) -> int:
-        return self.group.total(count)
+        return self.ranks.total(count)
 
     def reduce(self, pass_cells: PassCells, fit_passes, earlier: States) -> Optional[States]:
-        self.group.barrier()  # every rank's cells are written
+        self.ranks.barrier()  # every rank's cells are written
         if not self._complete(pass_cells):
             return None
-        parallel.finalize_stored_pass(self.group, self.saved, pass_cells.name, fit_passes, earlier)
+        parallel.finalize_stored_pass(self.ranks, self.saved, pass_cells.name, fit_passes, earlier)
         stored = self.saved.merge_pass_outputs(pass_cells.name, {})
         return {layer: {k: v.to(self.device) for k, v in stored[layer].items()} for layer in fit_passes}
 
@@ -175,13 +175,13 @@ class FitOnRanksInStore(FitInStore):
         pass  # written by each layer's owner in reduce
 
 
-def fit_cells(open_store: Optional[Callable[[bool], Any]], overwrite: bool, group: Optional[Ranks],
+def fit_cells(open_store: Optional[Callable[[bool], Any]], overwrite: bool, ranks: Optional[Ranks],
               device: torch.device):
     """The place a fit's cells go: memory, a store (``open_store(overwrite)`` opens it), ranks, or both."""
     if open_store is None:
-        return FitInMemory() if group is None else FitOnRanks(group, device)
-    saved = parallel.open_in_turn(group, open_store, overwrite)
-    return FitInStore(saved) if group is None else FitOnRanksInStore(saved, group, device)
+        return FitInMemory() if ranks is None else FitOnRanks(ranks, device)
+    saved = parallel.open_in_turn(ranks, open_store, overwrite)
+    return FitInStore(saved) if ranks is None else FitOnRanksInStore(saved, ranks, device)
 
 
 # -- scoring -----------------------------------------------------------------------------------------
@@ -215,17 +215,18 @@ class ScoresInMemory:
 class ScoresOnRanks(ScoresInMemory):
     """Several ranks, no store: each scores every ``world``-th cell; every cell is broadcast by its owner."""
 
-    def __init__(self, join, group: Ranks, device: torch.device, cells: Sequence[Cell], groups: List[List[str]]):
+    def __init__(self, join, ranks: Ranks, device: torch.device, cells: Sequence[Cell],
+                 partition_layers: List[List[str]]):
         super().__init__(join)
-        self.group, self.device, self.all_cells, self.groups = group, device, list(cells), groups
+        self.ranks, self.device, self.all_cells, self.partition_layers = ranks, device, list(cells), partition_layers
 
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
-        return self.group.mine(list(cells))
+        return self.ranks.mine(list(cells))
 
     def result(self) -> Optional[Dict[str, torch.Tensor]]:
         keys = [(c.module_partition, c.data_partition) for c in self.all_cells]
         mine = {(c.module_partition, c.data_partition): v for c, v in self.cells.items()}
-        shared = parallel.share_cells(self.group, keys, self.groups, mine, self.device)
+        shared = parallel.share_cells(self.ranks, keys, self.partition_layers, mine, self.device)
         return self._joined({cell: shared[(cell.module_partition, cell.data_partition)] for cell in self.all_cells})
 
 
@@ -233,35 +234,35 @@ class ScoresInStore:
     """A store, on one rank or several: each cell's chunks written by the rank that scored it; rank 0 writes
     the final arrays once every cell is certified, and the other ranks read them back."""
 
-    def __init__(self, saved, group: Optional[Ranks] = None):
-        self.saved, self.group = saved, group
+    def __init__(self, saved, ranks: Optional[Ranks] = None):
+        self.saved, self.ranks = saved, ranks
 
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
-        mine = list(cells) if self.group is None else self.group.mine(list(cells))
+        mine = list(cells) if self.ranks is None else self.ranks.mine(list(cells))
         return [cell for cell in mine if not self.saved.cell_done(cell)]
 
     def keep(self, cell: Cell, per_layer: PerLayer, train: DataDigest, query: Optional[DataDigest]) -> None:
         self.saved.write_cell(cell, per_layer, train, query)
 
     def result(self) -> Optional[Dict[str, torch.Tensor]]:
-        if self.group is not None:
-            self.group.barrier()  # every rank's chunks and markers are written
+        if self.ranks is not None:
+            self.ranks.barrier()  # every rank's chunks and markers are written
         if not self.saved.all_cells_done():
             logger.info("%s: cells %s are missing; rerun to complete the scores.", self.saved.path,
                         self.saved.missing_cells())
             return None
-        leader = self.group is None or self.group.leader
+        leader = self.ranks is None or self.ranks.leader
         result = self.saved.aggregate() if leader else None
-        if self.group is not None:
-            self.group.barrier()  # rank 0 has written the final arrays
+        if self.ranks is not None:
+            self.ranks.barrier()  # rank 0 has written the final arrays
             if not leader:
                 result = read_scores(self.saved.path)
         return result
 
 
-def score_cells(open_store: Optional[Callable[[bool], Any]], overwrite: bool, group: Optional[Ranks],
-                device: torch.device, join, cells: Sequence[Cell], groups: List[List[str]]):
+def score_cells(open_store: Optional[Callable[[bool], Any]], overwrite: bool, ranks: Optional[Ranks],
+                device: torch.device, join, cells: Sequence[Cell], partition_layers: List[List[str]]):
     """The place a scoring call's cells go: memory, a store, ranks, or ranks sharing a store."""
     if open_store is not None:
-        return ScoresInStore(parallel.open_in_turn(group, open_store, overwrite), group)
-    return ScoresInMemory(join) if group is None else ScoresOnRanks(join, group, device, cells, groups)
+        return ScoresInStore(parallel.open_in_turn(ranks, open_store, overwrite), ranks)
+    return ScoresInMemory(join) if ranks is None else ScoresOnRanks(join, ranks, device, cells, partition_layers)

@@ -24,7 +24,7 @@ def discover(model, task, data: Data, batch_size: Optional[int], objective: str,
     first = first_batch(data, batch_size, tap.device, argument)
     if objective == "train_sampled":  # a SeededTask's batches carry their examples' indices
         first = sampling.with_example_ids(first, 0, batch_examples(first), tap.device)
-    tap.probes_for(objective, first)
+    tap.discover(objective, first)
     return tap
 
 

@@ -20,12 +20,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .. import distributed as parallel
+from . import ranks as parallel
 from .. import finite
 from .. import partitions as parts
 from .. import sampling
 from ..capture import LayerSpec, ModelTap
-from ..curvature import CurvatureEstimator, pass_order, resolve_strategies
+from ..curvature import (CurvatureEstimator, check_parameter_layers, pass_declaration, pass_order,
+                         resolve_strategies, strategy_label)
 from ..data import Data
 from ..errors import InfluenceError
 from ..factors import Factors, canonical_layout
@@ -39,7 +40,6 @@ from .options import Execution, Layout, per_pass
 from .slices import length, subset
 
 States = Dict[str, Dict[str, torch.Tensor]]
-MAX_DENSE_PARAMETER_LAYER = 4096
 
 
 class PassPlan(NamedTuple):
@@ -91,53 +91,34 @@ class FitRun:
         return strategy_label(self.estimators)
 
 
-def strategy_label(estimators: Dict[str, CurvatureEstimator]) -> str:
-    names = sorted({e.name for e in estimators.values()})
-    return names[0] if len(names) == 1 else "mixed"
-
-
-def plan_passes(pass_names, total_examples, request: FitRequest, layout: Layout, group) -> Dict[str, PassPlan]:
+def plan_passes(pass_names, total_examples, request: FitRequest, layout: Layout, ranks) -> Dict[str, PassPlan]:
     """``{pass: PassPlan}``: each pass's examples and partitions (at least one data partition per rank)."""
     plan = {}
     for name in pass_names:
         limit = per_pass(request.max_examples, name, None)
         examples = total_examples if limit is None or total_examples is None else min(limit, total_examples)
         module_parts = per_pass(layout.module_partitions, name, 1)
-        data_parts = parallel.enough_partitions(per_pass(layout.data_partitions, name, 1), module_parts, group)
+        data_parts = parallel.enough_partitions(per_pass(layout.data_partitions, name, 1), module_parts, ranks)
         parts.check_count(data_parts, "data partitions")
         parts.check_count(module_parts, "module partitions")
         plan[name] = PassPlan(examples, data_parts, module_parts)
     return plan
 
 
-def check_parameter_layers(estimators: Dict[str, CurvatureEstimator], specs: Dict[str, LayerSpec]) -> None:
-    """KFAC/EKFAC on a parameter layer form its exact [P, P] Fisher block: refuse it when P is large."""
-    large = {name: spec.in_features for name, spec in specs.items()
-             if spec.op == "parameters" and spec.in_features > MAX_DENSE_PARAMETER_LAYER
-             and any(p.name == "covariance" for p in estimators[name].passes)}
-    if large:
-        raise InfluenceError(
-            f"Parameter layers {large} (modules tracked through their own parameters, e.g. norms) would need a "
-            f"[P, P] curvature block with {strategy_label({n: estimators[n] for n in large})}; above "
-            f"{MAX_DENSE_PARAMETER_LAYER} parameters use strategy='diagonal' or 'identity' for them (e.g. "
-            "strategy={'*': 'ekfac', '<layer>': 'diagonal'}), or leave them out of Task.tracked_modules()."
-        )
-
-
 def fit(model, task, data: Data, request: FitRequest, execution: Execution, layout: Layout) -> Optional[Factors]:
     """:func:`fninfluence.fit_factors` on parsed arguments: the factors once every pass is complete, else None."""
-    group = execution.group
-    if group is not None:
+    ranks = execution.ranks
+    if ranks is not None:
         parallel.check_data(data, "data")
     if not request.use_empirical_fisher:
         task = sampling.SeededTask(task, request.seed)
-    needs_length = layout.store or request.max_examples or layout.data_partitions != 1 or group
+    needs_length = layout.store or request.max_examples or layout.data_partitions != 1 or ranks
     total_examples = length(data, "data") if needs_length else None
-    if layout.store is not None and not layout.overwrite and request.passes is None and group is None:
+    if layout.store is not None and not layout.overwrite and request.passes is None and ranks is None:
         reused = factors_store.reuse_complete(  # a complete store: no data is read, not even for discovery
             layout.store, model=model, task=task, data=data,
             resolve=lambda specs: resolve_strategies(request.strategy, specs),
-            plan_for=lambda names: plan_passes(names, total_examples, request, layout, group),
+            plan_for=lambda names: plan_passes(names, total_examples, request, layout, ranks),
             arguments=request.recorded(execution))
         if reused is not None:
             return Factors.from_stored(reused)
@@ -148,9 +129,9 @@ def fit(model, task, data: Data, request: FitRequest, execution: Execution, layo
     fitting = execution.precision.fitting(estimators, tap.dtype)  # their outputs in the dtypes asked for
     pass_names = pass_order(estimators)
     _check_passes(request, pass_names, strategy_label(estimators))
-    plan = plan_passes(pass_names, total_examples, request, layout, group)
+    plan = plan_passes(pass_names, total_examples, request, layout, ranks)
     place = places.fit_cells(_store_opener(model, data, fitting, tap, plan, request, execution, layout),
-                             layout.overwrite, group, tap.device)
+                             layout.overwrite, ranks, tap.device)
     fit_run = FitRun(request, execution, layout, tap, fitting, plan, data, total_examples, place)
     return _fit_passes(fit_run, estimators)
 
@@ -166,7 +147,8 @@ def _store_opener(model, data, fitting, tap: ModelTap, plan, request: FitRequest
     """``open(overwrite) -> FitStore`` for ``layout.store``, or None without a store."""
     if layout.store is None:
         return None
-    state_dtypes = {name: execution.precision.fit_dtypes(name, tap.dtype)[0] for name in plan}
+    state_dtypes = {name: execution.precision.fit_dtypes(pass_declaration(_layer_passes(fitting, name)), tap.dtype)[0]
+                    for name in plan}
     return lambda fresh: factors_store.open_fit(
         layout.store, model=model, data=data, estimators=fitting, specs=dict(tap.specs), plan=plan,
         arguments=request.recorded(execution), state_dtypes=state_dtypes, overwrite=fresh)
@@ -207,21 +189,22 @@ def _fit_passes(fit_run: FitRun, estimators: Dict[str, CurvatureEstimator]) -> O
 def _fit_pass(fit_run: FitRun, name: str, factors: States):
     """``(outputs, examples)`` of pass ``name``: its cells computed (those of this process), reduced by the place
     and finalized; None while cells are missing."""
-    fit_passes = {layer: p for layer, e in fit_run.estimators.items() for p in e.passes if p.name == name}
+    fit_passes = _layer_passes(fit_run.estimators, name)
     plan = fit_run.plan[name]
     ranges = parts.data_ranges(plan.examples, plan.data_partitions) if plan.examples is not None else [None]
-    groups = parts.module_groups(list(fit_passes), plan.module_partitions)
-    data_indices, module_indices = fit_run.layout.cells(len(ranges), len(groups))
+    partition_layers = parts.module_groups(list(fit_passes), plan.module_partitions)
+    data_indices, module_indices = fit_run.layout.cells(len(ranges), len(partition_layers))
     pass_cells = places.PassCells(name, [parts.Cell(name, d, m) for m in module_indices for d in data_indices],
-                                  len(ranges), groups)
+                                  len(ranges), partition_layers)
     started, examples = time.perf_counter(), 0
     pass_data = _pass_data(fit_run, plan)
-    every_layer = len(groups) == 1 and len(fit_passes) == len(fit_run.tap.specs)
+    every_layer = len(partition_layers) == 1 and len(fit_passes) == len(fit_run.tap.specs)
     for cell in fit_run.place.todo(pass_cells.cells):
-        tap = fit_run.tap if every_layer else fit_run.tap.restricted(groups[cell.module_partition])
-        cell_data = pass_data if ranges[cell.data_partition] is None or len(ranges) == 1 else subset(pass_data, ranges[cell.data_partition])
+        tap = fit_run.tap if every_layer else fit_run.tap.restricted(partition_layers[cell.module_partition])
+        examples_range = ranges[cell.data_partition]
+        cell_data = pass_data if examples_range is None or len(ranges) == 1 else subset(pass_data, examples_range)
         with fingerprint.recording() as seen:  # the content of the cell's data, hashed as it is read
-            states, count = _fit_cell(fit_run, tap, cell, fit_passes, cell_data, ranges[cell.data_partition], factors)
+            states, count = _fit_cell(fit_run, tap, cell, fit_passes, cell_data, examples_range, factors)
         examples += count if cell.module_partition == 0 else 0  # each example once, not once per module partition
         fit_run.place.keep(cell, states, count, seen)
     examples = fit_run.place.examples(examples)  # this pass's, as the store's
@@ -235,6 +218,11 @@ def _fit_pass(fit_run: FitRun, name: str, factors: States):
     log_phase(f"{fit_run.label} {name} pass", examples, started, fit_run.tap.device, phase=name,
               seconds=finalize_started - started, finalize_seconds=time.perf_counter() - finalize_started)
     return outputs, examples
+
+
+def _layer_passes(estimators: Dict[str, CurvatureEstimator], name: str) -> Dict[str, Any]:
+    """``{layer: its estimator's pass called name}`` for the layers whose estimator has that pass."""
+    return {layer: p for layer, e in estimators.items() for p in e.passes if p.name == name}
 
 
 def _pass_data(fit_run: FitRun, plan: PassPlan) -> Data:
@@ -262,8 +250,9 @@ def _fit_cell(fit_run: FitRun, tap: ModelTap, cell: parts.Cell, fit_passes, data
 
 def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precision, earlier: States) -> BatchStep:
     """The per-batch step of a fit pass: ``state + update(stats of the batch)`` for every layer of the tap."""
-    state_dtype, compute_dtype = precision.fit_dtypes(pass_name, tap.dtype)
-    raw = pass_name == "covariance"  # sums of raw a a^T and g g^T: no per-example gradient to post-process
+    declared = pass_declaration(fit_passes)
+    state_dtype, compute_dtype = precision.fit_dtypes(declared, tap.dtype)
+    raw = declared.reads_raw_statistics  # e.g. sums of a a^T and g g^T: no per-example gradient to post-process
 
     def compute(params, buffers, batch, probes, inputs):
         state, earlier = inputs

@@ -16,10 +16,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import arguments
-from .. import distributed as parallel
+from . import ranks as parallel
 from .. import partitions as parts
 from .. import postprocess
-from ..distributed import Ranks
+from .ranks import Ranks
 from ..errors import InfluenceError
 from ..precision import Precision
 from .loop import CompileOption
@@ -37,7 +37,7 @@ def per_pass(value: PerPass, name: str, default):
 
 @dataclass(frozen=True)
 class Execution:
-    """How a call runs. ``group`` is this process's place among torchrun's ranks (None: alone); progress
+    """How a call runs. ``ranks`` is this process's place among torchrun's ranks (None: alone); progress
     bars are shown by one rank only."""
 
     batch_size: Optional[int]
@@ -45,14 +45,14 @@ class Execution:
     progress: bool
     precision: Precision
     per_example_vmap: bool
-    group: Optional[Ranks]
+    ranks: Optional[Ranks]
 
     @staticmethod
     def parse(batch_size, compile, progress, precision, per_example_vmap, distributed) -> "Execution":
         arguments.check_positive(batch_size, "batch_size")
-        group = parallel.ranks(distributed)
-        return Execution(batch_size, compile, bool(progress) and (group is None or group.leader),
-                         precision or Precision(), per_example_vmap, group)
+        ranks = parallel.ranks(distributed)
+        return Execution(batch_size, compile, bool(progress) and (ranks is None or ranks.leader),
+                         precision or Precision(), per_example_vmap, ranks)
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ class Layout:
     def single_cell(self) -> bool:
         return self.store is None and self.data_partitions == 1 and self.module_partitions == 1
 
-    def with_ranks(self, group: Optional[Ranks]) -> "Layout":
+    def with_ranks(self, ranks: Optional[Ranks]) -> "Layout":
         """At least one data partition per rank (scores: one count for the whole call)."""
-        if group is None:
+        if ranks is None:
             return self
         return replace(self, data_partitions=parallel.enough_partitions(self.data_partitions, self.module_partitions,
-                                                                         group))
+                                                                         ranks))
 
     def cells(self, data_parts: int, module_parts: int) -> Tuple[list, list]:
         """``(data indices, module indices)`` this call computes; partial targets need a store."""

@@ -1,4 +1,4 @@
-"""The query side of pairwise scores: preconditioned measurement gradients, their low-rank forms, and groups of
+"""The query side of pairwise scores: preconditioned measurement gradients, their low-rank forms, and blocks of
 queries scored per pass over the training data."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import distributed as parallel
+from . import ranks as parallel
 from .. import finite
 from .. import sampling
 from ..capture import ModelTap
@@ -36,17 +36,17 @@ def query_gradients(tap: ModelTap, factors: Factors, query_data: Data, damping: 
     each query gradient is computed once and every rank holds them all.
     """
     if tap.specs is None:
-        tap.probes_for("measurement", first_batch(query_data, batch_size, tap.device, "query_data"))
+        tap.discover("measurement", first_batch(query_data, batch_size, tap.device, "query_data"))
     check_layers(factors, tap)  # once: the layers do not change between batches (discovery checks that)
-    group = execution.group
+    ranks = execution.ranks
     settings = PassSettings("query gradients", batch_size, execution.compile, execution.progress, "query_data",
-                            owns=None if group is None else (lambda index: group.owner(index) == group.rank))
+                            owns=None if ranks is None else (lambda index: ranks.owner(index) == ranks.rank))
     step = query_step(tap, factors, damping, aggregate, execution.precision)
     chunks, _ = run_pass(tap, query_data, step, [], settings)
     if not chunks:
         raise InfluenceError("query_data is empty: there is no query to score.")
-    if group is not None:
-        chunks = parallel.share_batches(group, chunks, list(tap.specs), tap.device)
+    if ranks is not None:
+        chunks = parallel.share_batches(ranks, chunks, list(tap.specs), tap.device)
     if aggregate:
         chunks = [_precondition_sum(tap, factors, chunks, damping, execution.precision)]
     return chunks
@@ -64,7 +64,8 @@ def query_step(tap: ModelTap, factors: Factors, damping, aggregate: bool, precis
         grads = {layer: per_example_grads(cast_stats(s, grad_dtype), tap.specs[layer].in_features)
                  for layer, s in stats.items()}
         if aggregate:
-            return (loss, finite.finite_flags(loss, grads)), {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
+            summed = {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
+            return (loss, finite.finite_flags(loss, grads)), summed
         result = {layer: preconditioned(factors.estimator_for(layer), layer, layer_factors[layer],
                                         g.to(precondition_dtype), damping)
                   for layer, g in grads.items()}
@@ -120,16 +121,17 @@ def rows(query: Query) -> int:
     return (query[0] if isinstance(query, tuple) else query).shape[0]
 
 
-def query_groups(chunks: List[Dict[str, Query]], per_pass: Optional[int]) -> List[List[Dict[str, Query]]]:
-    """Query batches grouped so that each group holds at most ``per_pass`` queries (None: one group)."""
+def query_blocks(chunks: List[Dict[str, Query]], per_pass: Optional[int]) -> List[List[Dict[str, Query]]]:
+    """Query batches in blocks of at most ``per_pass`` queries, each scored in its own pass over the training
+    data (None: one block)."""
     if per_pass is None:
         return [chunks]
-    groups, current, count = [], [], 0
+    blocks, current, count = [], [], 0
     for chunk in chunks:
         size = rows(next(iter(chunk.values())))
         if current and count + size > per_pass:
-            groups.append(current)
+            blocks.append(current)
             current, count = [], 0
         current.append(chunk)
         count += size
-    return groups + [current]
+    return blocks + [current]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .. import distributed as parallel
+from . import ranks as parallel
 from .. import finite
 from .. import partitions as parts
 from ..capture import LayerSpec, ModelTap, batch_examples, check_finite
@@ -27,7 +27,7 @@ from .discovery import cast_stats, check_layers, discover, factors_on, gradient_
 from .estimator_calls import preconditioned, shaped
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution, Layout, PairwiseKind, SelfKind
-from .queries import compress, query_gradients, query_groups, rows
+from .queries import compress, query_gradients, query_blocks, rows
 from .slices import first_batch, length, subset
 
 PerLayer = Dict[str, torch.Tensor]
@@ -52,13 +52,13 @@ class ScoreCall:
 
 def score(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
     """Scores of any kind: ``[Q, N]`` / ``[N]`` (per layer if ``per_module``), or None while cells are missing."""
-    group, precision = call.execution.group, call.execution.precision
-    if group is not None:
+    ranks, precision = call.execution.ranks, call.execution.precision
+    if ranks is not None:
         parallel.check_data(call.train_data, call.kind.train_argument)
         if call.query_data is not None:
             parallel.check_data(call.query_data, "query_data")
-        call = replace(call, layout=call.layout.with_ranks(group))
-    if call.layout.store is not None and not call.layout.overwrite and group is None:
+        call = replace(call, layout=call.layout.with_ranks(ranks))
+    if call.layout.store is not None and not call.layout.overwrite and ranks is None:
         reused = _reuse(call)
         if reused is not None:
             return reused
@@ -90,14 +90,14 @@ def _output(call: ScoreCall, tap: ModelTap, per_layer: Optional[PerLayer]):
 def _cells(call: ScoreCall, tap: ModelTap) -> Optional[PerLayer]:
     """Scores cell by cell (data x module partitions) through the place the cells go."""
     ranges = parts.data_ranges(length(call.train_data, call.kind.train_argument), call.layout.data_partitions)
-    groups = parts.module_groups(list(tap.specs), call.layout.module_partitions)
-    data_indices, module_indices = call.layout.cells(len(ranges), len(groups))
+    partition_layers = parts.module_groups(list(tap.specs), call.layout.module_partitions)
+    data_indices, module_indices = call.layout.cells(len(ranges), len(partition_layers))
     work = [parts.Cell(call.kind.name, d, m) for m in module_indices for d in data_indices]
-    place = places.score_cells(_store_opener(call, tap, ranges, groups), call.layout.overwrite, call.execution.group,
-                               tap.device, call.kind.join, work, groups)
-    taps = {m: tap if len(groups) == 1 else tap.restricted(groups[m]) for m in module_indices}
+    place = places.score_cells(_store_opener(call, tap, ranges, partition_layers), call.layout.overwrite,
+                               call.execution.ranks, tap.device, call.kind.join, work, partition_layers)
+    taps = {m: tap if len(partition_layers) == 1 else tap.restricted(partition_layers[m]) for m in module_indices}
     scorers = {m: ScoreCell(call, taps[m]) for m in module_indices}
-    if call.execution.group is not None:
+    if call.execution.ranks is not None:
         for m in module_indices:  # on every rank, in the same order: the shared query gradients hold collectives
             scorers[m].prepare()
     for cell in place.todo(work):
@@ -108,13 +108,13 @@ def _cells(call: ScoreCall, tap: ModelTap) -> Optional[PerLayer]:
     return place.result()
 
 
-def _store_opener(call: ScoreCall, tap: ModelTap, ranges, groups):
+def _store_opener(call: ScoreCall, tap: ModelTap, ranges, partition_layers):
     if call.layout.store is None:
         return None
     precision = call.execution.precision
     return lambda fresh: scores_store.open_scores(
         call.layout.store, kind=call.kind.name, model=call.model, factors=call.factors, specs=dict(tap.specs),
-        train_data=call.train_data, query_data=call.query_data, ranges=ranges, groups=groups,
+        train_data=call.train_data, query_data=call.query_data, ranges=ranges, groups=partition_layers,
         per_module=call.per_module, shape=score_shape(call), arguments=call.kind.recorded(precision),
         overwrite=fresh, dtype=precision.score_output(tap.dtype))
 
@@ -174,7 +174,7 @@ class PairwiseCell:
             self.queries = query_gradients(self.tap, call.factors, call.query_data, kind.damping,
                                            kind.aggregate_queries, call.execution,
                                            kind.query_batch_size or call.execution.batch_size)
-        if call.execution.group is None:  # under torchrun each rank reads only its share of the queries
+        if call.execution.ranks is None:  # under torchrun each rank reads only its share of the queries
             self.query_digest = seen
 
     def compute(self, train_data: Data, label: str) -> PerLayer:
@@ -185,8 +185,9 @@ class PairwiseCell:
         results: Dict[str, List[torch.Tensor]] = {}
         step = pairwise_step(tap, kind, execution.precision)
         settings = PassSettings(label, execution.batch_size, execution.compile, execution.progress, "train_data")
-        for group in query_groups(queries, kind.queries_per_pass):
-            (columns, _), _ = run_pass(tap, train_data, step, ({layer: [] for layer in tap.specs}, group), settings)
+        for queries_block in query_blocks(queries, kind.queries_per_pass):
+            (columns, _), _ = run_pass(tap, train_data, step, ({layer: [] for layer in tap.specs}, queries_block),
+                                       settings)
             for layer, blocks in columns.items():
                 if blocks:
                     joined = sum(blocks) if kind.aggregate_train else torch.cat(blocks, dim=1)
@@ -201,23 +202,23 @@ class PairwiseCell:
 
 
 def pairwise_step(tap: ModelTap, kind: PairwiseKind, precision) -> BatchStep:
-    """Per training batch: the score columns of every query of a group against the batch's examples. The carry
-    is ``(columns so far, the group of queries)``."""
+    """Per training batch: the score columns of every query of a block of queries against the batch's examples.
+    The carry is ``(columns so far, the block of queries)``."""
     score_dtype = precision.score_compute(tap.dtype)
     specs = tap.specs
 
-    def columns_of(layer: str, stats, group) -> torch.Tensor:
+    def columns_of(layer: str, stats, queries_block) -> torch.Tensor:
         if kind.aggregate_train:
-            return torch.cat([summed_train_scores(q[layer], stats) for q in group])[:, None]
+            return torch.cat([summed_train_scores(q[layer], stats) for q in queries_block])[:, None]
         with_tokens = kind.per_token and has_tokens(specs[layer], kind.conv_tokens)
-        block = torch.cat([pairwise_layer_scores(q[layer], stats, with_tokens, specs[layer].calls) for q in group],
-                          dim=0)
+        block = torch.cat([pairwise_layer_scores(q[layer], stats, with_tokens, specs[layer].calls)
+                           for q in queries_block], dim=0)
         return block if with_tokens or not kind.per_token else block[..., None]
 
-    def compute(params, buffers, batch, probes, group):
+    def compute(params, buffers, batch, probes, queries_block):
         loss, stats = gradient_stats(tap, "train", params, buffers, batch, probes[0])
         stats = {layer: cast_stats(s, score_dtype) for layer, s in stats.items()}
-        columns = {layer: columns_of(layer, s, group) for layer, s in stats.items()}
+        columns = {layer: columns_of(layer, s, queries_block) for layer, s in stats.items()}
         return (loss, finite.finite_flags(loss, stats, columns)), columns
 
     def check(checked, index):
@@ -225,11 +226,11 @@ def pairwise_step(tap: ModelTap, kind: PairwiseKind, precision) -> BatchStep:
         finite.raise_not_finite(flags, loss, "train", index, [specs, specs], [finite.GRADIENTS, finite.SCORES],
                                 "The training gradients")
 
-    def fold(carry, block):
-        columns, group = carry
-        for layer, value in block.items():
+    def fold(carry, new_columns):
+        columns, queries_block = carry
+        for layer, value in new_columns.items():
             columns[layer].append(value)
-        return columns, group
+        return columns, queries_block
 
     return BatchStep(compute=compute, objectives=("train",), fold=fold, check=check, inputs=lambda carry: carry[1])
 

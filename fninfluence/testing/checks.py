@@ -10,6 +10,8 @@ states are sums over examples, factors are averages, ``precondition`` is a dampe
 * ``duplication``: fitting on every example twice gives the same scores (factors are averages);
 * ``self = diag(pairwise)``: ``self_score`` agrees with ``precondition`` (for each damping);
 * ``symmetric, positive, linear``: ``<P(G1), G2> = <G1, P(G2)>``, ``<P(G), G> > 0``, ``P`` is linear;
+* ``meta sizes``: each pass's ``init`` and ``finalize`` run on the meta device give the fitted factors' names,
+  shapes and dtypes (what :func:`fninfluence.estimate_memory` and the factor stores size and lay out);
 * ``one example exact`` (opt-in with ``exact_for_one_example=True``): on a single example, each layer with one
   token (position) per example scores as with its exact dense Fisher (true of KFAC and EKFAC, whose per-example
   gradient ``g a^T`` is then rank one; not of identity or diagonal).
@@ -29,10 +31,12 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from ..capture import ModelTap
-from ..curvature import CurvatureEstimator
+from ..curvature import CurvatureEstimator, meta_passes
 from ..data import batches
+from ..errors import InfluenceError
 from ..factors import Factors
 from ..pipeline import fit_factors, pairwise_scores, self_scores
+from ..precision import Precision
 from ..task import Task
 from .oracles import dense_fisher, dense_influence, layer_gradients, per_example_gradients
 
@@ -219,6 +223,26 @@ def _check_operator(run: _Run, dampings: Sequence[Damping], rtol: float) -> None
                                        max(0.0, -smallest), "<P(G), G> <= 0 for some G: not positive definite."))
 
 
+def _signature(tensors) -> dict:
+    return {name: (tuple(value.shape), value.dtype) for name, value in tensors.items()}
+
+
+def _check_meta_sizes(run: _Run) -> None:
+    factors = run.fit()
+    model_dtype = next(run.case.model.parameters()).dtype
+    precision = Precision()  # what run.fit uses
+    fitting = precision.fitting({"*": run.estimator}, model_dtype)["*"]
+    mismatched = []
+    for layer, spec in factors.layers.items():
+        passes = meta_passes(fitting, spec.shape, lambda fit_pass: precision.fit_dtypes(fit_pass, model_dtype)[0])
+        meta = {name: value for sized in passes.values() for name, value in sized.outputs.items()}
+        if _signature(meta) != _signature(factors.tensors[layer]):
+            mismatched.append(f"{layer}: meta {_signature(meta)} != fitted {_signature(factors.tensors[layer])}")
+    run.results.append(CheckResult("meta sizes", run.case.name, not mismatched, float("inf") if mismatched else 0.0,
+                                   "init/finalize on the meta device disagree with the fitted factors (shapes or "
+                                   "dtypes depend on values?): " + "; ".join(mismatched)))
+
+
 def _check_one_example(run: _Run, damping: float, rtol: float) -> None:
     """Layers with one token per example only: there ``G = g a^T`` is rank one and the Kronecker basis exact."""
     one = Subset(run.case.train, [1])
@@ -237,7 +261,7 @@ def _check_one_example(run: _Run, damping: float, rtol: float) -> None:
 
 
 CHECKS = ("batch size", "order", "partitions", "duplication", "self = diag(pairwise)", "symmetric", "linear",
-          "positive", "one example exact")
+          "positive", "meta sizes", "one example exact")
 
 
 def check_estimator(
@@ -259,8 +283,6 @@ def check_estimator(
             check_estimator(my_estimator, exact_for_one_example=True)
     """
     if not isinstance(estimator, CurvatureEstimator):
-        from ..errors import InfluenceError
-
         raise InfluenceError(f"check_estimator needs a CurvatureEstimator, got {type(estimator).__name__}; build one "
                              "with fninfluence.CurvatureEstimator(name, passes, precondition, self_score).")
     results: List[CheckResult] = []
@@ -273,6 +295,7 @@ def check_estimator(
             lambda: _check_duplication(run, damping, rtol),
             lambda: _check_self(run, (damping, None), rtol),
             lambda: _check_operator(run, (damping, None), rtol),
+            lambda: _check_meta_sizes(run),
         ]
         if exact_for_one_example:
             checks.append(lambda: _check_one_example(run, damping, rtol))
