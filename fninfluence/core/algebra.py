@@ -34,7 +34,7 @@ The one-hot algebra, with ``S_v = {t : i_t = v}`` (the positions of token v in o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -133,8 +133,8 @@ def cast(stats: Mapping, dtype: torch.dtype) -> LayerStats:
     """The floating-point fields (``a``, ``g``, ``id_values``) in ``dtype``; ids and the token count as they are."""
     stats = as_stats(stats)
     if isinstance(stats, OneHotStats):
-        return replace(stats, id_values=stats.id_values.to(dtype), g=stats.g.to(dtype))
-    return replace(stats, a=stats.a.to(dtype), g=stats.g.to(dtype))
+        return OneHotStats(stats.ids, stats.id_values.to(dtype), stats.g.to(dtype), stats.tokens)
+    return DenseStats(stats.a.to(dtype), stats.g.to(dtype), stats.tokens)
 
 
 def from_single_examples(stats: LayerStats) -> LayerStats:
@@ -291,11 +291,11 @@ def in_eigenbasis(stats: Mapping, activation_vectors: Optional[torch.Tensor],
     if gradient_vectors is not None:
         g = torch.einsum("btgo,gop->btgp", g, gradient_vectors.to(g.dtype))
     if isinstance(stats, OneHotStats):
-        return replace(stats, g=g)
+        return OneHotStats(stats.ids, stats.id_values, g, stats.tokens)
     a = stats.a
     if activation_vectors is not None:
         a = torch.einsum("btgi,gij->btgj", a, activation_vectors.to(a.dtype))
-    return replace(stats, a=a, g=g)
+    return DenseStats(a, g, stats.tokens)
 
 
 def squared_example_grads(stats: Mapping, in_features: int) -> torch.Tensor:
