@@ -42,6 +42,7 @@ from ..curvature import get_estimator
 from ..run.ranks import unwrap
 from ..errors import InfluenceError
 from ..factors import Factors
+from ..partitions import Cell
 from ..precision import Precision
 from ..store.names import check_name, child
 from ..store.scores_store import read_scores
@@ -456,7 +457,8 @@ def _drop_passes_after_covariance(directory: Path, estimator) -> None:
     later = [p.name for p in estimator.passes if p.name != "covariance"]
     for marker in list(done.glob("*.json")) if done.exists() else []:
         stem = marker.name[: -len(".json")]
-        if stem == "complete" or any(stem == f"pass-{p}" or stem.startswith(f"{p}-data") for p in later):
+        cell = Cell.parse(stem)
+        if stem == "complete" or stem in {f"pass-{p}" for p in later} or (cell is not None and cell.kind in later):
             marker.unlink()
 
 

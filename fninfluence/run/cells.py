@@ -53,6 +53,7 @@ class PassCells(NamedTuple):
     def keys(self) -> List[tuple]:
         return [(cell.module_partition, cell.data_partition) for cell in self.cells]
 
+
 class FitInMemory:
     """One process, no store: partial states kept per layer, summed in partition order."""
 
