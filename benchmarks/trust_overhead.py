@@ -24,7 +24,7 @@ import torch
 
 import fninfluence as fi
 from fninfluence.capture import ModelTap
-from fninfluence.data import as_loader
+from fninfluence.run.data import as_loader
 from fninfluence.store.fingerprint import example_digests, model_fingerprint
 
 from .workloads import build

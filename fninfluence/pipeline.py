@@ -14,11 +14,11 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import arguments
+from .run import arguments
 from .run import ranks as parallel
 from .capture import ModelTap
 from .curvature import CurvatureEstimator
-from .data import Data
+from .run.data import Data
 from .factors import Factors
 from .precision import Precision
 from .run.fit import FitRequest, fit

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 import fninfluence as fi
 from fninfluence.core import algebra
 from fninfluence.core.algebra import DenseStats, OneHotStats
-from fninfluence.scores import example_grad_dot, pairwise_layer_scores, summed_train_scores
+from fninfluence.core.scores import example_grad_dot, pairwise_layer_scores, summed_train_scores
 from fninfluence.testing import layer_gradients, per_example_gradients
 
 B, T, D, V, Q = 3, 5, 4, 7, 2

@@ -261,7 +261,7 @@ def test_randomised_factorisation_is_a_projection_no_better_than_the_truncation(
     ``|P - LR|^2 = |P|^2 - |LR|^2`` (Pythagoras), ``|P - LR| >= |P - P_k|`` (Eckart-Young) and, on a decaying
     spectrum, ``|P - LR| <= 2 |P - P_k|``; ``full_svd=True`` gives ``P_k`` itself; a rank at or above the
     matrix rank reproduces it."""
-    from fninfluence.scores import low_rank
+    from fninfluence.core.scores import low_rank
 
     g = torch.Generator().manual_seed(0)
     queries, groups, out, inp, rank = 3, 2, 9, 7, 3

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 import fninfluence as fi
 from fninfluence.curvature.kfac import second_moment
 from fninfluence.precision import Precision
-from fninfluence.scores import pairwise_layer_scores
+from fninfluence.core.scores import pairwise_layer_scores
 from models import ClassificationTask, mlp
 
 WIDE = Precision(covariance_dtype=torch.float64, lambda_dtype=torch.float64, per_sample_gradient_dtype=torch.float64,

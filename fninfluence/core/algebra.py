@@ -40,7 +40,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.utils._pytree import register_dataclass
 
-from ..contract import contract
+from .contract import contract
 from ..errors import InfluenceError
 
 Query = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # dense [Q, G, out, in] or low rank (L, R)

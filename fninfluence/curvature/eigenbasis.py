@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import contract
+from ..core.contract import contract
 from ..core import algebra
 from .base import Damping, FitPass, LayerShape, PassMemory, ScoreMemory, Tensors, Workspace, damped_reciprocal
 

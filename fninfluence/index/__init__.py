@@ -23,17 +23,17 @@ from tqdm.auto import tqdm
 
 from .. import partitions as parts
 from ..capture import ModelTap, check_finite
-from ..data import Data
+from ..run.data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
-from ..arguments import check_damping
+from ..run.arguments import check_damping
 from ..run.discovery import cast_stats, check_layers, discover
 from ..run.loop import BatchStep, CompileOption, PassSettings, run_pass
 from ..run.options import Execution, Targets
 from ..run.queries import query_gradients
 from ..run.slices import first_batch, length, subset
 from ..precision import Precision
-from ..scores import pairwise_layer_scores, total
+from ..core.scores import pairwise_layer_scores, total
 from ..store.fingerprint import model_fingerprint
 from ..store.index_store import IndexStore, load_index, open_index
 from ..task import Task

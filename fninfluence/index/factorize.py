@@ -3,7 +3,7 @@
 For one layer and example ``n`` the gradient is ``G_n = sum_t g_t a_t^T`` (``[G, out, in]`` per group).
 The index keeps ``K`` "pseudo-tokens" ``(u_k, v_k)`` with ``G_n ~ sum_k u_k v_k^T``, laid out like the
 stats themselves (``g: [N, K, G, out]``, ``a: [N, K, G, in]``), so the score contraction of
-:func:`fninfluence.scores.pairwise_layer_scores` applies to the index unchanged:
+:func:`fninfluence.core.scores.pairwise_layer_scores` applies to the index unchanged:
 
 * ``T <= K`` (including every layer without a token dimension, where ``G_n = g a^T`` is rank one):
   the tokens themselves, zero-padded to ``K``: exact;
@@ -20,7 +20,7 @@ from typing import Mapping, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..contract import contract
+from ..core.contract import contract
 from ..core.algebra import DenseStats, require_dense
 
 

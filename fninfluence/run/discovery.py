@@ -11,7 +11,7 @@ from .. import postprocess, sampling
 from ..capture import ModelTap, batch_examples
 from ..core import algebra
 from ..core.algebra import LayerStats
-from ..data import Data
+from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
 from .slices import first_batch

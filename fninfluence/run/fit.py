@@ -21,13 +21,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from . import ranks as parallel
-from .. import finite
+from . import finite
 from .. import partitions as parts
 from .. import sampling
 from ..capture import LayerSpec, ModelTap
 from ..curvature import (CurvatureEstimator, check_parameter_layers, pass_declaration, pass_order,
                          resolve_strategies, strategy_label)
-from ..data import Data
+from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors, canonical_layout
 from ..progress import log_phase

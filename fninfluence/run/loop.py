@@ -3,7 +3,7 @@ cell, the training-gradient index) is :func:`run_pass` with its own :class:`Batc
 
 The loop owns what every pass needs and nothing a pass decides:
 
-- the batches, in order, on the model's device (:func:`fninfluence.data.batches`, which also hashes them
+- the batches, in order, on the model's device (:func:`fninfluence.run.data.batches`, which also hashes them
   for the stores' data digests);
 - the zero probes of each objective for the batch's shapes (:meth:`ModelTap.probes_for`);
 - optional ``torch.compile(fullgraph=True)`` of the pure step, with the batch dimension marked dynamic;
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import sampling
 from ..capture import ModelTap, batch_examples, unfused
-from ..data import Data, batches, num_batches
+from .data import Data, batches, num_batches
 from ..errors import InfluenceError
 from ..progress import log_phase
 
@@ -41,7 +41,7 @@ class BatchStep:
 
     ``compute`` is pure and may be compiled; ``inputs(carry)`` is what it reads besides the batch and the
     probes; ``fold(carry, output)`` keeps its result on the host side; ``check(checked, index)`` raises for a
-    non-finite stage (see :mod:`fninfluence.finite`); ``init(batch)`` builds the carry from the first batch
+    non-finite stage (see :mod:`fninfluence.run.finite`); ``init(batch)`` builds the carry from the first batch
     when the pass starts with ``carry=None`` (a fit state's shapes come from discovery).
     """
 
@@ -117,7 +117,7 @@ def _sampled_labels(seed: Optional[int], first: int, device: torch.device):
 def _mark_shapes(args: Sequence[Any], batched: Sequence[int]) -> None:
     """Dimension 0 (the examples) of the tensors in ``args[batched]`` dynamic, every other dimension
     static: a last, shorter batch then reuses the compiled graph instead of compiling another, and the
-    contraction plans (:mod:`fninfluence.contract`) see static sizes everywhere else. (``maybe_``: a model that
+    contraction plans (:mod:`fninfluence.core.contract`) see static sizes everywhere else. (``maybe_``: a model that
     needs a fixed batch size still compiles, specialised.) The model's parameters and buffers (the first two
     arguments) are left alone: their shapes never change, and they are the user's tensors."""
     for position, value in enumerate(args):

@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import arguments
+from . import arguments
 from . import ranks as parallel
 from .. import partitions as parts
 from .. import postprocess

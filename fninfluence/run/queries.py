@@ -10,15 +10,15 @@ from typing import Dict, List, Optional
 import torch
 
 from . import ranks as parallel
-from .. import finite
+from . import finite
 from .. import sampling
 from ..capture import ModelTap
 from ..curvature import per_example_grads
-from ..data import Data
+from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..precision import Precision
-from ..scores import Query, low_rank
+from ..core.scores import Query, low_rank
 from .discovery import cast_stats, check_layers, factors_on, gradient_stats
 from .estimator_calls import preconditioned
 from .loop import BatchStep, PassSettings, run_pass

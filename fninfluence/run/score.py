@@ -13,14 +13,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import ranks as parallel
-from .. import finite
+from . import finite
 from .. import partitions as parts
 from ..capture import LayerSpec, ModelTap, batch_examples, check_finite
 from ..curvature import per_example_grads
-from ..data import Data
+from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
-from ..scores import example_grad_dot, pairwise_layer_scores, spread_to_tokens, summed_train_scores, total
+from ..core.scores import example_grad_dot, pairwise_layer_scores, spread_to_tokens, summed_train_scores, total
 from ..store import fingerprint, scores_store
 from . import cells as places
 from .discovery import cast_stats, check_layers, discover, factors_on, gradient_stats

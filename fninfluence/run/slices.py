@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..data import Data, batches
+from .data import Data, batches
 from ..errors import InfluenceError
 
 

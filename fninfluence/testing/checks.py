@@ -32,7 +32,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from ..capture import ModelTap
 from ..curvature import CurvatureEstimator, meta_passes
-from ..data import batches
+from ..run.data import batches
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..pipeline import fit_factors, pairwise_scores, self_scores

@@ -24,8 +24,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .core.algebra import Query, example_grad_dot, score_contraction
-from .errors import InfluenceError
+from .algebra import Query, example_grad_dot, score_contraction
+from ..errors import InfluenceError
 
 __all__ = ["Query", "pairwise_layer_scores", "summed_train_scores", "example_grad_dot", "low_rank",
            "spread_to_tokens", "total"]

@@ -9,7 +9,8 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
                               SubsetRandomSampler, WeightedRandomSampler)
 from torch.utils._pytree import tree_map
 
-from .errors import InfluenceError
+from ..errors import InfluenceError
+from ..store.fingerprint import record
 
 DEFAULT_BATCH_SIZE = 64
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
@@ -80,8 +81,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batches(data: Data, batch_size: Optional[int], device: torch.device, argument: str = "data") -> Iterator[Any]:
-    from .store.fingerprint import record
-
     for batch in as_loader(data, batch_size, argument):
         record(batch)  # the content fingerprint a store checks, hashed on the host as the batch is read anyway
         yield to_device(batch, device)

@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .capture import check_finite
-from .errors import InfluenceError
+from ..capture import check_finite
+from ..errors import InfluenceError
 
 GRADIENTS = (
     "Their gradients hold NaN or Inf although the loss is finite: look for an operation whose derivative is "

@@ -10,7 +10,7 @@ import math
 from numbers import Integral, Real
 from typing import Any, Mapping
 
-from .errors import InfluenceError
+from ..errors import InfluenceError
 
 
 def check_damping(damping: Any) -> None:
