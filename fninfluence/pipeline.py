@@ -168,7 +168,7 @@ def pairwise_scores(
     ``distributed`` work as in :func:`fit_factors`; the result is None while cells are missing. Under
     ``torchrun`` each rank scores its share of the training data and, with a store, writes its own chunks.
     """
-    kind = PairwiseKind.parse(task, damping, query_batch_size or batch_size, per_token, conv_tokens, query_rank,
+    kind = PairwiseKind.parse(task, damping, query_batch_size, per_token, conv_tokens, query_rank,
                               full_svd, aggregate_queries, aggregate_train, queries_per_pass)
     execution = Execution.parse(batch_size, compile, progress, precision, per_example_vmap, distributed)
     layout = Layout.parse(store, overwrite, data_partitions, module_partitions, target_data_partitions,
