@@ -187,6 +187,12 @@ def fit_cells(open_store: Optional[Callable[[bool], Any]], overwrite: bool, rank
 
 # -- scoring -----------------------------------------------------------------------------------------
 
+class Scores(NamedTuple):
+    """A scoring call's result: per layer, and summed over layers where a store summed them itself."""
+
+    per_layer: PerLayer
+    summed: Optional[torch.Tensor] = None
+
 class ScoresInMemory:
     """One process, no store: each cell's per-layer scores kept, joined along the training axis."""
 
@@ -208,9 +214,9 @@ class ScoresInMemory:
         return {layer: self.join([block for _, block in sorted(blocks, key=lambda item: item[0])])
                 for layer, blocks in by_layer.items()}
 
-    def result(self) -> Optional[Dict[str, torch.Tensor]]:
-        """Per-layer scores (``{"all_modules": ...}`` added by stores), or None while cells are missing."""
-        return self._joined(self.cells)
+    def result(self) -> Optional[Scores]:
+        """The scores of every cell brought together, or None while cells are missing."""
+        return Scores(self._joined(self.cells))
 
 
 class ScoresOnRanks(ScoresInMemory):
@@ -224,11 +230,12 @@ class ScoresOnRanks(ScoresInMemory):
     def todo(self, cells: Sequence[Cell]) -> List[Cell]:
         return self.ranks.mine(list(cells))
 
-    def result(self) -> Optional[Dict[str, torch.Tensor]]:
+    def result(self) -> Optional[Scores]:
         keys = [(c.module_partition, c.data_partition) for c in self.all_cells]
         mine = {(c.module_partition, c.data_partition): v for c, v in self.cells.items()}
         shared = parallel.share_cells(self.ranks, keys, self.partition_layers, mine, self.device)
-        return self._joined({cell: shared[(cell.module_partition, cell.data_partition)] for cell in self.all_cells})
+        return Scores(self._joined({cell: shared[(cell.module_partition, cell.data_partition)]
+                                    for cell in self.all_cells}))
 
 
 class ScoresInStore:
@@ -245,7 +252,7 @@ class ScoresInStore:
     def keep(self, cell: Cell, per_layer: PerLayer, train: DataDigest, query: Optional[DataDigest]) -> None:
         self.saved.write_cell(cell, per_layer, train, query)
 
-    def result(self) -> Optional[Dict[str, torch.Tensor]]:
+    def result(self) -> Optional[Scores]:
         if self.ranks is not None:
             self.ranks.barrier()  # every rank's chunks and markers are written
         if not self.saved.all_cells_done():
@@ -258,7 +265,8 @@ class ScoresInStore:
             self.ranks.barrier()  # rank 0 has written the final arrays
             if not leader:
                 result = read_scores(self.saved.path)
-        return result
+        summed = result.pop("all_modules")
+        return Scores(result, summed)
 
 
 def score_cells(open_store: Optional[Callable[[bool], Any]], overwrite: bool, ranks: Optional[Ranks],

@@ -41,8 +41,8 @@ class BatchStep:
 
     ``compute`` is pure and may be compiled; ``inputs(carry)`` is what it reads besides the batch and the
     probes; ``fold(carry, output)`` keeps its result on the host side; ``check(checked, index)`` raises for a
-    non-finite stage (see :mod:`fninfluence.run.finite`); ``init(batch)`` builds the carry from the first batch
-    when the pass starts with ``carry=None`` (a fit state's shapes come from discovery).
+    non-finite stage (see :mod:`fninfluence.run.finite`); ``init()`` builds the carry when the first batch
+    arrives and the pass started with ``carry=None`` (a fit state, whose shapes discovery knows).
     """
 
     compute: Callable[..., Tuple[Any, Any]]

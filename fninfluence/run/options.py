@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,6 +23,7 @@ from .ranks import Ranks
 from ..errors import InfluenceError
 from ..precision import Precision
 from .loop import CompileOption
+from .tokens import token_count
 
 PerPass = Union[int, None, Mapping[str, Optional[int]]]
 Targets = Optional[Sequence[int]]
@@ -143,6 +144,22 @@ class PairwiseKind:
         """One layer's score blocks of the data partitions, in order -> its scores."""
         return sum(blocks) if self.aggregate_train else torch.cat(blocks, dim=1)
 
+    def shape(self, examples: int, queries: Callable[[], int], known: bool = True) -> Tuple[Optional[int], ...]:
+        """The full score array's shape (``queries()``: the number of queries); ``known=False`` before any batch is
+        read (the token count is then None)."""
+        rows = 1 if self.aggregate_queries else queries()
+        if self.aggregate_train:
+            return (rows, 1)
+        if self.per_token:
+            return (rows, examples, self.tokens if known else None)
+        return (rows, examples)
+
+    def seen(self, tap, train_data, batch_size: Optional[int]) -> "PairwiseKind":
+        """The kind once the tap is discovered: per-token scores learn the model's token count."""
+        if not self.per_token:
+            return self
+        return replace(self, tokens=token_count(tap, train_data, batch_size, self.conv_tokens))
+
 
 @dataclass(frozen=True)
 class SelfKind:
@@ -159,3 +176,9 @@ class SelfKind:
 
     def join(self, blocks):
         return torch.cat(blocks)
+
+    def shape(self, examples: int, queries: Callable[[], int], known: bool = True) -> Tuple[int, ...]:
+        return (examples,)
+
+    def seen(self, tap, train_data, batch_size: Optional[int]) -> "SelfKind":
+        return self

@@ -20,7 +20,7 @@ from ..curvature import per_example_grads
 from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
-from ..core.scores import example_grad_dot, pairwise_layer_scores, spread_to_tokens, summed_train_scores, total
+from ..core.scores import example_grad_dot, pairwise_layer_scores, summed_train_scores, total
 from ..store import fingerprint, scores_store
 from . import cells as places
 from .discovery import cast_stats, check_layers, discover, factors_on, gradient_stats
@@ -28,11 +28,11 @@ from .estimator_calls import preconditioned, shaped
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution, Layout, PairwiseKind, SelfKind
 from .queries import compress, query_gradients, query_blocks, rows
-from .slices import first_batch, length, subset
+from .slices import length, subset
+from .tokens import align_tokens, has_tokens
 
 PerLayer = Dict[str, torch.Tensor]
 Kind = Union[PairwiseKind, SelfKind]
-CONV_OPS = ("conv1d", "conv2d")
 
 
 @dataclass
@@ -64,30 +64,29 @@ def score(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
             return reused
     tap = discover(call.model, call.task, call.train_data, call.execution.batch_size, "train", precision.amp_dtype,
                    call.kind.train_argument, call.execution.per_example_vmap)
-    if isinstance(call.kind, PairwiseKind) and call.kind.per_token:  # the token count layers without tokens spread over
-        call = replace(call, kind=replace(call.kind, tokens=token_count(tap, call.train_data, call.execution.batch_size,
-                                                                       call.kind.conv_tokens)))
+    call = replace(call, kind=call.kind.seen(tap, call.train_data, call.execution.batch_size))
     check_layers(call.factors, tap)
     if call.layout.single_cell:
         if call.layout.targeted:
             raise InfluenceError("target partitions need a store to keep the other cells: pass store=...")
-        cell = ScoreCell(call, tap)
-        return _output(call, tap, cell.compute(call.train_data, f"{call.kind.name} scores"))
+        per_layer = ScoreCell(call, tap).compute(call.train_data, f"{call.kind.name} scores")
+        return _output(call, tap, places.Scores(per_layer))
     return _output(call, tap, _cells(call, tap))
 
 
-def _output(call: ScoreCall, tap: ModelTap, per_layer: Optional[PerLayer]):
-    """The scores as returned: per layer or summed over layers, in the dtype asked for."""
-    if per_layer is None:
+def _output(call: ScoreCall, tap: ModelTap, result: Optional[places.Scores]):
+    """The scores as returned: per layer or summed over layers (a store's own sum where it has one), in the dtype
+    asked for; None while cells are missing."""
+    if result is None:
         return None
-    if "all_modules" in per_layer:  # read back from a store, which summed the layers itself
-        per_layer = {layer: per_layer[layer] for layer in tap.specs} if call.per_module else per_layer["all_modules"]
-    elif not call.per_module:
-        per_layer = total(per_layer)
-    return call.execution.precision.scores_out(per_layer, tap.dtype)
+    if call.per_module:
+        scores = {layer: result.per_layer[layer] for layer in tap.specs}
+    else:
+        scores = total(result.per_layer) if result.summed is None else result.summed
+    return call.execution.precision.scores_out(scores, tap.dtype)
 
 
-def _cells(call: ScoreCall, tap: ModelTap) -> Optional[PerLayer]:
+def _cells(call: ScoreCall, tap: ModelTap) -> Optional[places.Scores]:
     """Scores cell by cell (data x module partitions) through the place the cells go."""
     ranges = parts.data_ranges(length(call.train_data, call.kind.train_argument), call.layout.data_partitions)
     partition_layers = parts.module_groups(list(tap.specs), call.layout.module_partitions)
@@ -103,7 +102,7 @@ def _cells(call: ScoreCall, tap: ModelTap) -> Optional[PerLayer]:
     for cell in place.todo(work):
         with fingerprint.recording() as seen:  # the content of the cell's training data, hashed as it is read
             per_layer = scorers[cell.module_partition].compute(subset(call.train_data, ranges[cell.data_partition]),
-                                                     f"{call.kind.name} scores [{cell.name}]")
+                                                               f"{call.kind.name} scores [{cell.name}]")
         place.keep(cell, per_layer, seen, scorers[cell.module_partition].query_digest)
     return place.result()
 
@@ -124,12 +123,9 @@ def _reuse(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
     kind = call.kind
     try:
         ranges = parts.data_ranges(length(call.train_data, "train_data"), call.layout.data_partitions)
-        shape = score_shape(replace(call, kind=replace(kind, per_token=False)) if isinstance(kind, PairwiseKind)
-                            else call)
+        shape = kind.shape(*_sizes(call), known=False)
     except InfluenceError:
         return None
-    if isinstance(kind, PairwiseKind) and kind.per_token:
-        shape = shape + (None,)
     result = scores_store.reuse_complete(
         call.layout.store, kind=kind.name, model=call.model, factors=call.factors, train_data=call.train_data,
         query_data=call.query_data, ranges=ranges, module_partitions=call.layout.module_partitions,
@@ -140,18 +136,14 @@ def _reuse(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
         else result["all_modules"]
 
 
+def _sizes(call: ScoreCall) -> Tuple[int, Callable[[], int]]:
+    """``(training examples, () -> queries)``: the query count is read only by kinds that need it."""
+    return length(call.train_data, call.kind.train_argument), lambda: length(call.query_data, "query_data")
+
+
 def score_shape(call: ScoreCall) -> Tuple[int, ...]:
     """The shape of the full score array, known before any cell is computed."""
-    examples = length(call.train_data, call.kind.train_argument)
-    kind = call.kind
-    if isinstance(kind, SelfKind):
-        return (examples,)
-    queries = 1 if kind.aggregate_queries else length(call.query_data, "query_data")
-    if kind.aggregate_train:
-        return (queries, 1)
-    if kind.per_token:
-        return (queries, examples, kind.tokens)
-    return (queries, examples)
+    return call.kind.shape(*_sizes(call))
 
 
 # -- pairwise ---------------------------------------------------------------------------------------
@@ -233,43 +225,6 @@ def pairwise_step(tap: ModelTap, kind: PairwiseKind, precision) -> BatchStep:
         return columns, queries_block
 
     return BatchStep(compute=compute, objectives=("train",), fold=fold, check=check, inputs=lambda carry: carry[1])
-
-
-def has_tokens(spec: LayerSpec, conv_tokens: bool) -> bool:
-    """Whether a layer's per-token scores keep its tokens: a conv layer's output positions count as tokens
-    only with ``conv_tokens`` (else, as in Kronfluence, its scores are summed over them)."""
-    return conv_tokens or spec.op not in CONV_OPS
-
-
-def _token_count_error(lengths) -> InfluenceError:
-    return InfluenceError(
-        f"Per-token scores need one token count across layers, but the tracked layers have {sorted(lengths)} "
-        "tokens (or output positions) per example. Track layers that share a sequence length, or pass "
-        "conv_tokens=False (conv layers then give one score per example, summed over their positions, as in "
-        "Kronfluence), or use per_module=True with per_token=False."
-    )
-
-
-def token_count(tap: ModelTap, train_data: Data, batch_size, conv_tokens: bool) -> int:
-    """The one token count T of per-token scores (1 when no layer has tokens), or an error naming the counts."""
-    first = first_batch(train_data, batch_size, tap.device, "train_data")
-    lengths = {count for layer, count in tap.tokens_per_call("train", first).items()
-               if count != 1 and has_tokens(tap.specs[layer], conv_tokens)}
-    if len(lengths) > 1:
-        raise _token_count_error(lengths)
-    return lengths.pop() if lengths else 1
-
-
-def align_tokens(per_layer: PerLayer, tokens: Optional[int] = None) -> PerLayer:
-    """Layers without a token dimension (T = 1) spread their scores evenly over the ``tokens`` of the model
-    (by default, those of the other layers here)."""
-    lengths = {v.shape[-1] for v in per_layer.values() if v.shape[-1] != 1} | ({tokens} - {None, 1})
-    if len(lengths) > 1:
-        raise _token_count_error(lengths)
-    if not lengths:
-        return per_layer
-    tokens = lengths.pop()
-    return {layer: spread_to_tokens(v[..., 0], tokens) if v.shape[-1] == 1 else v for layer, v in per_layer.items()}
 
 
 # -- self-influence ---------------------------------------------------------------------------------
