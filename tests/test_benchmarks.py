@@ -21,3 +21,16 @@ def test_one_measurement_reports_every_phase_and_the_runner_tabulates_it():
     assert summary["mlp"]["fninfluence"]["pairwise"]["seconds"]["n"] == 2
     table = markdown(summary, "test machine", "python -m benchmarks.run")
     assert "| mlp | pairwise |" in table and "fninfluence pairwise / floor" in table
+
+
+def test_compare_runs_tabulates_the_ratio_of_each_run():
+    from benchmarks.compare_runs import table
+
+    def run(k, fn, compiled):
+        return {"mlp": {system: {"fit": {"seconds": {"median": seconds}}}
+                        for system, seconds in (("kronfluence", k), ("fninfluence", fn),
+                                                ("fninfluence-compiled", compiled))}}
+
+    rows = table(run(1.0, 0.5, 0.25), run(1.2, 0.3, 0.4)).splitlines()
+    assert rows[2] == "| mlp | fit | 2.00× | 4.00× | 4.00× | 3.00× | 0.500 → 0.300 | 0.250 → 0.400 |"
+    assert len(rows) == 3  # phases a run lacks are left out
