@@ -4,7 +4,7 @@ gradient checkpointing on CUDA, and compiled steps. Prints one line per case (ok
 
     python -m benchmarks.device_check      # on a machine with a CUDA device; from the repository root
 """
-import sys, time, traceback
+import sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
 if not torch.cuda.is_available():
     sys.exit("benchmarks.device_check needs a CUDA device.")

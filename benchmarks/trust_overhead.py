@@ -20,7 +20,6 @@ import argparse
 import statistics
 import time
 
-import torch
 
 import fninfluence as fi
 from fninfluence.capture import ModelTap

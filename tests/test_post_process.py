@@ -19,7 +19,7 @@ import fninfluence as fi
 from fninfluence import InfluenceError
 from fninfluence.compat import kronfluence as compat
 from fninfluence.testing import oracles
-from models import ClassificationTask, classification_data, float64, mlp
+from models import ClassificationTask, classification_data, mlp
 
 QUIET = dict(progress=False)
 CHOICES = 3

@@ -27,7 +27,8 @@ from ..run.data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..run.arguments import check_damping
-from ..run.discovery import cast_stats, check_layers, discover
+from ..core.algebra import cast as cast_stats
+from ..run.discovery import check_layers, discover
 from ..run.loop import BatchStep, CompileOption, PassSettings, run_pass
 from ..run.options import Execution, Targets
 from ..run.queries import query_gradients

@@ -3,14 +3,12 @@ checked against the factors it will use."""
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Optional
 
 import torch
 
 from .. import postprocess, sampling
 from ..capture import ModelTap, batch_examples
-from ..core import algebra
-from ..core.algebra import LayerStats
 from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
@@ -61,8 +59,3 @@ def check_layers(factors: Factors, tap: ModelTap) -> None:
 def factors_on(factors: Factors, tap: ModelTap) -> Dict[str, Dict[str, torch.Tensor]]:
     """Factors on the model's device, fetched once per call rather than per batch."""
     return {layer: {k: v.to(tap.device) for k, v in factors.tensors[layer].items()} for layer in tap.specs}
-
-
-def cast_stats(stats: Mapping[str, torch.Tensor], dtype: torch.dtype) -> LayerStats:
-    """Layer statistics with their floating-point tensors in ``dtype``."""
-    return algebra.cast(stats, dtype)

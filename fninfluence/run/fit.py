@@ -24,7 +24,7 @@ from . import ranks as parallel
 from . import finite
 from .. import partitions as parts
 from .. import sampling
-from ..capture import LayerSpec, ModelTap
+from ..capture import ModelTap
 from ..curvature import (CurvatureEstimator, check_parameter_layers, pass_declaration, pass_order,
                          resolve_strategies, strategy_label)
 from .data import Data
@@ -33,7 +33,8 @@ from ..factors import Factors, canonical_layout
 from ..progress import log_phase
 from ..store import factors_store, fingerprint
 from . import cells as places
-from .discovery import cast_stats, discover, gradient_stats
+from ..core.algebra import cast as cast_stats
+from .discovery import discover, gradient_stats
 from .estimator_calls import updated
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution, Layout, per_pass

@@ -19,7 +19,8 @@ from ..errors import InfluenceError
 from ..factors import Factors
 from ..precision import Precision
 from ..core.scores import Query, low_rank
-from .discovery import cast_stats, check_layers, factors_on, gradient_stats
+from ..core.algebra import cast as cast_stats
+from .discovery import check_layers, factors_on, gradient_stats
 from .estimator_calls import preconditioned
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution
@@ -41,23 +42,23 @@ def query_gradients(tap: ModelTap, factors: Factors, query_data: Data, damping: 
     ranks = execution.ranks
     settings = PassSettings("query gradients", batch_size, execution.compile, execution.progress, "query_data",
                             owns=None if ranks is None else (lambda index: ranks.owner(index) == ranks.rank))
-    step = query_step(tap, factors, damping, aggregate, execution.precision)
+    on_device = factors_on(factors, tap)
+    step = query_step(tap, factors, on_device, damping, aggregate, execution.precision)
     chunks, _ = run_pass(tap, query_data, step, [], settings)
     if not chunks:
         raise InfluenceError("query_data is empty: there is no query to score.")
     if ranks is not None:
         chunks = parallel.share_batches(ranks, chunks, list(tap.specs), tap.device)
     if aggregate:
-        chunks = [_precondition_sum(tap, factors, chunks, damping, execution.precision)]
+        chunks = [_precondition_sum(tap, factors, on_device, chunks, damping, execution.precision)]
     return chunks
 
 
-def query_step(tap: ModelTap, factors: Factors, damping, aggregate: bool, precision: Precision) -> BatchStep:
-    """Per query batch: the measurement's per-example gradients, preconditioned (or summed, when aggregated:
-    the sum is preconditioned once, after the last batch)."""
+def query_step(tap: ModelTap, factors: Factors, on_device, damping, aggregate: bool, precision: Precision) -> BatchStep:
+    """Per query batch: the measurement's per-example gradients, preconditioned with the factors ``on_device``
+    (or summed, when aggregated: the sum is preconditioned once, after the last batch)."""
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, tap.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, tap.dtype)
-    on_device = factors_on(factors, tap)
 
     def compute(params, buffers, batch, probes, layer_factors):
         loss, stats = gradient_stats(tap, "measurement", params, buffers, batch, probes[0])
@@ -81,11 +82,10 @@ def query_step(tap: ModelTap, factors: Factors, damping, aggregate: bool, precis
                      check=check, inputs=lambda chunks: on_device)
 
 
-def _precondition_sum(tap: ModelTap, factors: Factors, chunks: List[PerLayer], damping,
+def _precondition_sum(tap: ModelTap, factors: Factors, on_device, chunks: List[PerLayer], damping,
                       precision: Precision) -> PerLayer:
     """The summed query gradients of every batch, preconditioned once."""
     precondition_dtype = precision.compute(precision.precondition_dtype, tap.dtype)
-    on_device = factors_on(factors, tap)
     summed = {layer: sum(c[layer] for c in chunks) for layer in chunks[0]}
     result = {layer: preconditioned(factors.estimator_for(layer), layer, on_device[layer],
                                     g.to(precondition_dtype), damping)

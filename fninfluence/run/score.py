@@ -15,7 +15,7 @@ import torch
 from . import ranks as parallel
 from . import finite
 from .. import partitions as parts
-from ..capture import LayerSpec, ModelTap, batch_examples, check_finite
+from ..capture import ModelTap, batch_examples, check_finite
 from ..curvature import per_example_grads
 from .data import Data
 from ..errors import InfluenceError
@@ -23,7 +23,8 @@ from ..factors import Factors
 from ..core.scores import example_grad_dot, pairwise_layer_scores, summed_train_scores, total
 from ..store import fingerprint, scores_store
 from . import cells as places
-from .discovery import cast_stats, check_layers, discover, factors_on, gradient_stats
+from ..core.algebra import cast as cast_stats
+from .discovery import check_layers, discover, factors_on, gradient_stats
 from .estimator_calls import preconditioned, shaped
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution, Layout, PairwiseKind, SelfKind
@@ -182,8 +183,7 @@ class PairwiseCell:
                                        settings)
             for layer, blocks in columns.items():
                 if blocks:
-                    joined = sum(blocks) if kind.aggregate_train else torch.cat(blocks, dim=1)
-                    results.setdefault(layer, []).append(joined)
+                    results.setdefault(layer, []).append(kind.join(blocks))
         if not results:
             count = sum(rows(next(iter(c.values()))) for c in queries)
             shape = (count, 1) if kind.aggregate_train else (count, 0, kind.tokens) if kind.per_token else (count, 0)

@@ -26,7 +26,7 @@ import zarr
 from torch import nn
 
 from ..capture import LayerSpec
-from ..curvature import CurvatureEstimator, get_estimator, pass_order
+from ..curvature import CurvatureEstimator, get_estimator, meta_passes, pass_order
 from ..errors import InfluenceError
 from ..partitions import Cell, cell_grid, data_ranges, module_groups
 from ..version import __version__
@@ -84,19 +84,13 @@ def _spec_from_record(record: Dict[str, Any]) -> LayerSpec:
 
 def _meta_outputs(estimators, specs: Dict[str, LayerSpec], state_dtypes: Dict[str, torch.dtype]):
     """Shapes and dtypes of every pass's state and outputs, per layer that has the pass, from a run on the
-    meta device: ``states[pass][layer]``, ``outputs[pass][layer]``."""
-    meta = torch.device("meta")
-    states: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
-    outputs: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
-    earlier = {layer: {} for layer in specs}
-    for name in pass_order(estimators):
-        states[name], outputs[name] = {}, {}
-        for layer, spec in specs.items():
-            for fit_pass in estimators[layer].passes:
-                if fit_pass.name == name:
-                    states[name][layer] = fit_pass.init(spec.shape, state_dtypes.get(name, torch.float64), meta)
-                    outputs[name][layer] = fit_pass.finalize(states[name][layer], earlier[layer])
-                    earlier[layer] = {**earlier[layer], **outputs[name][layer]}
+    meta device (:func:`fninfluence.curvature.meta_passes`): ``states[pass][layer]``, ``outputs[pass][layer]``."""
+    states = {name: {} for name in pass_order(estimators)}
+    outputs = {name: {} for name in states}
+    for layer, spec in specs.items():
+        run = meta_passes(estimators[layer], spec.shape, lambda p: state_dtypes.get(p.name, torch.float64))
+        for name, meta in run.items():
+            states[name][layer], outputs[name][layer] = meta.state, meta.outputs
     return states, outputs
 
 
