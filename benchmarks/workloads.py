@@ -1,10 +1,13 @@
-"""Benchmark workloads: a model, its task, training and query data, in a small and a medium size.
+"""Benchmark workloads: a model, its task, training and query data, in a small and a medium size, and for the
+language models a token-heavy "long" size and (GPT-2 only) a GPT-2-small-sized "large" one.
 
 Small sizes are dominated by per-batch overheads (Python, dispatch, compilation); medium sizes are
-compute-bound (each phase takes several seconds on 2 CPU cores). Every workload is built from a seed and
-a config (no downloads). The same model, task and data serve fninfluence and Kronfluence; the task is a
-Kronfluence 1.0.1 ``Task`` subclass when Kronfluence is installed, and otherwise a plain fninfluence one
-(fninfluence reads the same method names).
+compute-bound (each phase takes several seconds on 2 CPU cores). "long" (4 blocks, width 256, 256 tokens) is
+where per-token activations dominate memory; "large" is GPT-2 small's shape (12 blocks, width 768, 12 heads)
+with a vocabulary of 8192 and 256 tokens, random weights: minutes per pass on CPU, meant for a GPU or for
+``--batches`` slices. Every workload is built from a seed and a config (no downloads). The same model, task
+and data serve fninfluence and Kronfluence; the task is a Kronfluence 1.0.1 ``Task`` subclass when
+Kronfluence is installed, and otherwise a plain fninfluence one (fninfluence reads the same method names).
 """
 
 from __future__ import annotations
@@ -129,8 +132,10 @@ class TransformerLM(nn.Module):
 def gpt2_from_config(vocab: int, d: int, heads: int, layers: int, seq: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    # bos/eos inside the vocabulary (GPT-2's 50256 is not, and transformers warns); they do not enter the forward
     config = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=d, n_layer=layers, n_head=heads,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1,
+                        eos_token_id=vocab - 1)
     config._attn_implementation = "eager"
     return GPT2LMHeadModel(config)
 
@@ -185,9 +190,15 @@ SIZES: Dict[str, Dict[str, dict]] = {
     "cnn": {"small": dict(n=256, q=16, size=16, width=16, batch=32),
             "medium": dict(n=2048, q=32, size=32, width=48, batch=64)},
     "transformer": {"small": dict(n=64, q=8, vocab=128, d=64, heads=4, layers=1, seq=32, batch=16),
-                    "medium": dict(n=512, q=16, vocab=512, d=192, heads=4, layers=2, seq=128, batch=16)},
+                    "medium": dict(n=512, q=16, vocab=512, d=192, heads=4, layers=2, seq=128, batch=16),
+                    # token-heavy; tracks the blocks' Linear layers only (qkv, proj, up, down), not the lm_head
+                    "long": dict(n=64, q=8, vocab=512, d=256, heads=4, layers=4, seq=256, batch=16,
+                                 track="blocks")},
     "gpt2": {"small": dict(n=64, q=8, vocab=128, d=64, heads=4, layers=1, seq=32, batch=16),
-             "medium": dict(n=384, q=16, vocab=512, d=192, heads=4, layers=2, seq=128, batch=16)},
+             "medium": dict(n=384, q=16, vocab=512, d=192, heads=4, layers=2, seq=128, batch=16),
+             "long": dict(n=64, q=8, vocab=512, d=256, heads=4, layers=4, seq=256, batch=16),
+             # GPT-2 small's shape (about 92M parameters with this vocabulary), random weights
+             "large": dict(n=256, q=8, vocab=8192, d=768, heads=12, layers=12, seq=256, batch=8)},
 }
 
 
@@ -220,7 +231,8 @@ BUILDERS: Dict[str, Callable] = {"mlp": _build_mlp, "cnn": _build_cnn, "transfor
 def build(name: str, size: str, seed: int = 0) -> Workload:
     """The workload ``name`` at ``size``, in eval mode, with fixed random weights and data."""
     if name not in BUILDERS or size not in SIZES[name]:
-        raise ValueError(f"Unknown workload {name!r}/{size!r}: choose from {sorted(BUILDERS)} x small/medium.")
+        choices = "; ".join(f"{w}: {'/'.join(SIZES[w])}" for w in sorted(BUILDERS))
+        raise ValueError(f"Unknown workload {name!r}/{size!r}: choose from {choices}.")
     settings = SIZES[name][size]
     torch.manual_seed(seed)
     model, task, train, queries = BUILDERS[name](settings)
@@ -232,6 +244,10 @@ def build(name: str, size: str, seed: int = 0) -> Workload:
         kronfluence_task = LanguageModelTask(
             [n for n, m in kronfluence_model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n])
         task = LanguageModelTask([n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
+    elif settings.get("track") == "blocks":
+        # every block's nn.Linear (qkv, proj, up, down), not the lm_head; the copy has the same module names
+        blocks = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+        task, kronfluence_task = LanguageModelTask(blocks), LanguageModelTask(list(blocks))
     else:
         kronfluence_task = task
     return Workload(name, model, kronfluence_model, task, kronfluence_task, train, queries, settings["batch"])
