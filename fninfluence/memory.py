@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_map
 from .capture import ModelTap, batch_examples, unfused
 from .curvature import CurvatureEstimator, FitPass, MetaPass, ScoreMemory, Workspace, get_estimator, meta_passes
 from .curvature.base import LayerShape, Tensors, is_one_hot
+from .core.statistics import LayerStatistic, of_stats
 from .errors import InfluenceError
 from .precision import Precision
 from .task import Task
@@ -131,6 +132,11 @@ class _Layer:
         groups, out, inp = self.shape
         return self.tokens * groups * ((0 if is_one_hot(self.shape) else inp) + out)
 
+    @property
+    def inputs(self) -> int:  # elements of a per example (a convolution's patches: an upper bound of what it keeps)
+        groups, _, inp = self.shape
+        return 0 if is_one_hot(self.shape) else self.tokens * groups * inp
+
 
 @dataclass(frozen=True)
 class _Sizes:
@@ -143,10 +149,16 @@ class _Sizes:
     kept_queries: int
     query_rank: Optional[int]
     activation: Tuple[int, int]
+    kept: Tuple[int, int]
 
     def act(self, examples: int) -> int:
-        """Bytes of the model's own forward+backward on ``examples`` examples."""
+        """Bytes of the model's own forward+backward on ``examples`` examples (streamed: no layer's statistics)."""
         return self.activation[0] + self.activation[1] * examples
+
+    def inputs(self, examples: int, itemsize: int, model_itemsize: int) -> int:
+        """Bytes of every streamed layer's inputs kept from the forward to the backward pass (passes whose
+        statistic reads ``a`` and ``g`` together), in a compute dtype of ``itemsize`` bytes."""
+        return (self.kept[0] + self.kept[1] * examples) * itemsize // model_itemsize
 
 
 def _nbytes(tensors: Tensors) -> int:
@@ -157,19 +169,40 @@ def _repeat(batch: Any, times: int) -> Any:
     return tree_map(lambda x: torch.cat([x] * times) if isinstance(x, torch.Tensor) and x.dim() > 0 else x, batch)
 
 
-def _activation_bytes(tap: ModelTap, batch: Any, objective: str) -> Tuple[int, int]:
-    """``(fixed, per example)`` bytes of one tap forward+backward, measured at the batch and at twice it."""
+def _scalar(value: Callable[[Any], torch.Tensor], keep_inputs: bool) -> LayerStatistic:
+    """A statistic that costs nothing but what it keeps: the layer's inputs (``keep_inputs``) or nothing."""
+    zeros = lambda examples, tokens: {"value": torch.zeros(())}  # noqa: E731
+    if keep_inputs:
+        return of_stats(lambda stats: {"value": value(stats)}, zeros, additive=True)
+    return LayerStatistic(lambda inputs: (None, {}), lambda kept, g: {"value": g.sum()}, zeros, additive=True)
+
+
+def _measured_bytes(tap: ModelTap, batch: Any, objective: str, keep_inputs: bool) -> Tuple[int, int]:
+    """``(fixed, per example)`` peak bytes of one streamed tap forward+backward whose statistics keep the layers'
+    inputs or nothing, measured at the batch and at twice it."""
     peaks = []
+    statistics = {layer: _scalar(lambda stats: stats.g.sum(), keep_inputs) for layer in tap.specs}
     for times in (1, 2):
         repeated = _repeat(batch, times)
         probes = tap.probes_for(objective, repeated)
         with unfused():
-            _, peak = measure_peak(lambda: tap.layer_stats(objective, tap.params, tap.buffers, repeated, probes),
-                                   tap.device)
+            _, peak = measure_peak(lambda: tap.layer_values(objective, tap.params, tap.buffers, repeated, probes,
+                                                            statistics), tap.device)
         peaks.append(peak)
     examples = batch_examples(batch)
     per_example = max(0, (peaks[1] - peaks[0]) // examples)
     return max(0, peaks[0] - per_example * examples), per_example
+
+
+def _activation_bytes(tap: ModelTap, batch: Any, objective: str) -> Tuple[int, int]:
+    """``(fixed, per example)`` bytes of one tap forward+backward that keeps no layer's statistics."""
+    return _measured_bytes(tap, batch, objective, keep_inputs=False)
+
+
+def _kept_bytes(tap: ModelTap, batch: Any, objective: str, activation: Tuple[int, int]) -> Tuple[int, int]:
+    """``(fixed, per example)`` bytes of the layers' inputs kept until the backward pass (in the model's dtype)."""
+    with_inputs = _measured_bytes(tap, batch, objective, keep_inputs=True)
+    return max(0, with_inputs[0] - activation[0]), max(0, with_inputs[1] - activation[1])
 
 
 def _layers(tap: ModelTap, batch: Any) -> Dict[str, _Layer]:
@@ -210,22 +243,26 @@ def _meta_fit(estimator: CurvatureEstimator, layers: Dict[str, _Layer], precisio
 
 
 def _pass_phase(fit_pass: FitPass, sized: Dict[str, MetaPass], layers: Dict[str, _Layer], sizes: _Sizes,
-                earlier_bytes: int, compute: torch.dtype) -> PhaseEstimate:
+                earlier_bytes: int, compute: torch.dtype, model_dtype: torch.dtype) -> PhaseEstimate:
     """One fit pass: the factors of the earlier passes and the float64 accumulators throughout; then the larger of
-    a batch (the model's forward+backward, the cast statistics and the update's transients of the largest layer,
-    every layer's updated state) and ``finalize`` (all outputs, the largest layer's transients)."""
+    a batch and ``finalize`` (all outputs, the largest layer's transients). A batch is streamed: the model's
+    forward+backward, every layer's inputs kept until the backward pass unless the pass declares a split
+    (``FitPass.statistic``; KFAC's covariance keeps none), and one layer at a time its cast statistics, its
+    update's transients and its part of the state (added in place)."""
     hints = {name: fit_pass.memory(Workspace(layer.shape, layer.tokens, sizes.batch, compute, sized[name].earlier,
                                              _nbytes(sized[name].state)))
              for name, layer in layers.items()}
-    per_batch = max(sizes.batch * layer.stats * compute.itemsize + hints[name].update for name, layer in layers.items())
-    new_states = sum(hint.new_state for hint in hints.values())
-    batch_peak = sizes.act(sizes.batch) + per_batch + new_states
+    per_layer = max(sizes.batch * layer.stats * compute.itemsize + hints[name].update + hints[name].new_state
+                    for name, layer in layers.items())
+    kept = 0 if fit_pass.statistic is not None else sizes.inputs(sizes.batch, compute.itemsize, model_dtype.itemsize)
+    batch_peak = sizes.act(sizes.batch) + kept + per_layer
     finalize_peak = sum(_nbytes(s.outputs) for s in sized.values()) + max(hint.finalize for hint in hints.values())
     batch_wins = batch_peak > finalize_peak
     return PhaseEstimate(fit_pass.name, {
         "earlier factors": earlier_bytes, "accumulators": sum(_nbytes(s.state) for s in sized.values()),
         "model forward+backward": sizes.act(sizes.batch) if batch_wins else 0,
-        "statistics and update": per_batch if batch_wins else 0, "updated states": new_states if batch_wins else 0,
+        "kept layer inputs": kept if batch_wins else 0,
+        "one layer's statistics and update": per_layer if batch_wins else 0,
         "factors and finalize": 0 if batch_wins else finalize_peak})
 
 
@@ -235,7 +272,8 @@ def _fit_phases(estimator: CurvatureEstimator, sized, layers: Dict[str, _Layer],
     phases, earlier = {}, 0
     for fit_pass in estimator.passes:
         compute = precision.fit_dtypes(fit_pass, model_dtype)[1]
-        phases[fit_pass.name] = _pass_phase(fit_pass, sized[fit_pass.name], layers, sizes, earlier, compute)
+        phases[fit_pass.name] = _pass_phase(fit_pass, sized[fit_pass.name], layers, sizes, earlier, compute,
+                                            model_dtype)
         earlier += sum(_nbytes(s.outputs) for s in sized[fit_pass.name].values())
     return phases
 
@@ -268,23 +306,29 @@ def _score_hints(estimator, factors, layers: Dict[str, _Layer], rows: int, compu
             for name, layer in layers.items()]
 
 
-def _query_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype) -> PhaseEstimate:
-    """Every query's preconditioned gradient is kept; the raw per-example gradients of a query batch (one layer's
-    only, if ``precondition`` returns its input) and the largest layer's preconditioning transients."""
+def _query_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype,
+                 model_dtype: torch.dtype) -> PhaseEstimate:
+    """Every query's preconditioned gradient is kept; a query batch's forward+backward with every layer's inputs
+    kept until the backward pass, its raw per-example gradients of every layer (the streamed values, returned
+    together; one layer's beside the kept ones if ``precondition`` returns its input) and the largest layer's
+    preconditioning transients."""
     raw = [sizes.query_batch * layer.grad * compute.itemsize for layer in layers.values()]
     in_place = _preconditions_in_place(estimator, factors, layers, sizes.query_batch, compute)
     return PhaseEstimate("query gradients", {
         "kept query gradients": sum(sizes.num_queries * layer.grad * compute.itemsize for layer in layers.values()),
         "model forward+backward": sizes.act(sizes.query_batch),
-        "per-example gradients": max(raw) if in_place else sum(raw),
+        "kept layer inputs": sizes.inputs(sizes.query_batch, compute.itemsize, model_dtype.itemsize),
+        "per-example gradients": max(raw) if in_place else sum(raw),  # in place: they are the kept ones
         "preconditioning": max(hint.precondition for hint in _score_hints(estimator, factors, layers,
                                                                            sizes.query_batch, compute)),
     })
 
 
-def _pairwise_phase(layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype) -> PhaseEstimate:
-    """The kept query gradients (low rank: L and R when query_rank is set), the contraction's largest intermediate
-    for ``queries_per_pass`` queries and the score matrices."""
+def _pairwise_phase(layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype,
+                    model_dtype: torch.dtype) -> PhaseEstimate:
+    """The kept query gradients (low rank: L and R when query_rank is set); per batch, the forward+backward with
+    every layer's inputs kept until the backward pass and, one layer at a time, its output gradients and the
+    contraction's largest intermediate for ``queries_per_pass`` queries; the score matrices."""
     def query_grad(layer: _Layer) -> int:  # elements of one kept query gradient
         groups, out, inp = layer.shape
         if sizes.query_rank is not None and sizes.query_rank < min(out, inp):
@@ -297,32 +341,38 @@ def _pairwise_phase(layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dty
                                             (sizes.batch, l.tokens, l.shape[0], l.shape[2]))
                       for l in layers.values())
     scores = sizes.num_queries * sizes.train * compute.itemsize
+    gradients = max(sizes.batch * l.tokens * l.shape[0] * l.shape[1] for l in layers.values())
     return PhaseEstimate("pairwise", {
         "kept query gradients": held, "model forward+backward": sizes.act(sizes.batch),
-        "contraction": contraction * compute.itemsize,
+        "kept layer inputs": sizes.inputs(sizes.batch, compute.itemsize, model_dtype.itemsize),
+        "contraction": (contraction + gradients) * compute.itemsize,
         "scores per layer": 2 * len(layers) * scores, "scores": scores,
     })
 
 
-def _self_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype) -> PhaseEstimate:
+def _self_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, compute: torch.dtype,
+                model_dtype: torch.dtype) -> PhaseEstimate:
+    """Per batch, the forward+backward with every layer's inputs kept until the backward pass and, one layer at a
+    time, its statistics and ``self_score``'s transients; the scores."""
     hints = _score_hints(estimator, factors, layers, sizes.batch, compute)
     rotations = max(sizes.batch * layer.stats * compute.itemsize + hint.self_score
                     for layer, hint in zip(layers.values(), hints))
     return PhaseEstimate("self", {
-        "model forward+backward": sizes.act(sizes.batch), "rotations": rotations,
+        "model forward+backward": sizes.act(sizes.batch),
+        "kept layer inputs": sizes.inputs(sizes.batch, compute.itemsize, model_dtype.itemsize), "rotations": rotations,
         "scores": (2 * len(layers) + 1) * sizes.train * compute.itemsize,
     })
 
 
 def _discovery_phase(model: nn.Module, layers: Dict[str, _Layer], sizes: _Sizes, model_dtype: torch.dtype
                      ) -> PhaseEstimate:
-    """One forward without gradients on the first batch, then the exactness check: one forward+backward under the
-    tap that also takes autograd's weight gradients, compared with the tap's summed (a, g) products."""
-    stats_bytes = sizes.batch * sum(l.stats for l in layers.values()) * model_dtype.itemsize
+    """One forward without gradients on the first batch (which holds every tracked call's input, to check that no
+    later op modifies it in place), then the exactness check: a forward+backward for autograd's weight gradients
+    (which keeps the layers' inputs too), then one under the tap for its summed ``(a, g)`` products."""
+    inputs = sizes.inputs(sizes.batch, model_dtype.itemsize, model_dtype.itemsize)
     tracked = sum(p.numel() * p.element_size() for p in model.parameters())
     return PhaseEstimate(DISCOVERY, {
-        "layer inputs and outputs": stats_bytes, "exactness check: forward+backward": sizes.act(sizes.batch),
-        "exactness check: layer inputs and output gradients": stats_bytes,
+        "exactness check: forward+backward": sizes.act(sizes.batch), "layer inputs": inputs,
         "exactness check: weight gradients": 2 * tracked})
 
 
@@ -368,18 +418,21 @@ def estimate_memory(
     layers = _layers(tap, example_batch)
     batch = batch_size or batch_examples(example_batch)
     train = num_train or batch
+    activation = activation_bytes or _activation_bytes(tap, example_batch, "train")
+    kept = _kept_bytes(tap, example_batch, "train", activation) if activation_bytes is None else \
+        (0, sum(layer.inputs for layer in layers.values()) * tap.dtype.itemsize)  # from the shapes: an upper bound
     sizes = _Sizes(batch=min(batch, train),  # no batch is larger than the data
                    query_batch=min(query_batch_size or batch, num_queries), train=train, num_queries=num_queries,
                    kept_queries=min(num_queries, queries_per_pass or num_queries), query_rank=query_rank,
-                   activation=activation_bytes or _activation_bytes(tap, example_batch, "train"))
+                   activation=activation, kept=kept)
     compute = precision.compute(None, tap.dtype)
     sized = _meta_fit(estimator, layers, precision, tap.dtype)
     factors = _fitted_factors(sized, layers)
     phases = {DISCOVERY: _discovery_phase(model, layers, sizes, tap.dtype),
               **_fit_phases(estimator, sized, layers, sizes, precision, tap.dtype),
-              "query gradients": _query_phase(estimator, factors, layers, sizes, compute),
-              "pairwise": _pairwise_phase(layers, sizes, compute),
-              "self": _self_phase(estimator, factors, layers, sizes, compute)}
+              "query gradients": _query_phase(estimator, factors, layers, sizes, compute, tap.dtype),
+              "pairwise": _pairwise_phase(layers, sizes, compute, tap.dtype),
+              "self": _self_phase(estimator, factors, layers, sizes, compute, tap.dtype)}
     resident = {"parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
                 "factors": sum(_nbytes(layer_factors) for layer_factors in factors.values())}
     settings = dict(strategy=estimator.name, batch_size=sizes.batch,

@@ -25,13 +25,19 @@ class Precision:
     * ``per_sample_gradient_dtype``: layer inputs / output gradients and per-example gradients;
     * ``precondition_dtype``: the rotation and scaling of query gradients;
     * ``score_dtype``: the score contractions and the returned scores;
-    * ``svd_dtype``: the SVD of low-rank query gradients.
+    * ``svd_dtype``: the SVD of low-rank query gradients;
+    * ``eigenvector_dtype``: the stored eigenvectors of A and S. ``None``: the dtype they are read in, the wider of
+      ``per_sample_gradient_dtype`` (the lambda pass rotates in it) and ``precondition_dtype`` (scores rotate in
+      it), each by default the model's dtype, at least float32.
 
     Per-batch work runs in the dtype asked for (never narrower than float32 for the covariance products);
     the sums across batches (of A, S and Lambda) are always float64, which costs one [in, in], [out, out]
     or [out, in] tensor per layer and keeps the error of a sum from growing with the number of batches.
-    Eigendecompositions are always done in float64 (narrower eigenvectors measurably change scores),
-    whatever is asked for here. A, S, Lambda and scores are returned and stored in the dtype asked for.
+    Eigendecompositions are always done in float64 (narrower eigendecompositions measurably change scores),
+    whatever is asked for here; their eigenvectors are then kept in the dtype they are used in, which changes no
+    result and, in float32, halves the largest factors. Scoring later in a wider ``precondition_dtype`` than the
+    fit's reads the eigenvectors rounded: fit with ``eigenvector_dtype=torch.float64`` for that. A, S, Lambda and
+    scores are returned and stored in the dtype asked for.
     """
 
     amp_dtype: Optional[torch.dtype] = None
@@ -41,6 +47,7 @@ class Precision:
     precondition_dtype: Optional[torch.dtype] = None
     score_dtype: Optional[torch.dtype] = None
     svd_dtype: Optional[torch.dtype] = None
+    eigenvector_dtype: Optional[torch.dtype] = None
 
     def accumulator(self, requested: Optional[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
         return _at_least_float32(requested or model_dtype)
@@ -61,8 +68,8 @@ class Precision:
         The pass that makes the factor declares which field it takes (``FitPass.factor_dtypes``; without
         ``fit_pass``, or for a pass that declares nothing, the built-ins' convention
         :func:`~fninfluence.curvature.base.conventional_factor_dtype`): A and S take ``covariance_dtype`` and
-        Lambda ``lambda_dtype`` (by default the model's dtype, at least float32); eigenvectors, eigenvalues and
-        counts stay float64.
+        Lambda ``lambda_dtype`` (by default the model's dtype, at least float32), eigenvectors ``eigenvector_dtype``
+        (see the class); eigenvalues and counts stay float64.
         """
         field_name = conventional_factor_dtype(name) if fit_pass is None else fit_pass.factor_dtype_field(name)
         if field_name is None:
@@ -72,6 +79,9 @@ class Precision:
                 f"Pass {fit_pass.name!r} stores factor {name!r} in {field_name!r}, which is not a Precision dtype "
                 f"for factors: declare one of {list(FACTOR_DTYPE_FIELDS)} in its factor_dtypes, or leave it out.")
         requested = getattr(self, field_name)
+        if requested is None and field_name == "eigenvector_dtype":  # the dtype they are read in
+            return torch.promote_types(self.compute(self.per_sample_gradient_dtype, model_dtype),
+                                       self.compute(self.precondition_dtype, model_dtype))
         return self.accumulator(None, model_dtype) if requested is None else requested
 
     def cast_factors(self, factors: Dict[str, torch.Tensor], model_dtype: torch.dtype,

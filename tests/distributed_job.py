@@ -129,6 +129,88 @@ def kronfluence_api_scores(model, task, data, queries, output_dir: Path) -> torc
     return analyzer.load_pairwise_scores("scores")["all_modules"]
 
 
+class Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class Stack(torch.nn.Module):
+    """An embedding, two residual MLP blocks and a head: sharded per block by fully_shard in the "fsdp" scenario."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.blocks = torch.nn.ModuleList(Block(d) for _ in range(2))
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class StackTask(fi.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        (ids,) = batch
+        logits = model(ids)[:, :-1].flatten(0, 1)
+        targets = ids[:, 1:].flatten()
+        if sample:
+            with torch.no_grad():
+                targets = torch.multinomial(logits.detach().softmax(-1), 1).flatten()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def tracked_modules(self):
+        return ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+
+
+def fsdp_workload():
+    """9 sequences: with two ranks and batches of 4, one rank has two batches (4 + 1) and the other one (4)."""
+    torch.manual_seed(0)
+    model = Stack().double().eval()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randint(0, 11, (9, 5), generator=g))
+    return model, data, Subset(data, range(3))
+
+
+def fsdp_results(model, data, queries) -> dict:
+    """Factors (true Fisher, EKFAC; KFAC in two module partitions), pairwise, per-token and self scores."""
+    task, score = StackTask(), dict(batch_size=BATCH, **QUIET)
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", batch_size=BATCH, **QUIET)
+    results = {f"factors/{k}": v for k, v in flat(factors).items()}
+    kfac = fi.fit_factors(model, task, data, strategy="kfac", module_partitions=2, batch_size=BATCH, **QUIET)
+    results.update({f"kfac_modules/{k}": v for k, v in flat(kfac).items()})
+    results["pairwise"] = fi.pairwise_scores(model, task, factors, queries, data, **score)
+    results["per_token"] = fi.pairwise_scores(model, task, factors, queries, data, per_token=True, **score)
+    results["self"] = fi.self_scores(model, task, factors, data, **score)
+    results["self_measured"] = fi.self_scores(model, task, factors, data, use_measurement=True, **score)
+    return results
+
+
+def run_fsdp(out: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, data, queries = fsdp_workload()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    shard = {name: p.to_local().clone() for name, p in model.named_parameters()}
+    results = fsdp_results(model, data, queries)
+    # the model is as it was: the same shards, no gradients, and a training step still works
+    assert all(torch.equal(p.to_local(), shard[name]) and p.grad is None for name, p in model.named_parameters())
+    StackTask().compute_train_loss(data[:4], model).backward()
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
+
+
 def run_failing(store: Path, task=None) -> None:
     model, data, _ = workload()
     fit(model, task or FailingTask(), data, store=store)
@@ -140,6 +222,8 @@ if __name__ == "__main__":
     try:
         if scenario == "all":
             run_all(out, Path(sys.argv[3]))
+        elif scenario == "fsdp":
+            run_fsdp(out)
         elif scenario == "freeze-factors":
             run_failing(Path(sys.argv[3]), FreezingTask())
         else:

@@ -90,9 +90,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     expected["compat_pairwise"] = job.kronfluence_api_scores(model, job.ClassificationTask(modules=["0", "2"]), data,
                                                              queries, tmp_path / "compat")
 
-    # the 5 queries make 2 batches of 4: each rank computed one and received the other (plus one differentiated
-    # call of the measurement in discovery's exactness check, once per objective)
-    assert [int(got.pop("query_batches_computed")) for got in ranks] == [1 + 1, 1 + 1]
+    # the 5 queries make 2 batches of 4: each rank computed one and received the other (plus two differentiated
+    # calls of the measurement in discovery's exactness check, once per objective: autograd's weight gradients,
+    # then the tap's sums)
+    assert [int(got.pop("query_batches_computed")) for got in ranks] == [1 + 2, 1 + 2]
     for got in ranks:  # every rank returns the whole result, bit for bit the one-process one
         assert sorted(got) == sorted(expected)
         for prefix in ("factors/", "stored_factors/", "ddp_factors/", "kfac_cells/", "stored_pairwise/"):
@@ -179,13 +180,46 @@ def test_ddp_model_and_prefixed_names_give_the_plain_model_results(one_rank_grou
     assert torch.equal(scores, fi.self_scores(model, job.ClassificationTask(modules=["2"]), plain, data, **job.QUIET))
 
 
-def test_fsdp_model_is_refused_with_what_to_do(one_rank_group):
-    from torch.distributed.fsdp import fully_shard
+@pytest.mark.slow
+def test_fsdp_sharded_model_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """A model sharded by fully_shard (FSDP2) is analysed as it is, each rank holding half of every weight, with
+    the data spread over the same ranks (uneven: one rank pads its last step): factors and scores equal a
+    one-process run of the unsharded model over the same data partitions (two, one per rank)."""
+    codes = _launch(tmp_path, "fsdp", tmp_path / "unused")
+    assert [c for c, _ in codes] == [0, 0], codes[0][1][-3000:] + codes[1][1][-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    model, data, queries = job.fsdp_workload()
+    task, score = job.StackTask(), dict(batch_size=job.BATCH, **job.QUIET)
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", data_partitions=2, **score)
+    kfac = fi.fit_factors(model, task, data, strategy="kfac", data_partitions=2, module_partitions=2, **score)
+    expected = {**_flat(factors, "factors"), **_flat(kfac, "kfac_modules"),
+                "pairwise": fi.pairwise_scores(model, task, factors, queries, data, data_partitions=2, **score),
+                "per_token": fi.pairwise_scores(model, task, factors, queries, data, data_partitions=2,
+                                                per_token=True, **score),
+                "self": fi.self_scores(model, task, factors, data, data_partitions=2, **score),
+                "self_measured": fi.self_scores(model, task, factors, data, data_partitions=2, use_measurement=True,
+                                                **score)}
+    for got in ranks:
+        assert sorted(got) == sorted(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-13, msg=lambda m: f"{key}: {m}")
 
-    model, data, _ = job.workload()
-    fully_shard(model)
-    with pytest.raises(InfluenceError, match="FSDP.*full_state_dict"):
-        job.fit(model, job.ClassificationTask(), data)
+
+def test_fsdp2_model_on_one_rank_equals_the_plain_model_and_fsdp1_is_refused(one_rank_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    model, data, queries = job.fsdp_workload()
+    expected = job.fsdp_results(model, data, queries)
+    sharded, _, _ = job.fsdp_workload()
+    for block in sharded.blocks:
+        fully_shard(block)
+    fully_shard(sharded)
+    got = job.fsdp_results(sharded, data, queries)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-13, msg=lambda m: f"{key}: {m}")
+    with pytest.raises(InfluenceError, match="FSDP1.*fully_shard"):
+        job.fit(FullyShardedDataParallel(job.workload()[0], device_id=torch.device("cpu")), job.ClassificationTask(),
+                data)
 
 
 def test_bad_settings_are_refused():

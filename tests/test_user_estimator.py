@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import fninfluence as fi
-from fninfluence.curvature import dense_parameter_layers, pass_order
+from fninfluence.curvature import Workspace, dense_parameter_layers, pass_order
 from fninfluence.memory import estimate_memory, fit_phase_peak
 from fninfluence.precision import Precision
 from fninfluence.testing import check_estimator
@@ -79,7 +79,12 @@ def test_factor_dtypes_come_from_the_declaration_and_default_to_the_names_conven
     precision = Precision(covariance_dtype=torch.float64, lambda_dtype=torch.bfloat16)
     moments, scales = RENAMED.passes
     assert precision.factor_dtype("activation_covariance", torch.float32, moments) == torch.float64
-    assert precision.factor_dtype("activation_eigenvectors", torch.float32, moments) is None
+    # eigenvectors are kept in the dtype they are read in (the compute dtypes, float32 here), or as asked
+    assert precision.factor_dtype("activation_eigenvectors", torch.float32, moments) == torch.float32
+    wide = Precision(eigenvector_dtype=torch.float64, per_sample_gradient_dtype=torch.float32)
+    assert wide.factor_dtype("gradient_eigenvectors", torch.float32, moments) == torch.float64
+    assert Precision(precondition_dtype=torch.float64).factor_dtype("activation_eigenvectors", torch.float32,
+                                                                    moments) == torch.float64
     assert precision.factor_dtype("lambda", torch.float32, scales) == torch.bfloat16
     declared = fi.FitPass("scales", *scales[1:4], factor_dtypes={"scale": "lambda_dtype"})
     assert precision.factor_dtype("scale", torch.float32, declared) == torch.bfloat16
@@ -123,7 +128,9 @@ def test_estimate_memory_sizes_an_estimator_without_hints_from_its_meta_run():
     assert estimate.resident["factors"] == fitted == (6 * 7 + 7) ** 2 * 8 + (8 * 3) ** 2 * 8
     accumulators = ((6 * 7 + 7) ** 2 + (8 * 3) ** 2 + 2) * 8  # float64 [out*in, out*in] sums and the counts
     assert estimate.phases["fisher"].breakdown["accumulators"] == accumulators
-    assert estimate.phases["fisher"].breakdown["updated states"] == accumulators  # the default hint: a new state
+    # the default hint: update makes a new state, one layer at a time (its part is added in place as it comes)
+    hint = estimator.passes[0].memory(Workspace((1, 1, 1), 1, 8, torch.float32, {}, state_bytes=accumulators))
+    assert hint.new_state == accumulators and estimate.phases["fisher"].peak >= accumulators + fitted
 
 
 def test_the_dense_parameter_layer_refusal_reads_the_declaration():

@@ -18,16 +18,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 import torch.utils.checkpoint as _checkpoint
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..core.algebra import DenseStats, LayerStats, OneHotInput, OneHotStats, from_single_examples
+from ..core.algebra import DenseStats, LayerStats, from_single_examples, join_calls
+from ..core.statistics import LayerStatistic, Tensors, evaluate, of_stats
 from ..errors import InfluenceError
 from ..task import Task, tracked_module_names
 from .layers import LayerSpec, Target, resolve_parameter_layers, resolve_targets, specs_from_calls
+from .ops import HANDLERS as _HANDLERS
 from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
 from .ops import layout, weight_as_matrix
-from .tap import ObjectiveMode, Tap, TrackedWeight
+from .sharded import CallTimeWeights, check_shardable, is_fully_sharded
+from .stream import Stream, accumulators_for, combine, finite, layer_mask, masked_grads, masked_inputs
+from .tap import ObjectiveMode, Tap, TapRecord, TrackedWeight
 
 
 OBJECTIVES = ("train", "train_sampled", "measurement")
@@ -152,44 +157,33 @@ def _objective_fns(task: Task) -> Dict[str, Callable[[Any, nn.Module], torch.Ten
     }
 
 
-def _apply_mask(layer: str, a_calls, g_calls, mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate calls along tokens; zero the tokens outside ``mask`` and count the rest.
+def differentiate(fn: Callable[[Any], Tuple[torch.Tensor, Any]], wrt: Any, functional: bool = False) -> Tuple[Any, Any]:
+    """``(d loss / d wrt, aux)`` for ``fn(wrt) -> (loss, aux)``: zeros where the loss does not depend on a tensor.
 
-    A ``[batch, tokens]`` mask applies to every call whose token count it matches; calls without a
-    token dimension (T = 1, e.g. a head on a pooled output) are not masked.
+    Under ``torch.compile`` (or with ``functional``, e.g. inside ``vmap``) through ``torch.func.grad``. Eagerly
+    through the autograd engine itself: ``torch.func.grad`` differentiates with ``create_graph=True`` so that it
+    can nest, which records the backward pass and so keeps every layer's output gradient alive until it returns;
+    a compiled graph frees each one after its last use either way.
     """
-    a_out, g_out, tokens = [], [], []
-    for a, g in zip(a_calls, g_calls):
-        if mask is not None and a.shape[1] != 1 and (mask.dim() != 2 or a.shape[1] != mask.shape[1]):
-            raise InfluenceError(
-                f"Layer {layer!r} has {a.shape[1]} tokens per example but the attention mask has shape "
-                f"{tuple(mask.shape)}. Return a [batch, tokens] mask that matches, or a dict of masks per layer "
-                "name from Task.get_attention_mask()."
-            )
-        if mask is not None and a.shape[1] != 1:
-            weight = mask.to(a.dtype)[:, :, None, None]
-            a, g = a * weight, g * weight.to(g.dtype)
-            tokens.append(mask.to(a.dtype).sum())
-        else:
-            tokens.append(torch.full((), a.shape[0] * a.shape[1], dtype=a.dtype, device=a.device))
-        a_out.append(a)
-        g_out.append(g)
-    a = a_out[0] if len(a_out) == 1 else torch.cat(a_out, dim=1)
-    g = g_out[0] if len(g_out) == 1 else torch.cat(g_out, dim=1)
-    return a, g, sum(tokens[1:], tokens[0])
+    if functional or torch.compiler.is_compiling():
+        return torch.func.grad(fn, has_aux=True)(wrt)
+    leaves, spec = tree_flatten(wrt)
+    with torch.enable_grad():
+        leaves = [_leaf(leaf) for leaf in leaves]
+        loss, aux = fn(tree_unflatten(leaves, spec))
+        needed = loss.requires_grad and leaves
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if needed else [None] * len(leaves)
+    grads = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(leaves, grads)]
+    aux = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, aux)
+    return tree_unflatten(grads, spec), aux
 
 
-def _one_hot_stats(layer: str, id_calls: Sequence[OneHotInput], g_calls, mask) -> OneHotStats:
-    """An embedding's stats, masked like dense layers.
-
-    The ``[B, T]`` ids and values of every call go through :func:`_apply_mask` as a ``[B, T, 1, 1]``
-    stand-in for ``a`` (masked tokens get value 0 and a zero ``g``); the ids ride along unchanged.
-    """
-    values = [c.id_values[:, :, None, None] for c in id_calls]
-    values, g, tokens = _apply_mask(layer, values, g_calls, mask)
-    ids = [c.ids for c in id_calls]
-    ids = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
-    return OneHotStats(ids, values[:, :, 0, 0], g, tokens)
+def _leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy-free leaf of ``tensor`` that requires grad (set as an attribute: a mode that skips
+    ``requires_grad_``, like :class:`ObjectiveMode`, may be active)."""
+    leaf = tensor.detach()
+    leaf.requires_grad = True
+    return leaf
 
 
 class ModelTap:
@@ -203,6 +197,8 @@ class ModelTap:
     def __init__(self, model: nn.Module, task: Task, layers: Optional[Sequence[str]] = None,
                  amp_dtype: Optional[torch.dtype] = None, per_example: bool = False):
         check_model(model)
+        check_shardable(model)
+        self.sharded = is_fully_sharded(model)  # FSDP2: run as it is, weights matched at call time (.sharded)
         self.model = model
         self.per_example = per_example
         self.task = task
@@ -224,10 +220,19 @@ class ModelTap:
         self._whole: Optional["ModelTap"] = None  # the tap this one is restricted from (see restricted)
         first = self.params[self.targets[0].weight if self.targets else next(iter(self.parameter_layers.values()))[0]]
         self.device, self.dtype = first.device, first.dtype
+        if self.sharded and (self.parameter_layers or per_example):
+            raise InfluenceError(
+                "With a model sharded by fully_shard, every tracked layer must be a layer the tap sees (Linear, "
+                "Conv, Embedding ...): parameter layers "
+                f"{sorted(self.parameter_layers)} and per_example_vmap=True need whole parameters in each process. "
+                "Leave them out of Task.tracked_modules() (or drop per_example_vmap)." if self.parameter_layers
+                else "per_example_vmap=True is not available for a model sharded by fully_shard: drop it.")
 
     # -- the pure part -------------------------------------------------------------------------
 
-    def _tracked(self, params: Dict[str, torch.Tensor]) -> List[TrackedWeight]:
+    def _tracked(self, params: Dict[str, torch.Tensor]):
+        if self.sharded:
+            return CallTimeWeights(self.model, self.targets)
         return [TrackedWeight(t.layer, params[t.weight], params[t.bias] if t.bias else None, t.one_hot)
                 for t in self.targets]
 
@@ -237,6 +242,8 @@ class ModelTap:
         # torch.compile traces a checkpoint as one opaque op (see compile_option), so there is nothing to replace
         checkpoints = contextlib.nullcontext() if torch.compiler.is_compiling() else direct_checkpoints()
         with self._autocast(), checkpoints:
+            if self.sharded:  # FSDP puts each unit's gathered parameters on the model itself (.sharded)
+                return self._callers[objective](batch)
             return torch.func.functional_call(self._callers[objective], tensors, (batch,))
 
     def _autocast(self):
@@ -264,35 +271,103 @@ class ModelTap:
         return losses.sum(), stats
 
     def _batch_stats(self, objective: str, params, buffers, batch, probes):
-        examples = batch_examples(batch)
+        return self._run(objective, params, buffers, batch, probes, {})[:2]
 
-        def loss_of_probes(probes):
-            tap = Tap(self._tracked(params), probes, examples=examples, per_example=self.per_example)
+    def layer_values(self, objective: str, params, buffers, batch, probes, statistics: Dict[str, LayerStatistic],
+                     stream: bool = True, into: Optional[Dict[str, Tensors]] = None
+                     ) -> Tuple[torch.Tensor, Dict[str, Tensors], Dict[str, torch.Tensor]]:
+        """The loss of ``objective`` on ``batch`` and, per tracked layer, the value of ``statistics[layer]``
+        (:mod:`fninfluence.core.statistics`) and whether the layer's inputs and output gradients were finite:
+        ``(loss, {layer: value}, {layer: 0-dim bool})``.
+
+        A layer's statistic is streamed (formed while the backward pass is at the layer, so that its output
+        gradients are never all held at once; :mod:`.stream`) unless the tap runs per example (under ``vmap``),
+        the layer is a parameter layer, or it is called more than once and its statistic is not additive: those
+        are evaluated on the layer's batch statistics after the backward pass. ``stream=False`` evaluates every
+        layer that way. Pure, like :meth:`layer_stats`, and compiled the same way.
+
+        ``into`` (``{layer: {key: tensor}}``, eager only): a streamed layer's statistic is added in place into those
+        tensors as it is formed, and its value comes back empty (``{}``): no layer's value then waits for the
+        others' (see :class:`.stream.Stream`). The other layers' values come back as usual.
+        """
+        if set(statistics) != set(self.specs):
+            raise ValueError(f"statistics for {sorted(statistics)}, but the tap tracks {sorted(self.specs)}")
+        if self.per_example or not stream:
+            loss, stats = self.layer_stats(objective, params, buffers, batch, probes)
+            return (loss, {layer: evaluate(statistics[layer], s) for layer, s in stats.items()},
+                    {layer: finite(s) for layer, s in stats.items()})
+        streamed = {layer: statistic for layer, statistic in statistics.items()  # probes: this objective's calls
+                    if self.specs[layer].op != "parameters" and (len(probes[layer]) == 1 or statistic.additive)}
+        into = {} if into is None or torch.compiler.is_compiling() else into
+        loss, stats, late, record = self._run(objective, params, buffers, batch, probes, streamed, into)
+        values = {layer: evaluate(statistics[layer], s) for layer, s in stats.items()}
+        flags = {layer: finite(s) for layer, s in stats.items()}
+        for layer, (keys, parts) in late.items():
+            calls = len(record.early.get(layer, ()))
+            if calls != len(probes[layer]):
+                raise InfluenceError(
+                    f"Layer {layer!r} was called {calls} times, but {len(probes[layer])} times in the discovery "
+                    "pass on a batch of the same shapes: the number of calls depends on the data.")
+            *parts, nonfinite = parts
+            values[layer] = combine(record.early[layer], dict(zip(keys, parts)))
+            flags[layer] = torch.stack(record.inputs_finite[layer]).all() & (nonfinite == 0)
+        return loss, values, flags
+
+    def _run(self, objective: str, params, buffers, batch, probes, streamed: Dict[str, LayerStatistic],
+             into: Optional[Dict[str, Tensors]] = None):
+        """``(loss, stats of the other layers, {streamed layer: (keys, its accumulators' gradients)}, record)``."""
+        examples = batch_examples(batch)
+        mask = self.task.get_attention_mask(batch)
+        into = into or {}
+        collected = {layer: calls for layer, calls in probes.items() if layer not in streamed}
+        zeros = {layer: accumulators_for(statistic, examples, self.call_tokens(layer, probes, examples),
+                                         self.device, into.get(layer))
+                 for layer, statistic in streamed.items()}
+
+        def loss_of(wrt):
+            collected_probes, accumulators = wrt
+            streams = {layer: Stream(streamed[layer], zeros[layer][0], accumulators[layer], layer_mask(mask, layer),
+                                     into.get(layer)) for layer in streamed}
+            tap = Tap(self._tracked(params), collected_probes, examples=examples, per_example=self.per_example,
+                      streams=streams)
             with tap:
                 loss = self._call(objective, params, buffers, batch)
-            return loss, (loss.detach(), tap.record.inputs)
+            return loss, (loss.detach(), tap.record.inputs, tap.record.early, tap.record.inputs_finite)
 
-        probe_grads, (loss, inputs) = torch.func.grad(loss_of_probes, has_aux=True)(probes)
-        mask = self.task.get_attention_mask(batch)
+        wrt = (collected, {layer: accumulators for layer, (_, accumulators) in zeros.items()})
+        (probe_grads, late), (loss, inputs, early, inputs_finite) = differentiate(loss_of, wrt,
+                                                                                 functional=self.per_example)
+        record = TapRecord(inputs=inputs, early=early, inputs_finite=inputs_finite)
         stats = self._parameter_stats(objective, params, buffers, batch) if self.parameter_layers else {}
-        for layer, spec in self.specs.items():
-            if spec.op == "parameters":
-                continue
-            a_calls = inputs[layer]
-            if len(a_calls) != len(probes[layer]):
-                raise InfluenceError(
-                    f"Layer {layer!r} was called {len(a_calls)} times, but {len(probes[layer])} times in the "
-                    "discovery pass on a batch of the same shapes: the number of calls depends on the data."
-                )
-            _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
-            g_calls = [output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
-            layer_mask = mask.get(layer) if isinstance(mask, dict) else mask
-            if spec.one_hot:
-                stats[layer] = _one_hot_stats(layer, a_calls, g_calls, layer_mask)
-            else:
-                a, g, tokens = _apply_mask(layer, a_calls, g_calls, layer_mask)
-                stats[layer] = DenseStats(a, g, tokens)
-        return loss, stats
+        for layer in collected:
+            stats[layer] = self._collected(layer, record.inputs.get(layer, []), probe_grads[layer], mask, examples)
+        return loss, stats, {layer: (zeros[layer][0], late[layer]) for layer in streamed}, record
+
+    def _collected(self, layer: str, a_calls, grads, mask, examples: int) -> LayerStats:
+        """A layer's batch statistics from its calls' recorded inputs and probe gradients, masked, calls
+        concatenated along tokens."""
+        spec = self.specs[layer]
+        if len(a_calls) != len(grads):
+            raise InfluenceError(
+                f"Layer {layer!r} was called {len(a_calls)} times, but {len(grads)} times in the "
+                "discovery pass on a batch of the same shapes: the number of calls depends on the data."
+            )
+        _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
+        sides, g_calls = [], []
+        for a, grad in zip(a_calls, grads):
+            side, weight = masked_inputs(layer, a, layer_mask(mask, layer))
+            sides.append(side)
+            g_calls.append(masked_grads(output_grad(grad, spec.groups, examples), weight))
+        return join_calls(sides, g_calls)
+
+    def call_tokens(self, layer: str, probes: Dict[str, List[torch.Tensor]], examples: int) -> int:
+        """Tokens per example of one call of ``layer`` on a batch of ``examples`` whose ``probes`` these are (1 for
+        a parameter layer)."""
+        spec = self.specs[layer]
+        if spec.op == "parameters":
+            return 1
+        examples = 1 if self.per_example else examples  # per example, the probes are those of a batch of one
+        return layout(_HANDLERS_BY_NAME[spec.op], self.per_example)[1](probes[layer][0], spec.groups, examples).shape[1]
 
     def _parameter_stats(self, objective: str, params, buffers, batch) -> Dict[str, DenseStats]:
         """Per-example gradients of the parameter layers, by ``vmap(grad(...))`` over batches of one.
@@ -346,14 +421,34 @@ class ModelTap:
         if self._whole is not None:
             probes = self._whole.probes_for(objective, batch)
             return {layer: calls for layer, calls in probes.items() if layer in self.specs}
-        if self.per_example:
-            batch = tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x, batch)
+        batch = self._as_probed(batch)
         key = (objective, batch_signature(batch))
         probes = self._probes.get(key)
         if probes is None:
             probes = self._discover(objective, batch)
             self._probes[key] = probes
         return probes
+
+    def knows(self, objective: str, batch: Any) -> bool:
+        """Whether batches shaped like ``batch`` were discovered for ``objective`` (their probes are ready)."""
+        if self._whole is not None:
+            return self._whole.knows(objective, batch)
+        return (objective, batch_signature(self._as_probed(batch))) in self._probes
+
+    def rediscover(self, objective: str, batch: Any) -> None:
+        """Run the discovery pass on ``batch`` even if its shapes are known (ranks of a sharded model run one
+        together whenever one of them needs one, see :func:`fninfluence.run.loop.run_pass`)."""
+        if self._whole is not None:
+            return self._whole.rediscover(objective, batch)
+        batch = self._as_probed(batch)
+        probes = self._discover(objective, batch)
+        self._probes.setdefault((objective, batch_signature(batch)), probes)
+
+    def _as_probed(self, batch: Any) -> Any:
+        """The batch probes are made for: per example, the first example alone."""
+        if self.per_example:
+            return tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x, batch)
+        return batch
 
     def tokens_per_call(self, objective: str, batch: Any) -> Dict[str, int]:
         """Tokens per call of every tracked layer on batches shaped like ``batch`` (1 without a token dimension)."""
@@ -383,6 +478,10 @@ class ModelTap:
         :data:`direct_checkpoints` can run its function, so the tap would not see the layers inside;
         eager runs give the same numbers.
         """
+        if compile and self.sharded:
+            warnings.warn("compile is ignored for a model sharded by fully_shard: running eagerly (the results are "
+                          "the same).", stacklevel=3)
+            return False
         if compile and (self._whole or self).checkpointed:
             warnings.warn("compile is ignored: the model uses activation checkpointing, which torch.compile hides "
                           "from the tap; running eagerly (the results are the same).", stacklevel=3)
@@ -392,7 +491,11 @@ class ModelTap:
     def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
         checkpoints_before = direct_checkpoints.calls()
         try:
-            return self._discover_once(objective, batch)
+            probes = self._discover_once(objective, batch)  # its record (every layer's input) is freed here
+            if objective not in self._exact:  # a use that escapes the tap is in the code, not in a batch's shapes
+                self._check_exact(objective, batch, probes)
+                self._exact.add(objective)
+            return probes
         finally:
             self.checkpointed |= direct_checkpoints.calls() > checkpoints_before
 
@@ -418,13 +521,11 @@ class ModelTap:
                         f"Layer {layer!r} looks different on this batch ({spec.op} {spec.shape}) than before "
                         f"({known.op} {known.shape}); tracked layers must not change with the data or the objective."
                     )
+        # one zero, expanded: a probe costs no memory (a collected layer's gradient is materialised by autograd)
         probes = {
-            layer: [torch.zeros(c.output_shape, dtype=c.output_dtype, device=self.device) for c in calls]
+            layer: [torch.zeros((), dtype=c.output_dtype, device=self.device).expand(c.output_shape) for c in calls]
             for layer, calls in record.calls.items()
         }
-        if objective not in self._exact:  # a use that escapes the tap is in the code, not in a batch's shapes
-            self._check_exact(objective, batch, probes)
-            self._exact.add(objective)
         return probes
 
     def _check_record(self, record, objective: str, examples: int) -> None:
@@ -480,64 +581,123 @@ class ModelTap:
         if not specs:
             return
         names = [n for spec in specs.values() for n in (spec.weight, spec.bias) if n is not None]
-        examples = batch_examples(batch)
 
-        def loss_of(probes, subset):
-            params = {**self.params, **subset}
-            tap = Tap(self._tracked(params), probes, examples=examples, per_example=self.per_example)
-            with tap:
-                loss = self._call(objective, params, self.buffers, batch)
-            return loss, tap.record.inputs
+        def loss(subset):
+            with ObjectiveMode():
+                return self._call(objective, {**self.params, **subset}, self.buffers, batch), None
 
+        # Two passes, so that the inputs the tap keeps and those autograd keeps for the weight gradients are never
+        # held together; each sees the same random draws (sampled labels).
         accelerator = self.device.type != "cpu"
-        with torch.random.fork_rng(devices=[self.device] if accelerator else [], device_type=self.device.type), \
-                unfused():
-            (probe_grads, grads), inputs = torch.func.grad(loss_of, argnums=(0, 1), has_aux=True)(
-                probes, {n: self.params[n] for n in names})
+        random_state = lambda: torch.random.fork_rng(devices=[self.device] if accelerator else [],  # noqa: E731
+                                                     device_type=self.device.type)
+        with random_state(), unfused():
+            grads = self._sharded_weight_grads(objective, batch, names) if self.sharded else \
+                differentiate(loss, {n: self.params[n] for n in names})[0]
+        with random_state(), unfused():
+            sums = self._tapped_sums(objective, batch, probes, specs)
         for layer, spec in specs.items():
-            _, output_grad = layout(_HANDLERS_BY_NAME[spec.op], self.per_example)
-            g_calls = [output_grad(grad, spec.groups, examples) for grad in probe_grads[layer]]
-            tapped, scale, eps = _summed_gradient(inputs[layer], g_calls, spec.in_features if spec.one_hot else None)
+            tapped, scale = sums[layer]["summed"], sums[layer]["scale"]
+            eps = max(torch.finfo(probes[layer][0].dtype).eps, torch.finfo(self.dtype).eps)
             if accelerator and tapped.dtype == torch.float32:
                 eps = max(eps, 2.0 ** -10)  # float32 matmuls and convolutions may run in TF32 there
             expected = weight_as_matrix(grads[spec.weight], grads[spec.bias] if spec.has_bias else None,
                                         spec.groups, spec.op).to(tapped.dtype)
-            if not (bool(torch.isfinite(tapped).all()) and bool(torch.isfinite(expected).all())):
-                continue  # non-finite gradients are reported, with the batch, by the passes themselves
-            error = float(torch.linalg.vector_norm(tapped - expected))
-            if not error <= eps ** 0.5 * float(scale):
-                raise InfluenceError(
-                    f"The tap's gradient of layer {layer!r} differs from autograd's on the first batch "
-                    f"(|difference| {error:.3g}, terms {float(scale):.3g}): its weight {spec.weight!r} is also used "
-                    f"in a way the tap cannot see (e.g. through a tensor subclass, a property or a custom op), so "
-                    "its per-example gradients would be wrong. Use the weight only through its module call, leave "
-                    f"{layer!r} out of Task.tracked_modules(), or name the parameter {spec.weight!r} itself there "
-                    "(its gradient then comes from per-example vmap, which sees every use)."
-                )
+            _refuse_escaped_uses(layer, spec, tapped, expected, scale, eps)
+
+    def _sharded_weight_grads(self, objective: str, batch: Any, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Autograd's gradients of the objective with respect to the tracked parameters ``names`` as FSDP holds them
+        while their unit runs (the unsharded tensors; their ``.grad`` is left alone)."""
+        seen = _ParametersSeen(self.model, names)
+        with torch.enable_grad(), seen:
+            loss = self._call(objective, self.params, self.buffers, batch)
+        missing = [n for n in names if n not in seen.tensors]
+        if missing:
+            raise InfluenceError(f"The tracked parameters {missing} were not used while computing the "
+                                 f"{_OBJECTIVE_NAMES[objective]}.")
+        grads = torch.autograd.grad(loss, [seen.tensors[n] for n in names], allow_unused=True)
+        return {n: torch.zeros_like(seen.tensors[n]) if g is None else g for n, g in zip(names, grads)}
+
+    def _tapped_sums(self, objective: str, batch: Any, probes, specs: Dict[str, LayerSpec]) -> Dict[str, Tensors]:
+        """Per layer, ``{"summed": sum_{n,t} g a^T, "scale": sum_{n,t} |g| |a|}`` as the tap sees it (streamed: no
+        layer's inputs or output gradients are held beyond its own backward)."""
+        examples = batch_examples(batch)
+        wide = {layer: torch.promote_types(torch.promote_types(probes[layer][0].dtype, self.dtype), torch.float32)
+                for layer in specs}
+        statistics = {layer: _summed_gradient(spec, wide[layer], self.device) for layer, spec in specs.items()}
+        zeros = {layer: accumulators_for(statistic, examples, self.call_tokens(layer, probes, examples), self.device)
+                 for layer, statistic in statistics.items()}
+
+        def tapped_loss(accumulators):
+            streams = {layer: Stream(statistics[layer], zeros[layer][0], accumulators[layer], None) for layer in specs}
+            tap = Tap(self._tracked(self.params), {}, examples=examples, per_example=self.per_example, streams=streams)
+            with tap:
+                loss = self._call(objective, self.params, self.buffers, batch)
+            return loss, tap.record.early
+
+        late, early = differentiate(tapped_loss, {layer: accumulators for layer, (_, accumulators) in zeros.items()})
+        return {layer: combine(early[layer], dict(zip(zeros[layer][0], late[layer][:-1]))) for layer in specs}
 
 
-def _summed_gradient(a_calls, g_calls, vocabulary: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """``(sum_{n,t} g a^T as [G, out, in], sum_{n,t} |g| |a|, machine epsilon of the inputs)`` over all calls.
+class _ParametersSeen(ObjectiveMode):
+    """Records, by name, the tensors a sharded model's parameters are while the model runs (FSDP2 puts a unit's
+    unsharded parameters on its modules during its forward pass): the arguments of the layer calls the tap
+    handles are compared (FSDP's own gathering ops see the sharded parameters)."""
 
-    Summed in at least float32. For an embedding ``a`` is a one-hot row ``id_values * e_ids``, so
-    ``g a^T`` adds ``id_values * g`` to column ``ids`` of a ``[1, D, V]`` matrix.
-    """
-    total, scale, eps = None, 0.0, 0.0
-    for a, g in zip(a_calls, g_calls):
-        dtypes = [g.dtype, (a["id_values"] if vocabulary is not None else a).dtype]
-        wide = torch.promote_types(torch.promote_types(*dtypes), torch.float32)
-        eps = max([eps] + [torch.finfo(d).eps for d in dtypes])
-        if vocabulary is not None:
-            rows = g.to(wide).reshape(-1, g.shape[-1]) * a["id_values"].to(wide).reshape(-1, 1)  # [B T, D]
-            term = rows.new_zeros(vocabulary, rows.shape[-1]).index_add(0, a["ids"].reshape(-1), rows).T[None]
-            size = torch.linalg.vector_norm(rows, dim=-1).sum()
-        else:
-            a, g = a.to(wide), g.to(wide)
-            term = torch.einsum("btgo,btgi->goi", g, a)
-            size = (torch.linalg.vector_norm(g, dim=-1) * torch.linalg.vector_norm(a, dim=-1)).sum()
-        total = term if total is None else total + term
-        scale = scale + size
-    return total, scale, eps
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self._places = {}
+        for name in names:
+            path, _, attribute = name.rpartition(".")
+            self._places[name] = (model.get_submodule(path), attribute)
+        self.tensors: Dict[str, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in _HANDLERS and func is not F.multi_head_attention_forward:
+            return super().__torch_function__(func, types, args, kwargs)
+        arguments = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for name, (module, attribute) in self._places.items():
+            current = getattr(module, attribute)
+            if name not in self.tensors and id(current) in arguments:
+                self.tensors[name] = current
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _refuse_escaped_uses(layer: str, spec: LayerSpec, tapped: torch.Tensor, expected: torch.Tensor,
+                         scale: torch.Tensor, eps: float) -> None:
+    """Raise when the tap's summed gradient of a layer is farther from autograd's than rounding explains."""
+    if not (bool(torch.isfinite(tapped).all()) and bool(torch.isfinite(expected).all())):
+        return  # non-finite gradients are reported, with the batch, by the passes themselves
+    error = float(torch.linalg.vector_norm(tapped - expected))
+    if not error <= eps ** 0.5 * float(scale):
+        raise InfluenceError(
+            f"The tap's gradient of layer {layer!r} differs from autograd's on the first batch "
+            f"(|difference| {error:.3g}, terms {float(scale):.3g}): its weight {spec.weight!r} is also used "
+            f"in a way the tap cannot see (e.g. through a tensor subclass, a property or a custom op), so "
+            "its per-example gradients would be wrong. Use the weight only through its module call, leave "
+            f"{layer!r} out of Task.tracked_modules(), or name the parameter {spec.weight!r} itself there "
+            "(its gradient then comes from per-example vmap, which sees every use)."
+        )
+
+
+def _summed_gradient(spec: LayerSpec, wide: torch.dtype, device: torch.device) -> LayerStatistic:
+    """``{"summed": sum_{n,t} g a^T as [G, out, in], "scale": sum_{n,t} |g| |a|}`` of a layer's calls, unmasked,
+    in ``wide`` (at least float32). For an embedding ``a`` is a one-hot row ``id_values * e_ids``, so ``g a^T``
+    adds ``id_values * g`` to column ``ids`` of a ``[1, D, V]`` matrix."""
+
+    def value(stats):
+        g = stats.g.to(wide)
+        if spec.one_hot:
+            rows = g.reshape(-1, g.shape[-1]) * stats.id_values.to(wide).reshape(-1, 1)  # [B T, D]
+            term = rows.new_zeros(spec.in_features, rows.shape[-1]).index_add(0, stats.ids.reshape(-1), rows).T[None]
+            return {"summed": term, "scale": torch.linalg.vector_norm(rows, dim=-1).sum()}
+        a = stats.a.to(wide)
+        return {"summed": torch.einsum("btgo,btgi->goi", g, a),
+                "scale": (torch.linalg.vector_norm(g, dim=-1) * torch.linalg.vector_norm(a, dim=-1)).sum()}
+
+    return of_stats(value, lambda examples, tokens: {"summed": torch.zeros(*spec.shape, dtype=wide, device=device),
+                                                     "scale": torch.zeros((), dtype=wide, device=device)},
+                    additive=True)
 
 
 _OBJECTIVE_NAMES = {

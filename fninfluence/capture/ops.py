@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..core.algebra import OneHotInput
+from ..core.algebra import ConvStats, OneHotInput
+from ..core.conv import ConvSettings, patches as conv_patches, positions, settings_of
 from ..errors import InfluenceError
 
 
@@ -54,41 +55,9 @@ def _parse_conv(args: tuple, kwargs: dict) -> CallArgs:
     return CallArgs(b["input"], b["weight"], b["bias"], (b["stride"], b["padding"], b["dilation"], b["groups"]))
 
 
-def _expand(value: Any, n: int) -> Tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    return value * n if len(value) == 1 else value
-
-
-def _explicit_padding(padding: Any, kernel: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tuple[Tuple[int, int], ...]:
-    """Per spatial dim (before, after) zero padding of a conv call."""
-    n = len(kernel)
-    if padding == "valid":
-        return ((0, 0),) * n
-    if padding == "same":
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-        return tuple((t // 2, t - t // 2) for t in totals)
-    return tuple((p, p) for p in _expand(padding, n))
-
-
-def _patches(x: torch.Tensor, weight: torch.Tensor, settings: Tuple[Any, ...]) -> torch.Tensor:
-    """Receptive-field patches of a conv call: ``[batch, positions, groups, in_per_group * kernel]``."""
-    stride, padding, dilation, groups = settings
-    spatial = weight.dim() - 2
-    kernel = tuple(weight.shape[2:])
-    dilation = _expand(dilation, spatial)
-    stride = _expand(stride, spatial)
-    pads = _explicit_padding(padding, kernel, dilation)
-    if any(p for pair in pads for p in pair):
-        flat_pads = [p for pair in reversed(pads) for p in pair]  # F.pad wants last dim first
-        x = F.pad(x, flat_pads)
-    if spatial == 1:  # view conv1d as conv2d over a height-1 image
-        x, kernel, dilation, stride = x.unsqueeze(-2), (1, *kernel), (1, *dilation), (1, *stride)
-    cols = F.unfold(x, kernel_size=kernel, dilation=dilation, stride=stride)  # [B, C*K, L]
-    batch, _, positions = cols.shape
-    cols = cols.reshape(batch, groups, -1, positions)
-    return cols.permute(0, 3, 1, 2)
+def _conv_settings(call: CallArgs) -> ConvSettings:
+    stride, padding, dilation, groups = call.settings
+    return settings_of(tuple(call.weight.shape), stride, padding, dilation, groups)
 
 
 def _parse_embedding(args: tuple, kwargs: dict) -> CallArgs:
@@ -160,8 +129,14 @@ def _flat_rows_input(call: CallArgs, examples: int) -> torch.Tensor:
     return x.reshape(examples, -1, 1, x.shape[-1])
 
 
-def _conv_input(call: CallArgs, examples: int) -> torch.Tensor:
-    return _patches(call.input, call.weight, call.settings)
+def _conv_input(call: CallArgs, examples: int) -> ConvStats:
+    """The call's input as it is (the patches are unfolded only where a formula needs them, see
+    :class:`~fninfluence.core.algebra.ConvStats`)."""
+    return ConvStats(call.input, None, None, _conv_settings(call))
+
+
+def _conv_patches(call: CallArgs, examples: int) -> torch.Tensor:
+    return conv_patches(call.input, _conv_settings(call))
 
 
 def _linear_output(grad: torch.Tensor, groups: int, examples: int) -> torch.Tensor:
@@ -215,9 +190,18 @@ HANDLERS: Dict[Any, OpHandler] = {
 HANDLERS_BY_NAME: Dict[str, OpHandler] = {h.name: h for h in HANDLERS.values()}
 
 
-def with_bias_column(a: torch.Tensor) -> torch.Tensor:
-    """Append the constant input that multiplies the bias: ``[a; 1]``."""
+def with_bias_column(a):
+    """Append the constant input that multiplies the bias: ``[a; 1]`` (for a convolution's input, in its settings)."""
+    if isinstance(a, ConvStats):
+        return ConvStats(a.x, a.g, a.tokens, a.conv._replace(bias=True))
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+
+
+def tokens_of(recorded) -> int:
+    """Tokens per example of a recorded layer input (a dense ``a``, a convolution's input or one-hot ids)."""
+    if isinstance(recorded, ConvStats):
+        return positions(recorded.x, recorded.conv)
+    return int((recorded.ids if isinstance(recorded, OneHotInput) else recorded).shape[1])
 
 
 def weight_as_matrix(weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int, op: str = "linear") -> torch.Tensor:
@@ -239,4 +223,6 @@ def layout(handler: OpHandler, per_example: bool):
         return _flat_rows_input, _flat_rows_output
     if per_example and handler.name == "embedding":
         return _flat_embedding_input, _flat_rows_output
+    if per_example and handler.name in ("conv1d", "conv2d"):  # under vmap: the patches (no batched conv kernel)
+        return _conv_patches, handler.output_grad
     return handler.layer_input, handler.output_grad

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from . import attention
 from ..errors import InfluenceError
-from .ops import HANDLERS, OpHandler, layout, with_bias_column
+from .ops import HANDLERS, OpHandler, layout, tokens_of, with_bias_column
+from .stream import Stream, stream_call
 
 # Functions that read a tensor's metadata or attributes. A tracked weight passing through them is harmless,
 # unless what comes out is a view of it (``weight.T``, ``.mT``, ``.data``): that alias is followed, see
@@ -158,6 +159,9 @@ class TapRecord:
     # (how a call was random, whether it ran inside the user's model rather than the task's own code)
     random_calls: List[Tuple[str, bool]] = field(default_factory=list)
     versions: List[Tuple[str, torch.Tensor, int]] = field(default_factory=list)
+    # streamed layers (see .stream): per call, the statistic's forward part and whether the inputs were finite
+    early: Dict[str, List[Dict[str, torch.Tensor]]] = field(default_factory=dict)
+    inputs_finite: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
 
 
 class ObjectiveMode(TorchFunctionMode):
@@ -175,19 +179,22 @@ class ObjectiveMode(TorchFunctionMode):
 
 
 class Tap(ObjectiveMode):
-    """Records tracked layer inputs and adds ``probes[layer][k]`` to the output of the k-th call.
+    """Records tracked layer inputs and adds ``probes[layer][k]`` to the output of the k-th call, or, for the
+    layers in ``streams``, routes their outputs through their statistics (:mod:`.stream`) and records nothing
+    but the statistics' forward parts.
 
-    With ``probes=None`` it only records (the discovery pass).
+    With ``probes=None`` and no streams it only records (the discovery pass).
     """
 
     def __init__(self, tracked: Sequence[TrackedWeight], probes: Optional[Dict[str, List[torch.Tensor]]] = None,
                  discover: bool = False, examples: int = 0, per_example: bool = False,
-                 outer: Optional[nn.Module] = None):
+                 outer: Optional[nn.Module] = None, streams: Optional[Dict[str, Stream]] = None):
         super().__init__()
+        self.streams = streams or {}
         self.outer = outer  # discovery: the module that calls the task, to tell the task's code from the model's
         self.examples = examples
         self.per_example = per_example
-        self.tracked = tuple(tracked)
+        self.tracked = tracked if getattr(tracked, "at_call_time", False) else tuple(tracked)  # see .sharded
         self.probes = probes
         self.discover = discover
         self.record = TapRecord()
@@ -240,18 +247,25 @@ class Tap(ObjectiveMode):
             owners = [(layer, "")] if tracked.bias is not None else []
             for owner, via in owners + self._owners(call.bias):
                 self.record.other_uses.setdefault(owner, []).append(f"{handler.name} with a bias that is not {layer}'s own")
-        layer_input, _ = layout(handler, self.per_example)
+        layer_input, output_grad = layout(handler, self.per_example)
         flat_rows = handler.flat_rows or layer_input is not handler.layer_input
         if flat_rows and call.input.shape[0] % self.examples:
             raise InfluenceError(
                 f"Layer {layer!r} ({handler.name}) received {call.input.shape[0]} rows for a batch of {self.examples} "
                 "examples; its rows must be (example, token) pairs with the example first."
             )
-        a = layer_input(call, self.examples)  # [B, T, G, in], or {"ids", "id_values"} for one-hot layers
-        if has_bias:
-            a = with_bias_column(a)
+        with torch.no_grad():  # the inputs are read, never differentiated
+            a = layer_input(call, self.examples)  # [B, T, G, in], or {"ids", "id_values"} for one-hot layers
+            if has_bias:
+                a = with_bias_column(a)
+        stream = self.streams.get(layer)
+        if stream is not None:
+            groups, examples = handler.groups(call), self.examples
+            return stream_call(layer, stream, out, a, lambda grad: output_grad(grad, groups, examples),
+                               self.record.early.setdefault(layer, []),
+                               self.record.inputs_finite.setdefault(layer, []))
         calls_so_far = len(self.record.inputs.setdefault(layer, []))
-        self.record.inputs[layer].append(a)
+        self.record.inputs[layer].append(None if self.discover else a)  # discovery keeps shapes, not inputs
         self.record.handlers.setdefault(layer, []).append(handler)
         if self.discover:
             groups = handler.groups(call)
@@ -259,7 +273,7 @@ class Tap(ObjectiveMode):
                 op=handler.name, groups=groups, weight_shape=handler.weight_shape(call.weight, groups),
                 param_shape=tuple(call.weight.shape),
                 has_bias=has_bias, input_batch=self.examples if flat_rows else int(call.input.shape[0]), output_shape=tuple(out.shape),
-                output_dtype=out.dtype, input_tokens=int((a["ids"] if handler.one_hot else a).shape[1]),
+                output_dtype=out.dtype, input_tokens=tokens_of(a),
             ))
             self.record.versions.append((layer, call.input, call.input._version))
         if self.probes is not None:

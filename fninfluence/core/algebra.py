@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
-from torch.utils._pytree import register_dataclass
+from torch.utils._pytree import register_dataclass, register_pytree_node
 
+from . import conv
 from .contract import contract
 from ..errors import InfluenceError
 
@@ -113,16 +114,55 @@ class OneHotInput(_FieldMapping):
     _KEYS = ("ids", "id_values")
 
 
-LayerStats = Union[DenseStats, OneHotStats]
+@dataclass(frozen=True, eq=False)
+class ConvStats(_FieldMapping):
+    """A convolution's batch kept as the op's input ``x`` ``[B, C, *spatial]`` and its settings, with ``g``
+    ``[B, T, G, out]``: the patches ``a`` ``[B, T, G, in]`` are unfolded only where a formula reads them, and
+    per-example gradients come from the convolution's weight-gradient kernel (:mod:`.conv`). Reads like a
+    :class:`DenseStats` (``stats["a"]`` unfolds)."""
+
+    x: torch.Tensor
+    g: Optional[torch.Tensor]
+    tokens: Optional[torch.Tensor]
+    conv: conv.ConvSettings
+    _KEYS = ("a", "g", "tokens")
+
+    @property
+    def a(self) -> torch.Tensor:
+        return conv.patches(self.x, self.conv)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class ExampleGrads(_FieldMapping):
+    """Per-example gradients ``grads`` ``[N, G, out, in]`` given as they are (a convolution's, rotated into an
+    eigenbasis): every formula that needs only ``G_n`` applies."""
+
+    grads: torch.Tensor
+    tokens: Optional[torch.Tensor] = None
+    _KEYS = ("grads", "tokens")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.grads.dtype
+
+
+LayerStats = Union[DenseStats, OneHotStats, ConvStats, ExampleGrads]
 
 register_dataclass(DenseStats)
 register_dataclass(OneHotStats)
 register_dataclass(OneHotInput)
+register_dataclass(ExampleGrads)
+register_pytree_node(ConvStats, lambda s: ([s.x, s.g, s.tokens], s.conv),
+                     lambda leaves, settings: ConvStats(*leaves, settings))
 
 
 def as_stats(stats: Mapping) -> LayerStats:
     """``stats`` as a record: records as they are; a dict by its keys (``"ids"`` marks an embedding's)."""
-    if isinstance(stats, (DenseStats, OneHotStats)):
+    if isinstance(stats, (DenseStats, OneHotStats, ConvStats, ExampleGrads)):
         return stats
     if "ids" in stats:
         return OneHotStats(stats["ids"], stats["id_values"], stats["g"], stats.get("tokens"))
@@ -132,9 +172,14 @@ def as_stats(stats: Mapping) -> LayerStats:
 def cast(stats: Mapping, dtype: torch.dtype) -> LayerStats:
     """The floating-point fields (``a``, ``g``, ``id_values``) in ``dtype``; ids and the token count as they are."""
     stats = as_stats(stats)
+    if isinstance(stats, ExampleGrads):
+        return ExampleGrads(stats.grads.to(dtype), stats.tokens)
+    g = None if stats.g is None else stats.g.to(dtype)  # None: an input side (fninfluence.core.statistics)
     if isinstance(stats, OneHotStats):
-        return OneHotStats(stats.ids, stats.id_values.to(dtype), stats.g.to(dtype), stats.tokens)
-    return DenseStats(stats.a.to(dtype), stats.g.to(dtype), stats.tokens)
+        return OneHotStats(stats.ids, stats.id_values.to(dtype), g, stats.tokens)
+    if isinstance(stats, ConvStats):
+        return ConvStats(stats.x.to(dtype), g, stats.tokens, stats.conv)
+    return DenseStats(stats.a.to(dtype), g, stats.tokens)
 
 
 def from_single_examples(stats: LayerStats) -> LayerStats:
@@ -146,9 +191,44 @@ def from_single_examples(stats: LayerStats) -> LayerStats:
     return DenseStats(stats.a.squeeze(1), stats.g.squeeze(1), tokens)
 
 
-def require_dense(stats: Mapping, purpose: str) -> DenseStats:
-    """``stats`` as :class:`DenseStats`, or an error saying that ``purpose`` has no embedding form."""
+def without_grads(stats: Mapping) -> LayerStats:
+    """The input side of a layer's statistics: the same record with ``g = None``."""
     stats = as_stats(stats)
+    if isinstance(stats, OneHotStats):
+        return OneHotStats(stats.ids, stats.id_values, None, stats.tokens)
+    if isinstance(stats, ConvStats):
+        return ConvStats(stats.x, None, stats.tokens, stats.conv)
+    return DenseStats(stats.a, None, stats.tokens)
+
+
+def with_grads(inputs: LayerStats, g: torch.Tensor) -> LayerStats:
+    """An input side completed with the output gradients ``g``."""
+    if isinstance(inputs, OneHotStats):
+        return OneHotStats(inputs.ids, inputs.id_values, g, inputs.tokens)
+    if isinstance(inputs, ConvStats):
+        return ConvStats(inputs.x, g, inputs.tokens, inputs.conv)
+    return DenseStats(inputs.a, g, inputs.tokens)
+
+
+def join_calls(sides, g_calls) -> LayerStats:
+    """One layer's batch statistics from its calls' input sides and output gradients: calls concatenated along
+    tokens (a convolution's as patches), token counts summed."""
+    tokens = sum((side.tokens for side in sides[1:]), sides[0].tokens)
+    if len(sides) == 1:
+        return with_grads(sides[0], g_calls[0])
+    g = torch.cat(list(g_calls), dim=1)
+    if isinstance(sides[0], OneHotStats):
+        ids = torch.cat([side.ids for side in sides], dim=1)
+        return OneHotStats(ids, torch.cat([side.id_values for side in sides], dim=1), g, tokens)
+    return DenseStats(torch.cat([side.a for side in sides], dim=1), g, tokens)
+
+
+def require_dense(stats: Mapping, purpose: str) -> DenseStats:
+    """``stats`` as :class:`DenseStats` (a convolution's patches unfolded), or an error saying that ``purpose``
+    has no embedding form."""
+    stats = as_stats(stats)
+    if isinstance(stats, ConvStats):
+        return DenseStats(stats.a, stats.g, stats.tokens)
     if isinstance(stats, OneHotStats):
         raise InfluenceError(f"{purpose} takes dense layer statistics, not an embedding's (one-hot ids): leave the "
                              "embedding out of Task.tracked_modules() for it.")
@@ -171,6 +251,10 @@ def per_example_grads(stats: Mapping, in_features: Optional[int] = None) -> torc
     stats = as_stats(stats)
     if isinstance(stats, DenseStats):
         return torch.einsum("btgo,btgi->bgoi", stats.g, stats.a)
+    if isinstance(stats, ConvStats):
+        return conv.example_grads(stats.x, stats.g, stats.conv)
+    if isinstance(stats, ExampleGrads):
+        return stats.grads
     if in_features is None:
         raise ValueError("per_example_grads of an embedding (one-hot stats) needs in_features, the vocabulary size.")
     g = scaled_grads(stats, stats.g)  # [N, T, 1, D]
@@ -287,6 +371,13 @@ def in_eigenbasis(stats: Mapping, activation_vectors: Optional[torch.Tensor],
     """Stats whose gradients are ``G'_n = Q_S^T G_n Q_A``: ``a' = Q_A^T a`` and ``g' = Q_S^T g`` (a factor that
     is None is the identity). An embedding's ``Q_A`` is always the identity (its A is diagonal)."""
     stats = as_stats(stats)
+    if isinstance(stats, (ConvStats, ExampleGrads)):  # rotate G_n itself: no patches
+        grads = per_example_grads(stats)
+        if gradient_vectors is not None:
+            grads = torch.einsum("ngoi,gop->ngpi", grads, gradient_vectors.to(grads.dtype))
+        if activation_vectors is not None:
+            grads = torch.einsum("ngoi,gij->ngoj", grads, activation_vectors.to(grads.dtype))
+        return ExampleGrads(grads, stats.tokens)
     g = stats.g
     if gradient_vectors is not None:
         g = torch.einsum("btgo,gop->btgp", g, gradient_vectors.to(g.dtype))
@@ -307,10 +398,14 @@ def squared_example_grads(stats: Mapping, in_features: int) -> torch.Tensor:
     stats = as_stats(stats)
     if isinstance(stats, OneHotStats):
         return squared_column_sums(stats.ids, scaled_grads(stats, stats.g), in_features)
+    if isinstance(stats, ConvStats):
+        return per_example_grads(stats).square_().sum(0)
+    if isinstance(stats, ExampleGrads):
+        return stats.grads.square().sum(0)
     a, g = stats.a, stats.g
     if a.shape[1] == 1:
         return torch.einsum("bgo,bgi->goi", g[:, 0].square(), a[:, 0].square())
-    return torch.einsum("btgo,btgi->bgoi", g, a).square().sum(0)
+    return torch.einsum("btgo,btgi->bgoi", g, a).square_().sum(0)  # in place: one [N, G, out, in] at a time
 
 
 def self_products(stats: Mapping, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -322,13 +417,16 @@ def self_products(stats: Mapping, weights: Optional[torch.Tensor] = None) -> tor
     stats = as_stats(stats)
     if isinstance(stats, OneHotStats):
         return weighted_self_products(stats.ids, scaled_grads(stats, stats.g), weights)
+    if isinstance(stats, (ConvStats, ExampleGrads)):
+        squared = per_example_grads(stats).square()
+        return (squared if weights is None else squared * weights).flatten(1).sum(1)
     a, g = stats.a, stats.g
     if a.shape[1] == 1 and weights is None:
         return (g.square().sum(-1) * a.square().sum(-1)).sum((1, 2))
     if a.shape[1] == 1:
         return contract("bgo,bgi,goi->b", g[:, 0].square(), a[:, 0].square(), weights)
-    squared = torch.einsum("btgo,btgi->bgoi", g, a).square()
-    return (squared if weights is None else squared * weights).flatten(1).sum(1)
+    squared = torch.einsum("btgo,btgi->bgoi", g, a).square_()
+    return (squared if weights is None else squared.mul_(weights)).flatten(1).sum(1)
 
 
 # -- score contractions ----------------------------------------------------------------------------
@@ -342,6 +440,16 @@ def score_contraction(query: Query, stats: Mapping, out: str) -> torch.Tensor:
     """
     stats = as_stats(stats)
     low_rank = isinstance(query, tuple)
+    if isinstance(stats, ConvStats) and "t" in out:  # per position: the patches themselves
+        stats = require_dense(stats, "per-position scores")
+    if isinstance(stats, (ConvStats, ExampleGrads)):
+        grads = per_example_grads(stats)
+        if out == "q":
+            grads = grads.sum(0, keepdim=True)
+        target = "q" if out == "q" else "qn"
+        if low_rank:
+            return contract(f"qgor,qgri,ngoi->{target}", query[0], query[1], grads)
+        return contract(f"qgoi,ngoi->{target}", query, grads)
     if isinstance(stats, OneHotStats):
         x = scaled_grads(stats, stats.g)
         if low_rank:
@@ -359,5 +467,7 @@ def example_grad_dot(preconditioned: torch.Tensor, stats: Mapping) -> torch.Tens
     stats = as_stats(stats)
     if isinstance(stats, OneHotStats):
         return contract("ngot,ntgo->n", own_columns(preconditioned, stats.ids), scaled_grads(stats, stats.g))
+    if isinstance(stats, (ConvStats, ExampleGrads)):
+        return contract("ngoi,ngoi->n", preconditioned, per_example_grads(stats))
     return contract("ngoi,ntgo,ntgi->n", preconditioned, stats.g, stats.a)
 

@@ -24,27 +24,36 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .algebra import Query, example_grad_dot, score_contraction
+from .algebra import Query, example_grad_dot, per_example_grads, score_contraction
+from .statistics import LayerStatistic, of_stats
 from ..errors import InfluenceError
 
 __all__ = ["Query", "pairwise_layer_scores", "summed_train_scores", "example_grad_dot", "low_rank",
            "spread_to_tokens", "total"]
 
 
-def _fold_calls(per_token: torch.Tensor, calls: int) -> torch.Tensor:
-    """``[Q, N, calls * T] -> [Q, N, T]``: a reused layer's calls share token positions."""
-    if calls == 1:
-        return per_token
+def _fold_calls(per_token: torch.Tensor, tokens: Optional[int]) -> torch.Tensor:
+    """``[Q, N, calls * T] -> [Q, N, T]`` (``tokens`` = T): a reused layer's calls share token positions."""
     q, n, total = per_token.shape
-    return per_token.reshape(q, n, calls, total // calls).sum(2)
+    if tokens is None or total == tokens:
+        return per_token
+    return per_token.reshape(q, n, total // tokens, tokens).sum(2)
 
 
 def pairwise_layer_scores(query: Query, stats: Mapping[str, torch.Tensor], per_token: bool = False,
-                          calls: int = 1) -> torch.Tensor:
-    """``[Q, N]`` (or ``[Q, N, T]``) scores of one layer against a training batch's stats."""
+                          tokens: Optional[int] = None) -> torch.Tensor:
+    """``[Q, N]`` (or ``[Q, N, T]``, the calls of a layer called several times summed per position when ``tokens``
+    = T is given) scores of one layer against a training batch's stats."""
     if not per_token:
         return score_contraction(query, stats, "qn")
-    return _fold_calls(score_contraction(query, stats, "qnt"), calls)
+    return _fold_calls(score_contraction(query, stats, "qnt"), tokens)
+
+
+def example_gradients(spec, dtype: torch.dtype, device: torch.device) -> LayerStatistic:
+    """The statistic ``{"grads": G_n}``, a layer's per-example gradients ``[N, G, out, in]`` (additive over calls)."""
+    return of_stats(lambda stats: {"grads": per_example_grads(stats, spec.in_features)},
+                    lambda examples, tokens: {"grads": torch.zeros(examples, *spec.shape, dtype=dtype, device=device)},
+                    additive=True)
 
 
 def summed_train_scores(query: Query, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:

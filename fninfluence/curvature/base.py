@@ -47,6 +47,14 @@ built-ins declare all three, so renaming their passes changes nothing. The shell
   the pass at one layer (a :class:`Workspace`) beyond what a memory estimate measures itself: the state and the
   outputs (``init`` and ``finalize`` run on the meta device) and the batch's statistics.
 
+* ``statistic`` (default None): ``statistic(like, factors) -> LayerStatistic``, the update split at the layer's
+  output so that the pass keeps less of the forward pass (:mod:`fninfluence.core.statistics`): given a state of
+  the pass (only its keys, shapes and dtypes are read) and the earlier factors, a statistic whose value is one
+  batch's contribution to the state (the state's keys; ``update(state, stats, factors) = state + value``). Without one, the pipeline streams
+  ``update(zeros, stats, factors)`` itself, keeping the layer's inputs until the backward pass reaches it.
+  KFAC's covariance pass declares one: ``sum a a^T`` is taken when the layer is called, ``sum g g^T`` in the
+  backward pass, and nothing of the forward pass is kept.
+
 :class:`CurvatureEstimator` likewise takes ``memory(workspace) -> ScoreMemory`` (default
 :func:`default_score_memory`): the transient bytes of ``precondition`` on a block of ``workspace.rows`` query
 gradients and of ``self_score`` on a batch of ``workspace.rows`` examples, beyond their inputs and outputs. The
@@ -60,13 +68,14 @@ from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 
 from ..core.algebra import per_example_grads  # noqa: F401  (re-exported: the documented import path)
+from ..core.statistics import LayerStatistic
 
 Tensors = Dict[str, torch.Tensor]
 LayerShape = Tuple[int, int, int]  # (groups, out, in) with the bias column counted in ``in``
 Damping = Optional[float]
 
 MAX_DENSE_PARAMETER_LAYER = 4096  # the largest parameter layer a dense [P, P] block is formed for
-FACTOR_DTYPE_FIELDS = ("covariance_dtype", "lambda_dtype")  # Precision fields a factor may be stored in
+FACTOR_DTYPE_FIELDS = ("covariance_dtype", "lambda_dtype", "eigenvector_dtype")  # Precision fields for factors
 
 
 class OneHotShape(tuple):
@@ -151,6 +160,8 @@ def conventional_factor_dtype(name: str) -> Optional[str]:
         return "covariance_dtype"
     if name == "lambda":
         return "lambda_dtype"
+    if name.endswith("_eigenvectors"):
+        return "eigenvector_dtype"
     return None
 
 
@@ -165,6 +176,7 @@ class FitPass(NamedTuple):
     dense_input_block: Optional[bool] = None
     factor_dtypes: Optional[Mapping[str, str]] = None
     memory: Callable[[Workspace], PassMemory] = default_pass_memory
+    statistic: Optional[Callable[[Tensors, Tensors], LayerStatistic]] = None
 
     @property
     def reads_raw_statistics(self) -> bool:

@@ -79,10 +79,10 @@ def cast_eigenvector_bytes(workspace: Workspace) -> int:
 
 def lambda_memory(workspace: Workspace) -> PassMemory:
     """Per batch: the float64 squared gradients before they are added, the cast eigenvectors and, with several
-    tokens per example, the per-example gradients and their squares; the new float64 sums of every layer."""
+    tokens per example, the per-example gradients (squared in place); the layer's new float64 sums."""
     sums = workspace.gradient_elements * torch.float64.itemsize
     example_grads = workspace.rows * workspace.gradient_elements * workspace.itemsize
-    per_example = 2 * example_grads if workspace.tokens > 1 else 0
+    per_example = example_grads if workspace.tokens > 1 else 0  # squared in place
     return PassMemory(update=sums + cast_eigenvector_bytes(workspace) + per_example, new_state=sums)
 
 
@@ -95,12 +95,12 @@ def inverse_bytes(workspace: Workspace) -> int:
 def basis_score_memory(workspace: Workspace) -> ScoreMemory:
     """``precondition``: the rotation into the eigenbasis (torch.einsum keeps one intermediate), the scaled copy
     and the rotation back, the damped inverse and the cast eigenvectors; ``self_score``: the damped inverse, the
-    cast eigenvectors and, with several tokens per example, the rotated per-example gradients and their squares."""
+    cast eigenvectors and, with several tokens per example, the rotated per-example gradients (squared in place)."""
     block = workspace.rows * workspace.gradient_elements * workspace.itemsize
     common = inverse_bytes(workspace) + cast_eigenvector_bytes(workspace)
     rotations = 3 * block if "gradient_eigenvectors" in workspace.factors else 0
     return ScoreMemory(precondition=rotations + common,
-                       self_score=common + (2 * block if workspace.tokens > 1 else 0))
+                       self_score=common + (block if workspace.tokens > 1 else 0))
 
 
 LAMBDA_PASS = FitPass("lambda", lambda_init, lambda_update, lambda_finalize, factor_dtypes={"lambda": "lambda_dtype"},

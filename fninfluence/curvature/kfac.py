@@ -27,6 +27,7 @@ import torch
 
 from ..core import algebra
 from ..core.algebra import second_moment  # noqa: F401  (re-exported: the shifted product lives with the algebra)
+from ..core.statistics import LayerStatistic
 from .base import CurvatureEstimator, FitPass, LayerShape, PassMemory, Tensors, Workspace, is_one_hot
 from .eigenbasis import LAMBDA_PASS, basis_score_memory, precondition_in_basis, self_score_in_basis
 
@@ -60,6 +61,25 @@ def covariance_update(state: Tensors, stats, factors: Tensors) -> Tensors:
         "gradient_sum": state["gradient_sum"] + algebra.gradient_second_moment(stats, state["gradient_sum"].dtype),
         "tokens": state["tokens"] + stats["tokens"].to(state["tokens"].dtype),
     }
+
+
+def covariance_statistic(like: Tensors, factors: Tensors) -> LayerStatistic:
+    """:func:`covariance_update` split at the layer's output: ``sum_t a_t a_t^T`` and the token count when the
+    layer is called (nothing of ``a`` is kept), ``sum_t g_t g_t^T`` when the backward pass reaches it. Additive
+    over a layer's calls (they are sums over tokens). ``like``: a state (its shapes and dtypes)."""
+    activation = "activation_diagonal_sum" if "activation_diagonal_sum" in like else "activation_sum"
+    dtype, features = like[activation].dtype, like[activation].shape[-1]
+    gradient = like["gradient_sum"]
+
+    def forward(inputs):
+        return None, {activation: algebra.input_second_moment(inputs, features, dtype),
+                      "tokens": inputs["tokens"].to(like["tokens"].dtype)}
+
+    def backward(kept, g):
+        return {"gradient_sum": algebra.second_moment(g.flatten(0, 1), gradient.dtype)}
+
+    return LayerStatistic(forward, backward, lambda examples, tokens: {"gradient_sum": torch.zeros_like(gradient)},
+                          additive=True)
 
 
 def symmetric_eigh(matrix: torch.Tensor):
@@ -117,9 +137,11 @@ def _covariance_pass(finalize, lambda_factors: Tuple[str, ...]) -> FitPass:
     """A pass of raw ``a a^T``, ``g g^T`` sums (a dense ``[in, in]`` block), A and S in ``covariance_dtype``."""
     dtypes = {name: "covariance_dtype" for name in ("activation_covariance", "activation_diagonal",
                                                     "gradient_covariance")}
+    dtypes.update({name: "eigenvector_dtype" for name in ("activation_eigenvectors", "gradient_eigenvectors")})
     dtypes.update({name: "lambda_dtype" for name in lambda_factors})
     return FitPass("covariance", covariance_init, covariance_update, finalize, raw_statistics=True,
-                   dense_input_block=True, factor_dtypes=dtypes, memory=covariance_memory)
+                   dense_input_block=True, factor_dtypes=dtypes, memory=covariance_memory,
+                   statistic=covariance_statistic)
 
 
 kfac = CurvatureEstimator("kfac", (_covariance_pass(kfac_finalize, ("lambda",)),), precondition_in_basis,

@@ -27,7 +27,7 @@ from ..run.data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..run.arguments import check_damping
-from ..core.algebra import cast as cast_stats
+from ..core.statistics import LayerStatistic, in_dtype, of_stats
 from ..run.discovery import check_layers, discover
 from ..run.loop import BatchStep, CompileOption, PassSettings, run_pass
 from ..run.options import Execution, Targets
@@ -108,12 +108,28 @@ def index_step(engine: ModelTap, layers: Dict[str, Dict[str, int]], precision: P
     The carry is ``(index, first example of the next batch)``."""
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, engine.dtype)
 
+    def factored(layer: str) -> LayerStatistic:
+        """The layer's per-example gradients as ``width`` pseudo-tokens and the energy the truncation drops."""
+        plan = layers[layer]
+
+        def value(stats):
+            kept = factorize(stats, plan["width"])
+            return {"g": kept.g, "a": kept.a, "residual": relative_residual(stats, kept)}
+
+        def zeros(examples: int, tokens: int):
+            shape = (examples, plan["width"], plan["groups"])
+            return {"g": torch.zeros(*shape, plan["out"], dtype=grad_dtype, device=engine.device),
+                    "a": torch.zeros(*shape, plan["in"], dtype=grad_dtype, device=engine.device),
+                    "residual": torch.zeros(examples, dtype=grad_dtype, device=engine.device)}
+
+        return in_dtype(of_stats(value, zeros), grad_dtype)
+
+    statistics = {layer: factored(layer) for layer in engine.specs}
+
     def compute(params, buffers, batch, probes, _):
-        loss, stats = engine.layer_stats("train", params, buffers, batch, probes[0])
-        stats = {layer: cast_stats(s, grad_dtype) for layer, s in stats.items()}
-        factored = {layer: factorize(s, layers[layer]["width"]) for layer, s in stats.items()}
-        residuals = {layer: relative_residual(stats[layer], f) for layer, f in factored.items()}
-        return loss, (factored, residuals)
+        loss, values, _ = engine.layer_values("train", params, buffers, batch, probes[0], statistics)
+        return loss, ({layer: {"g": v["g"], "a": v["a"]} for layer, v in values.items()},
+                      {layer: v["residual"] for layer, v in values.items()})
 
     def fold(carry, output):
         index, start = carry

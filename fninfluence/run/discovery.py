@@ -9,6 +9,8 @@ import torch
 
 from .. import postprocess, sampling
 from ..capture import ModelTap, batch_examples
+from ..capture.stream import finite
+from ..core.statistics import LayerStatistic, evaluate
 from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
@@ -40,6 +42,30 @@ def gradient_stats(tap: ModelTap, objective: str, params, buffers, batch, probes
     if post_process is not None:
         stats = postprocess.post_processed_stats(post_process, tap.specs, stats, batch)
     return loss, stats
+
+
+def statistic_values(tap: ModelTap, objective: str, params, buffers, batch, probes,
+                     statistics: Dict[str, LayerStatistic], post_processed: bool = True, into=None):
+    """:meth:`ModelTap.layer_values`: each layer's statistic, streamed where it can be (``into``: see there). With
+    the task's ``post_process_per_sample_gradient`` (and ``post_processed``), the statistics of every layer's
+    post-processed per-example gradients instead, evaluated after the backward pass (the post-processing needs the
+    gradients)."""
+    if not post_processed or postprocess.post_process_of(tap.task) is None:
+        return tap.layer_values(objective, params, buffers, batch, probes, statistics, into=into)
+    loss, stats = gradient_stats(tap, objective, params, buffers, batch, probes)
+    return (loss, {layer: evaluate(statistics[layer], s) for layer, s in stats.items()},
+            {layer: finite(s) for layer, s in stats.items()})
+
+
+def check_sharded_layout(tap: ModelTap, layout, ranks) -> None:
+    """Refuse what a model sharded by ``fully_shard`` cannot do under several ranks: a store (cells resumed on one
+    rank and not on another would put the ranks' forward passes, which are collectives, out of step)."""
+    if tap.sharded and ranks is not None and layout.store is not None:
+        raise InfluenceError(
+            "A model sharded by fully_shard is analysed with every rank running the same forward and backward "
+            "passes, which a store's resumed cells would break: run it without store= (the results come back in "
+            "memory on every rank), or gather the full weights into a plain copy to use a store."
+        )
 
 
 def check_layers(factors: Factors, tap: ModelTap) -> None:

@@ -51,9 +51,10 @@ FACTORS = (
 
 
 def all_finite(tree: Any) -> torch.Tensor:
-    """A 0-dim bool tensor: is every floating-point tensor in ``tree`` finite?"""
-    checks = [torch.isfinite(t).all() for t in tree_leaves(tree)
-              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    """A 0-dim bool tensor: is every floating-point tensor in ``tree`` finite? A bool tensor in ``tree`` is a
+    flag checked already (e.g. a streamed layer's, see :meth:`fninfluence.capture.ModelTap.layer_values`)."""
+    checks = [t.all() if t.dtype == torch.bool else torch.isfinite(t).all() for t in tree_leaves(tree)
+              if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)]
     if not checks:
         raise ValueError("all_finite needs at least one floating-point tensor")
     return torch.stack(checks).all()

@@ -33,9 +33,9 @@ from ..factors import Factors, canonical_layout
 from ..progress import log_phase
 from ..store import factors_store, fingerprint
 from . import cells as places
-from ..core.algebra import cast as cast_stats
-from .discovery import discover, gradient_stats
-from .estimator_calls import updated
+from ..core.statistics import in_dtype
+from .discovery import check_sharded_layout, discover, statistic_values
+from .estimator_calls import checked_contribution, pass_statistic
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution, Layout, per_pass
 from .slices import length, subset
@@ -92,14 +92,17 @@ class FitRun:
         return strategy_label(self.estimators)
 
 
-def plan_passes(pass_names, total_examples, request: FitRequest, layout: Layout, ranks) -> Dict[str, PassPlan]:
-    """``{pass: PassPlan}``: each pass's examples and partitions (at least one data partition per rank)."""
+def plan_passes(pass_names, total_examples, request: FitRequest, layout: Layout, ranks,
+                sharded: bool = False) -> Dict[str, PassPlan]:
+    """``{pass: PassPlan}``: each pass's examples and partitions (at least one data partition per rank; a
+    multiple of the ranks for a model sharded by ``fully_shard``)."""
     plan = {}
     for name in pass_names:
         limit = per_pass(request.max_examples, name, None)
         examples = total_examples if limit is None or total_examples is None else min(limit, total_examples)
         module_parts = per_pass(layout.module_partitions, name, 1)
-        data_parts = parallel.enough_partitions(per_pass(layout.data_partitions, name, 1), module_parts, ranks)
+        data_parts = parallel.enough_partitions(per_pass(layout.data_partitions, name, 1), module_parts, ranks,
+                                                sharded)
         parts.check_count(data_parts, "data partitions")
         parts.check_count(module_parts, "module partitions")
         plan[name] = PassPlan(examples, data_parts, module_parts)
@@ -125,12 +128,13 @@ def fit(model, task, data: Data, request: FitRequest, execution: Execution, layo
             return Factors.from_stored(reused)
     tap = discover(model, task, data, execution.batch_size, request.objective, execution.precision.amp_dtype,
                    per_example=execution.per_example_vmap)
+    check_sharded_layout(tap, layout, ranks)
     estimators = resolve_strategies(request.strategy, dict(tap.specs))
     check_parameter_layers(estimators, tap.specs)
     fitting = execution.precision.fitting(estimators, tap.dtype)  # their outputs in the dtypes asked for
     pass_names = pass_order(estimators)
     _check_passes(request, pass_names, strategy_label(estimators))
-    plan = plan_passes(pass_names, total_examples, request, layout, ranks)
+    plan = plan_passes(pass_names, total_examples, request, layout, ranks, tap.sharded)
     place = places.fit_cells(_store_opener(model, data, fitting, tap, plan, request, execution, layout),
                              layout.overwrite, ranks, tap.device)
     fit_run = FitRun(request, execution, layout, tap, fitting, plan, data, total_examples, place)
@@ -236,7 +240,7 @@ def _fit_cell(fit_run: FitRun, tap: ModelTap, cell: parts.Cell, fit_passes, data
               earlier: States):
     """``(states, examples)``: the sums over the cell's examples (``examples`` of the dataset; None: all) of the
     pass state of each of the tap's layers."""
-    if examples is not None and len(examples) == 0:
+    if examples is not None and len(examples) == 0 and not tap.sharded:  # a sharded model's ranks run together
         return {layer: fit_passes[layer].init(tap.specs[layer].shape, torch.float64, tap.device)
                 for layer in tap.specs}, 0
     settings = PassSettings(
@@ -257,12 +261,14 @@ def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precisio
 
     def compute(params, buffers, batch, probes, inputs):
         state, earlier = inputs
-        stats_of = tap.layer_stats if raw else lambda *args: gradient_stats(tap, *args)
-        loss, stats = stats_of(objective, params, buffers, batch, probes[0])
-        stats = {layer: cast_stats(s, compute_dtype) for layer, s in stats.items()}
-        checked = (loss, finite.finite_flags(loss, stats))
-        return checked, {layer: updated(fit_passes[layer], state[layer], stats[layer], earlier[layer], layer)
-                         for layer in state}
+        statistics = {layer: in_dtype(pass_statistic(fit_passes[layer], s, earlier[layer], layer), compute_dtype)
+                      for layer, s in state.items()}
+        # eager: streamed layers add their batch's part into the state as it is formed, and return nothing
+        loss, contributions, flags = statistic_values(tap, objective, params, buffers, batch, probes[0], statistics,
+                                                      post_processed=not raw, into=state)
+        checked = (loss, finite.finite_flags(loss, flags))
+        return checked, {layer: checked_contribution(fit_passes[layer], s, contributions[layer], layer)
+                         for layer, s in state.items() if contributions[layer]}
 
     def check(checked, index):
         loss, flags = checked
@@ -272,5 +278,11 @@ def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precisio
     def init():
         return {layer: fit_passes[layer].init(spec.shape, state_dtype, tap.device) for layer, spec in tap.specs.items()}
 
-    return BatchStep(compute=compute, objectives=(objective,), fold=lambda state, new: new, check=check,
+    def fold(state, contributions):  # in place: the old state, the batch's part and a new state are never all held
+        for layer, contribution in (contributions or {}).items():
+            for key, value in contribution.items():
+                state[layer][key].add_(value)
+        return state
+
+    return BatchStep(compute=compute, objectives=(objective,), fold=fold, check=check,
                      inputs=lambda state: (state, earlier), init=init)

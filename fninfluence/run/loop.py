@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import sampling
+from . import ranks as parallel
 from ..capture import ModelTap, batch_examples, unfused
 from .data import Data, batches, num_batches
 from ..errors import InfluenceError
@@ -85,7 +86,8 @@ def run_pass(tap: ModelTap, data: Data, step: BatchStep, carry: Any, settings: P
     bar = tqdm(total=num_batches(data, settings.batch_size, settings.argument), desc=settings.label, unit="batch",
                disable=not settings.progress, leave=False)
     started, examples = time.perf_counter(), 0
-    for index, batch in enumerate(batches(data, settings.batch_size, tap.device, settings.argument)):
+    lockstep = parallel.ranks(None) if tap.sharded else None  # FSDP: every rank runs every step (see _lockstep)
+    for index, batch, counted in _steps(tap, data, settings, lockstep):
         if settings.owns is not None and not settings.owns(index):
             carry = step.fold(carry, None)
             continue
@@ -94,10 +96,16 @@ def run_pass(tap: ModelTap, data: Data, step: BatchStep, carry: Any, settings: P
         with on_batch(settings.label, index), _sampled_labels(settings.seed, first, tap.device):
             if settings.seed is not None:  # each batch carries its examples' indices (see fninfluence.sampling)
                 batch = sampling.with_example_ids(batch, first, size, tap.device)
+            if lockstep is not None:
+                _discover_together(tap, lockstep, step.objectives, batch)
             probes = tuple(tap.probes_for(objective, batch) for objective in step.objectives)
             if carry is None and step.init is not None:
                 carry = step.init()
-            checked, output = run(tap.params, tap.buffers, batch, probes, step.inputs(carry))
+            # a padding step of a sharded model runs on a scratch carry: an eager fit adds into its state in place
+            inputs = step.inputs(carry if counted or step.init is None else step.init())
+            checked, output = run(tap.params, tap.buffers, batch, probes, inputs)
+        if not counted:
+            continue
         step.check(checked, index)
         carry = step.fold(carry, output)
         examples += size
@@ -106,6 +114,44 @@ def run_pass(tap: ModelTap, data: Data, step: BatchStep, carry: Any, settings: P
     if settings.log:
         log_phase(settings.label, examples, started, tap.device)
     return carry, examples
+
+
+def _steps(tap: ModelTap, data: Data, settings: PassSettings, lockstep) -> Iterator[Tuple[int, Any, bool]]:
+    """``(index, batch, counted)`` per step: the batches of ``data``, padded to the other ranks' count when
+    ``lockstep`` (the ranks of a model sharded by ``fully_shard``, see :func:`_lockstep`)."""
+    loaded = batches(data, settings.batch_size, tap.device, settings.argument)
+    if lockstep is None:
+        for index, batch in enumerate(loaded):
+            yield index, batch, True
+        return
+    yield from _lockstep(lockstep, loaded, num_batches(data, settings.batch_size, settings.argument))
+
+
+def _lockstep(ranks, loaded, count: Optional[int]) -> Iterator[Tuple[int, Any, bool]]:
+    """Every rank runs as many forward and backward passes as the rank with the most batches, in the same order:
+    FSDP gathers each unit's parameters with collectives that must pair up across ranks (a rank that ran one pass
+    more or less would pair its gathers with another unit's, get wrong values, then hang). A rank out of batches
+    repeats its last one, uncounted."""
+    if count is None:
+        raise InfluenceError("A model sharded by fully_shard needs data with a length (a Dataset, or a DataLoader "
+                             "over one), so that the ranks can run the same number of batches.")
+    if ranks.largest(int(count == 0)):  # decided together, so that every rank raises
+        raise InfluenceError("A model sharded by fully_shard needs a batch on every rank, but a rank's share of the "
+                             "data is empty (fewer examples than data partitions): use fewer ranks or more data.")
+    last = None
+    for index in range(ranks.largest(count)):
+        batch = next(loaded, None)
+        counted = batch is not None
+        last = batch if counted else last
+        yield index, last, counted
+
+
+def _discover_together(tap: ModelTap, ranks, objectives, batch) -> None:
+    """A batch of shapes some rank has not seen needs a discovery pass (a forward): then every rank runs one, on
+    its own batch, so that their forward passes stay paired."""
+    if ranks.largest(int(any(not tap.knows(objective, batch) for objective in objectives))):
+        for objective in objectives:
+            tap.rediscover(objective, batch)
 
 
 def _sampled_labels(seed: Optional[int], first: int, device: torch.device):

@@ -82,12 +82,13 @@ class Layout:
     def single_cell(self) -> bool:
         return self.store is None and self.data_partitions == 1 and self.module_partitions == 1
 
-    def with_ranks(self, ranks: Optional[Ranks]) -> "Layout":
-        """At least one data partition per rank (scores: one count for the whole call)."""
+    def with_ranks(self, ranks: Optional[Ranks], sharded: bool = False) -> "Layout":
+        """At least one data partition per rank (scores: one count for the whole call); a multiple of the ranks
+        for a model sharded by ``fully_shard``."""
         if ranks is None:
             return self
         return replace(self, data_partitions=parallel.enough_partitions(self.data_partitions, self.module_partitions,
-                                                                         ranks))
+                                                                         ranks, sharded))
 
     def cells(self, data_parts: int, module_parts: int) -> Tuple[list, list]:
         """``(data indices, module indices)`` this call computes; partial targets need a store."""

@@ -13,14 +13,13 @@ from . import ranks as parallel
 from . import finite
 from .. import sampling
 from ..capture import ModelTap
-from ..curvature import per_example_grads
 from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
 from ..precision import Precision
-from ..core.scores import Query, low_rank
-from ..core.algebra import cast as cast_stats
-from .discovery import check_layers, factors_on, gradient_stats
+from ..core.scores import Query, example_gradients, low_rank
+from ..core.statistics import in_dtype
+from .discovery import check_layers, factors_on, statistic_values
 from .estimator_calls import preconditioned
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution
@@ -39,7 +38,7 @@ def query_gradients(tap: ModelTap, factors: Factors, query_data: Data, damping: 
     if tap.specs is None:
         tap.discover("measurement", first_batch(query_data, batch_size, tap.device, "query_data"))
     check_layers(factors, tap)  # once: the layers do not change between batches (discovery checks that)
-    ranks = execution.ranks
+    ranks = None if tap.sharded else execution.ranks  # a sharded model's ranks run every pass together
     settings = PassSettings("query gradients", batch_size, execution.compile, execution.progress, "query_data",
                             owns=None if ranks is None else (lambda index: ranks.owner(index) == ranks.rank))
     on_device = factors_on(factors, tap)
@@ -60,23 +59,25 @@ def query_step(tap: ModelTap, factors: Factors, on_device, damping, aggregate: b
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, tap.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, tap.dtype)
 
+    statistics = {layer: in_dtype(example_gradients(spec, grad_dtype, tap.device), grad_dtype)
+                  for layer, spec in tap.specs.items()}
+
     def compute(params, buffers, batch, probes, layer_factors):
-        loss, stats = gradient_stats(tap, "measurement", params, buffers, batch, probes[0])
-        grads = {layer: per_example_grads(cast_stats(s, grad_dtype), tap.specs[layer].in_features)
-                 for layer, s in stats.items()}
+        loss, values, flags = statistic_values(tap, "measurement", params, buffers, batch, probes[0], statistics)
+        grads = {layer: value["grads"] for layer, value in values.items()}
         if aggregate:
             summed = {layer: g.sum(0, keepdim=True) for layer, g in grads.items()}
-            return (loss, finite.finite_flags(loss, grads)), summed
+            return (loss, finite.finite_flags(loss, flags, grads)), summed
         result = {layer: preconditioned(factors.estimator_for(layer), layer, layer_factors[layer],
                                         g.to(precondition_dtype), damping)
                   for layer, g in grads.items()}
-        return (loss, finite.finite_flags(loss, grads, result)), result
+        return (loss, finite.finite_flags(loss, flags, grads, result)), result
 
     def check(checked, index):
         loss, flags = checked
-        stages = [tap.specs] if aggregate else [tap.specs, tap.specs]
+        stages = [tap.specs] * (2 if aggregate else 3)
         finite.raise_not_finite(flags, loss, "measurement", index, stages,
-                                [finite.GRADIENTS, finite.PRECONDITIONED], "The query gradients")
+                                [finite.GRADIENTS, finite.GRADIENTS, finite.PRECONDITIONED], "The query gradients")
 
     return BatchStep(compute=compute, objectives=("measurement",), fold=lambda chunks, grads: chunks + [grads],
                      check=check, inputs=lambda chunks: on_device)

@@ -76,8 +76,15 @@ class Ranks:
 
     def total(self, count: int) -> int:
         """The sum of an integer over all ranks (exact: int64)."""
+        return self._reduce(count, torch.distributed.ReduceOp.SUM, "sum")
+
+    def largest(self, count: int) -> int:
+        """The largest value of an integer over all ranks."""
+        return self._reduce(count, torch.distributed.ReduceOp.MAX, "maximum")
+
+    def _reduce(self, count: int, op, what: str) -> int:
         value = torch.tensor([count], dtype=torch.int64, device=self.device)
-        wait(self, torch.distributed.all_reduce(value, async_op=True), "sum")
+        wait(self, torch.distributed.all_reduce(value, op=op, async_op=True), what)
         return int(value.item())
 
 
@@ -237,14 +244,19 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def enough_partitions(data_partitions: int, module_partitions: int, ranks: Optional[Ranks]) -> int:
+def enough_partitions(data_partitions: int, module_partitions: int, ranks: Optional[Ranks],
+                      sharded: bool = False) -> int:
     """The data partitions to use: ``data_partitions``, raised so that there is a cell for every rank.
 
     Results equal a one-process run with the returned number of partitions bit for bit (and any other
-    number up to rounding): pass it explicitly to resume a distributed store from a single process.
+    number up to rounding): pass it explicitly to resume a distributed store from a single process. A sharded
+    model (``sharded``) gets a multiple of the ranks, so that the ranks, dealt cells in turn, always work on
+    the same module partition at the same time (their forward and backward passes are collectives).
     """
     if ranks is None or not isinstance(data_partitions, int) or not isinstance(module_partitions, int):
         return data_partitions
+    if sharded:
+        return math.ceil(data_partitions / ranks.world) * ranks.world
     if data_partitions * module_partitions >= ranks.world:
         return data_partitions
     raised = math.ceil(ranks.world / module_partitions)
@@ -255,38 +267,16 @@ def enough_partitions(data_partitions: int, module_partitions: int, ranks: Optio
 
 # -- models, tasks and data --------------------------------------------------------------------------
 
-def _is_sharded(module: nn.Module) -> bool:
-    # a model can only be FSDP-wrapped if torch.distributed.fsdp was imported; importing it here would
-    # cost every call seconds
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    kinds = tuple(getattr(fsdp, name) for name in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, name))
-    return bool(kinds) and isinstance(module, kinds)
-
-
-def _has_dtensor(model: nn.Module) -> bool:
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
-
-
 def unwrap(model: nn.Module, task: Task) -> Tuple[nn.Module, Task]:
     """The model to run (``DistributedDataParallel`` / ``DataParallel`` unwrapped) and a task whose tracked
     module names fit it (a ``"module."`` prefix taken from the wrapped model's names is dropped).
 
     DDP's forward adds gradient-synchronisation machinery that ``torch.func`` does not need; its
-    ``module`` holds the same parameters on every rank. FSDP shards the parameters themselves, so
-    every rank would see only a slice of each weight: refused, with what to do instead.
+    ``module`` holds the same parameters on every rank. A model sharded by ``fully_shard`` (FSDP2) is run as it
+    is (:mod:`fninfluence.capture.sharded`); FSDP1 and other DTensor models are refused there.
     """
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
-    if any(_is_sharded(m) for m in model.modules()) or _has_dtensor(model):
-        raise InfluenceError(
-            "The model is sharded with FSDP (FullyShardedDataParallel / fully_shard): each rank holds only a slice "
-            "of each weight, and influence needs whole per-example gradients of the tracked layers. Gather the full "
-            "weights into a plain (unwrapped) copy of the model on every rank, e.g. "
-            "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
-            "full_state_dict=True)) loaded into a fresh model, and pass that: fninfluence's distributed mode "
-            "shards the data, not the model. See docs/distributed.md."
-        )
     names = tracked_module_names(task)
     if not names:
         return model, task

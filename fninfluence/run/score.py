@@ -16,15 +16,15 @@ from . import ranks as parallel
 from . import finite
 from .. import partitions as parts
 from ..capture import ModelTap, batch_examples, check_finite
-from ..curvature import per_example_grads
 from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
-from ..core.scores import example_grad_dot, pairwise_layer_scores, summed_train_scores, total
+from ..core.scores import example_grad_dot, example_gradients, pairwise_layer_scores, summed_train_scores, total
+from ..core.statistics import LayerStatistic, in_dtype, of_stats
 from ..store import fingerprint, scores_store
 from . import cells as places
 from ..core.algebra import cast as cast_stats
-from .discovery import check_layers, discover, factors_on, gradient_stats
+from .discovery import check_layers, check_sharded_layout, discover, factors_on, statistic_values
 from .estimator_calls import preconditioned, shaped
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution, Layout, PairwiseKind, SelfKind
@@ -58,13 +58,14 @@ def score(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
         parallel.check_data(call.train_data, call.kind.train_argument)
         if call.query_data is not None:
             parallel.check_data(call.query_data, "query_data")
-        call = replace(call, layout=call.layout.with_ranks(ranks))
     if call.layout.store is not None and not call.layout.overwrite and ranks is None:
         reused = _reuse(call)
         if reused is not None:
             return reused
     tap = discover(call.model, call.task, call.train_data, call.execution.batch_size, "train", precision.amp_dtype,
                    call.kind.train_argument, call.execution.per_example_vmap)
+    check_sharded_layout(tap, call.layout, ranks)
+    call = replace(call, layout=call.layout.with_ranks(ranks, tap.sharded))
     call = replace(call, kind=call.kind.seen(tap, call.train_data, call.execution.batch_size))
     check_layers(call.factors, tap)
     if call.layout.single_cell:
@@ -199,19 +200,34 @@ def pairwise_step(tap: ModelTap, kind: PairwiseKind, precision) -> BatchStep:
     score_dtype = precision.score_compute(tap.dtype)
     specs = tap.specs
 
-    def columns_of(layer: str, stats, queries_block) -> torch.Tensor:
+    def columns_of(layer: str, stats, queries_block, tokens: int) -> torch.Tensor:
         if kind.aggregate_train:
             return torch.cat([summed_train_scores(q[layer], stats) for q in queries_block])[:, None]
         with_tokens = kind.per_token and has_tokens(specs[layer], kind.conv_tokens)
-        block = torch.cat([pairwise_layer_scores(q[layer], stats, with_tokens, specs[layer].calls)
-                           for q in queries_block], dim=0)
+        block = torch.cat([pairwise_layer_scores(q[layer], stats, with_tokens, tokens) for q in queries_block], dim=0)
         return block if with_tokens or not kind.per_token else block[..., None]
 
+    def statistic(layer: str, queries_block, tokens: int) -> LayerStatistic:
+        """A layer's score columns: ``[Q, N]``, ``[Q, N, T]`` per token (``[Q, N, 1]`` for a layer without
+        tokens), ``[Q, 1]`` against the batch's summed gradients. Linear in ``G_n``, so additive over calls."""
+        queries = sum(rows(q[layer]) for q in queries_block)
+
+        def zeros(examples: int, call_tokens: int):
+            with_tokens = kind.per_token and has_tokens(specs[layer], kind.conv_tokens)
+            shape = ((queries, 1) if kind.aggregate_train else (queries, examples, tokens) if with_tokens
+                     else (queries, examples, 1) if kind.per_token else (queries, examples))
+            return {"columns": torch.zeros(shape, dtype=score_dtype, device=tap.device)}
+
+        return in_dtype(of_stats(lambda stats: {"columns": columns_of(layer, stats, queries_block, tokens)}, zeros,
+                                 additive=True), score_dtype)
+
     def compute(params, buffers, batch, probes, queries_block):
-        loss, stats = gradient_stats(tap, "train", params, buffers, batch, probes[0])
-        stats = {layer: cast_stats(s, score_dtype) for layer, s in stats.items()}
-        columns = {layer: columns_of(layer, s, queries_block) for layer, s in stats.items()}
-        return (loss, finite.finite_flags(loss, stats, columns)), columns
+        examples = batch_examples(batch)
+        statistics = {layer: statistic(layer, queries_block, tap.call_tokens(layer, probes[0], examples))
+                      for layer in specs}
+        loss, values, flags = statistic_values(tap, "train", params, buffers, batch, probes[0], statistics)
+        columns = {layer: value["columns"] for layer, value in values.items()}
+        return (loss, finite.finite_flags(loss, flags, columns)), columns
 
     def check(checked, index):
         loss, flags = checked
@@ -251,38 +267,65 @@ class SelfCell:
                 for layer, b in blocks.items()}
 
 
+@dataclass(frozen=True)
+class SelfStatistics:
+    """The per-layer statistics of a self-influence pass, with the call's dtypes."""
+
+    factors: Factors
+    damping: Optional[float]
+    grad_dtype: torch.dtype
+    precondition_dtype: torch.dtype
+    score_dtype: torch.dtype
+    device: torch.device
+
+    def zeros(self, examples: int, tokens: int = 1) -> Dict[str, torch.Tensor]:
+        return {"scores": torch.zeros(examples, dtype=self.score_dtype, device=self.device)}
+
+    def own(self, layer: str, layer_factors) -> LayerStatistic:
+        """``<P(G_n), G_n>`` by the estimator's ``self_score``: quadratic in ``G_n``, so not additive over calls."""
+        estimator = self.factors.estimator_for(layer)
+
+        def scores(stats):
+            value = estimator.self_score(layer_factors, cast_stats(stats, self.precondition_dtype), self.damping)
+            examples = stats["g"].shape[0]
+            return {"scores": shaped(value, (examples,), f"({estimator.name}) self_score", layer).to(self.score_dtype)}
+
+        return in_dtype(of_stats(scores, self.zeros), self.grad_dtype)
+
+    def measured(self, preconditioned_rows: torch.Tensor) -> LayerStatistic:
+        """``<P(grad f_n), G_n>`` against the batch's own preconditioned measurement gradients (additive)."""
+        def scores(stats):
+            return {"scores": example_grad_dot(preconditioned_rows, cast_stats(stats, self.score_dtype))}
+
+        return in_dtype(of_stats(scores, self.zeros, additive=True), self.grad_dtype)
+
+
 def self_step(tap: ModelTap, factors: Factors, kind: SelfKind, precision) -> BatchStep:
     """Per batch: ``<P(grad), grad>`` of every example (the estimator's ``self_score``), or with
     ``use_measurement`` ``<P(grad f), grad L>``."""
     grad_dtype = precision.compute(precision.per_sample_gradient_dtype, tap.dtype)
     precondition_dtype = precision.compute(precision.precondition_dtype, tap.dtype)
-    score_dtype = precision.score_compute(tap.dtype)
     on_device = factors_on(factors, tap)
-
-    def own_scores(stats, layer_factors, examples):
-        return {layer: shaped(factors.estimator_for(layer).self_score(
-                    layer_factors[layer], cast_stats(s, precondition_dtype), kind.damping),
-                    (examples,), f"({factors.estimator_for(layer).name}) self_score", layer).to(score_dtype)
-                for layer, s in stats.items()}
-
-    def measured_scores(stats, measured_stats, layer_factors):
-        scores = {}
-        for layer, s in stats.items():
-            grads = per_example_grads(cast_stats(measured_stats[layer], grad_dtype), tap.specs[layer].in_features)
-            result = preconditioned(factors.estimator_for(layer), layer, layer_factors[layer],
-                                    grads.to(precondition_dtype), kind.damping).to(score_dtype)
-            scores[layer] = example_grad_dot(result, cast_stats(s, score_dtype))
-        return scores
+    statistics = SelfStatistics(factors, kind.damping, grad_dtype, precondition_dtype,
+                                precision.score_compute(tap.dtype), tap.device)
+    gradients = {layer: in_dtype(example_gradients(spec, grad_dtype, tap.device), grad_dtype)
+                 for layer, spec in tap.specs.items()}
 
     def compute(params, buffers, batch, probes, layer_factors):
-        loss, stats = gradient_stats(tap, "train", params, buffers, batch, probes[0])
-        stats = {layer: cast_stats(s, grad_dtype) for layer, s in stats.items()}
         if not kind.use_measurement:
-            scores = own_scores(stats, layer_factors, batch_examples(batch))
-            return (loss, None, finite.finite_flags(loss, stats, scores)), scores
-        measured, measured_stats = gradient_stats(tap, "measurement", params, buffers, batch, probes[1])
-        scores = measured_scores(stats, measured_stats, layer_factors)
-        return (loss, measured, finite.finite_flags(loss, stats, measured_stats, scores)), scores
+            own = {layer: statistics.own(layer, layer_factors[layer]) for layer in tap.specs}
+            loss, values, flags = statistic_values(tap, "train", params, buffers, batch, probes[0], own)
+            scores = {layer: value["scores"] for layer, value in values.items()}
+            return (loss, None, finite.finite_flags(loss, flags, scores)), scores
+        measured, values, measured_flags = statistic_values(tap, "measurement", params, buffers, batch, probes[1],
+                                                            gradients)
+        rows = {layer: preconditioned(factors.estimator_for(layer), layer, layer_factors[layer],
+                                      value["grads"].to(precondition_dtype), kind.damping).to(statistics.score_dtype)
+                for layer, value in values.items()}
+        against = {layer: statistics.measured(rows[layer]) for layer in tap.specs}
+        loss, values, flags = statistic_values(tap, "train", params, buffers, batch, probes[0], against)
+        scores = {layer: value["scores"] for layer, value in values.items()}
+        return (loss, measured, finite.finite_flags(loss, flags, measured_flags, scores)), scores
 
     def check(checked, index):
         loss, measured, flags = checked
