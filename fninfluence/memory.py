@@ -169,9 +169,9 @@ def _repeat(batch: Any, times: int) -> Any:
     return tree_map(lambda x: torch.cat([x] * times) if isinstance(x, torch.Tensor) and x.dim() > 0 else x, batch)
 
 
-def _scalar(value: Callable[[Any], torch.Tensor], keep_inputs: bool) -> LayerStatistic:
+def _scalar(value: Callable[[Any], torch.Tensor], keep_inputs: bool, device: torch.device) -> LayerStatistic:
     """A statistic that costs nothing but what it keeps: the layer's inputs (``keep_inputs``) or nothing."""
-    zeros = lambda examples, tokens: {"value": torch.zeros(())}  # noqa: E731
+    zeros = lambda examples, tokens: {"value": torch.zeros((), device=device)}  # noqa: E731
     if keep_inputs:
         return of_stats(lambda stats: {"value": value(stats)}, zeros, additive=True)
     return LayerStatistic(lambda inputs: (None, {}), lambda kept, g: {"value": g.sum()}, zeros, additive=True)
@@ -181,7 +181,7 @@ def _measured_bytes(tap: ModelTap, batch: Any, objective: str, keep_inputs: bool
     """``(fixed, per example)`` peak bytes of one streamed tap forward+backward whose statistics keep the layers'
     inputs or nothing, measured at the batch and at twice it."""
     peaks = []
-    statistics = {layer: _scalar(lambda stats: stats.g.sum(), keep_inputs) for layer in tap.specs}
+    statistics = {layer: _scalar(lambda stats: stats.g.sum(), keep_inputs, tap.device) for layer in tap.specs}
     for times in (1, 2):
         repeated = _repeat(batch, times)
         probes = tap.probes_for(objective, repeated)

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -493,7 +494,9 @@ class ModelTap:
         try:
             probes = self._discover_once(objective, batch)  # its record (every layer's input) is freed here
             if objective not in self._exact:  # a use that escapes the tap is in the code, not in a batch's shapes
-                self._check_exact(objective, batch, probes)
+                if not _EXACT.seen(self, objective):
+                    self._check_exact(objective, batch, probes)
+                    _EXACT.remember(self, objective)
                 self._exact.add(objective)
             return probes
         finally:
@@ -661,6 +664,36 @@ class _ParametersSeen(ObjectiveMode):
             if name not in self.tensors and id(current) in arguments:
                 self.tensors[name] = current
         return super().__torch_function__(func, types, args, kwargs)
+
+
+class _CheckedObjectives:
+    """The objectives whose tap was found exact, per model, in this process: a later call with the same model and
+    task objects, tracked layers and settings, and parameters neither replaced nor changed in place (their
+    ``_version``), runs the same code on the same weights, so its check would find what this one found."""
+
+    def __init__(self):
+        self._by_model = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _key(tap: "ModelTap", objective: str) -> Tuple:
+        layers = tuple(sorted(tap.specs))
+        parameters = tuple((id(p), p._version) for p in tap.model.parameters())
+        forward = (type(tap.model).forward, tap.model.__dict__.get("forward"))  # a patched forward is new code
+        return objective, id(tap.task), layers, tap.per_example, tap.amp_dtype, parameters, forward
+
+    def seen(self, tap: "ModelTap", objective: str) -> bool:
+        entry = self._by_model.get(tap.model, {}).get(self._key(tap, objective))
+        return entry is not None and entry() is tap.task
+
+    def remember(self, tap: "ModelTap", objective: str) -> None:
+        try:
+            task = weakref.ref(tap.task)
+        except TypeError:  # a task that cannot be referenced weakly is checked every time
+            return
+        self._by_model.setdefault(tap.model, {})[self._key(tap, objective)] = task
+
+
+_EXACT = _CheckedObjectives()
 
 
 def _refuse_escaped_uses(layer: str, spec: LayerSpec, tapped: torch.Tensor, expected: torch.Tensor,

@@ -30,11 +30,24 @@ from ..errors import InfluenceError
 from .ops import tokens_of
 
 
+def all_finite_values(tensor: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor: is every element of the floating-point ``tensor`` finite?
+
+    Read off the sum, one reduction without a tensor of flags: a sum is NaN or infinite exactly when some element
+    is (NaN and Inf propagate, Inf - Inf is NaN), or when finite elements overflow it, which the accumulation in
+    float32 at least (float64 for float64) makes need elements near 1e34."""
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return torch.isfinite(tensor.sum(dtype=wide))
+
+
 def finite(tree: Any) -> torch.Tensor:
     """A 0-dim bool tensor: is every floating-point tensor in ``tree`` finite? (True when there is none.)"""
     leaves, _ = tree_flatten(tree)
-    checks = [torch.isfinite(t).all() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    checks = [all_finite_values(t) for t in tensors if t.is_floating_point()]
+    if checks:
+        return torch.stack(checks).all()
+    return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None)
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -179,7 +192,7 @@ def _late(layer: str, stream: Stream, output_grad: Callable[[torch.Tensor], torc
         kept, weight = saved
         g = masked_grads(output_grad(grad), weight)
         values = stream.statistic.backward(kept, g)
-        nonfinite = (~torch.isfinite(grad).all()).to(torch.float32)
+        nonfinite = (~all_finite_values(grad)).to(torch.float32)
         if stream.into is not None:
             _add_into(layer, stream.into, values, "backward")
             return [nonfinite]

@@ -96,13 +96,14 @@ def example_grads(x: torch.Tensor, g: torch.Tensor, settings: ConvSettings) -> t
     groups = settings.groups
     out = g.shape[-1]
     spatial_out = output_shape(x, settings)
-    x = _padded(x, settings)
+    symmetric = all(before == after for before, after in settings.padding)
+    padding = [before for before, _ in settings.padding] if symmetric else [0] * len(settings.kernel)
+    x = x if symmetric else _padded(x, settings)  # the kernel pads symmetrically itself, without a copy
     grad_output = g.permute(0, 2, 3, 1).reshape(1, batch * groups * out, *spatial_out)
     weight = x.new_empty((batch * groups * out, channels // groups, *settings.kernel))
     _, grads, _ = torch.ops.aten.convolution_backward(
         grad_output.contiguous(), x.reshape(1, batch * channels, *x.shape[2:]), weight, None, list(settings.stride),
-        [0] * len(settings.kernel), list(settings.dilation), False, [0] * len(settings.kernel), batch * groups,
-        [False, True, False])
+        padding, list(settings.dilation), False, [0] * len(settings.kernel), batch * groups, [False, True, False])
     grads = grads.reshape(batch, groups, out, -1)
     if settings.bias:
         grads = torch.cat([grads, g.sum(1)[..., None]], dim=-1)

@@ -23,6 +23,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..capture import check_finite
+from ..capture.stream import all_finite_values
 from ..errors import InfluenceError
 
 GRADIENTS = (
@@ -53,7 +54,7 @@ FACTORS = (
 def all_finite(tree: Any) -> torch.Tensor:
     """A 0-dim bool tensor: is every floating-point tensor in ``tree`` finite? A bool tensor in ``tree`` is a
     flag checked already (e.g. a streamed layer's, see :meth:`fninfluence.capture.ModelTap.layer_values`)."""
-    checks = [t.all() if t.dtype == torch.bool else torch.isfinite(t).all() for t in tree_leaves(tree)
+    checks = [t.all() if t.dtype == torch.bool else all_finite_values(t) for t in tree_leaves(tree)
               if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)]
     if not checks:
         raise ValueError("all_finite needs at least one floating-point tensor")
