@@ -124,11 +124,29 @@ def _fninfluence(work, device, recorder: Recorder, train, warm, compiled: bool) 
     fit(warm)
     factors = recorder.measure("fit", lambda: fit(train))
     recorder.results["fit"]["factors_bytes"] = _tensor_bytes(factors.tensors)
+    if not compiled:  # estimate_memory's prediction of each call's peak, from one example batch
+        for phase, predicted in _predicted(work, model, train).items():
+            recorder.results[phase]["predicted_bytes"] = predicted
     fninfluence.pairwise_scores(model, work.task, factors, work.queries, warm, **options)
     recorder.measure("pairwise", lambda: fninfluence.pairwise_scores(model, work.task, factors, work.queries,
                                                                      train, **options))
     fninfluence.self_scores(model, work.task, factors, warm, **options)
     recorder.measure("self", lambda: fninfluence.self_scores(model, work.task, factors, train, **options))
+
+
+def _predicted(work, model, train) -> Dict[str, int]:
+    """``fninfluence.estimate_memory``'s peaks of the fit, pairwise and self calls for these settings, after a
+    warm-up (as they are measured here: the exactness check already ran)."""
+    import fninfluence
+    from fninfluence.memory import fit_phase_peak, pairwise_call_peak, self_call_peak
+    from torch.utils.data import DataLoader
+
+    example = next(iter(DataLoader(train, batch_size=min(4, work.batch_size))))
+    example = [t.to(next(model.parameters()).device) for t in example]
+    estimate = fninfluence.estimate_memory(model, work.task, example, strategy="ekfac", batch_size=work.batch_size,
+                                           num_queries=len(work.queries), num_train=len(train))
+    return {"fit": fit_phase_peak(estimate, checked=True), "pairwise": pairwise_call_peak(estimate, checked=True),
+            "self": self_call_peak(estimate, checked=True)}
 
 
 def _kronfluence(work, device, recorder: Recorder, train, warm, directory: str) -> None:
@@ -194,7 +212,7 @@ def measure_one(workload: str, size: str, system: str, device_name: str, batches
 
 def summarise(raw: Dict[str, Dict[str, List[Dict[str, Dict[str, float]]]]]) -> Dict:
     """The maximum over repeats of every byte count, per workload, system and phase."""
-    keys = ("peak_bytes", "rss_above_start_bytes", "factors_bytes")
+    keys = ("peak_bytes", "rss_above_start_bytes", "factors_bytes", "predicted_bytes")
     return {workload: {system: {phase: {key: max(run[phase][key] for run in runs)
                                         for key in keys if all(key in run[phase] for run in runs)}
                                 for phase in runs[0]}
@@ -232,6 +250,11 @@ def markdown(summary: Dict, machine: str, command: str, size: str, batches: int)
                                                                      "fninfluence-compiled"))
             lines.append(f"| {phase} | {_mb(k)} | {_mb(e)} | {_mb(c)} | {_ratio(e, k)} | {_ratio(c, k)} | "
                          f"{_mb(floor)} |")
+        predicted = [(phase, get(table, "fninfluence", phase, "predicted_bytes"),
+                      get(table, "fninfluence", phase, "peak_bytes")) for phase in PHASES]
+        if all(p is not None and m for _, p, m in predicted):
+            lines += ["", "fninfluence.estimate_memory's prediction / measured (eager): " + ", ".join(
+                f"{phase} {_mb(p)} / {_mb(m)} MB ({p / m:.2f})" for phase, p, m in predicted) + "."]
         factors = {s: get(table, s, "fit", "factors_bytes") for s in ("kronfluence", "fninfluence")}
         if any(v is not None for v in factors.values()):
             lines += ["", f"Factors: Kronfluence {_mb(factors['kronfluence'])} MB on disk (read back inside its "

@@ -121,6 +121,7 @@ class MemoryEstimate:
 class _Layer:
     shape: LayerShape  # (groups, out, in); a OneHotShape for an embedding
     tokens: int  # per example, all calls together
+    conv: bool = False  # a convolution: its statistics hold the op's input x, not the patches
 
     @property
     def grad(self) -> int:  # elements of one example's gradient
@@ -131,6 +132,15 @@ class _Layer:
     def stats(self) -> int:  # elements of a, g per example (an embedding's inputs are ids, not a)
         groups, out, inp = self.shape
         return self.tokens * groups * ((0 if is_one_hot(self.shape) else inp) + out)
+
+    def passed(self, unfolds_patches: bool) -> int:
+        """Elements per example of the statistics a streamed layer hands to a formula: ``a`` and ``g``; for a
+        convolution only ``g`` (its input ``x`` is autograd's, and per-example gradients come from the
+        weight-gradient kernel, which the formulas' hints count), plus the patches where they are unfolded."""
+        if not self.conv:
+            return self.stats
+        groups, out, inp = self.shape
+        return self.tokens * groups * (out + (inp if unfolds_patches else 0))
 
     @property
     def inputs(self) -> int:  # elements of a per example (a convolution's patches: an upper bound of what it keeps)
@@ -207,7 +217,8 @@ def _kept_bytes(tap: ModelTap, batch: Any, objective: str, activation: Tuple[int
 
 def _layers(tap: ModelTap, batch: Any) -> Dict[str, _Layer]:
     tokens = tap.tokens_per_call("train", batch)
-    return {name: _Layer(spec.shape, tokens=tokens[name] * spec.calls) for name, spec in tap.specs.items()}
+    return {name: _Layer(spec.shape, tokens=tokens[name] * spec.calls, conv=spec.op in ("conv1d", "conv2d"))
+            for name, spec in tap.specs.items()}
 
 
 def _largest_intermediate(equation: str, *shapes: Tuple[int, ...]) -> int:
@@ -252,7 +263,8 @@ def _pass_phase(fit_pass: FitPass, sized: Dict[str, MetaPass], layers: Dict[str,
     hints = {name: fit_pass.memory(Workspace(layer.shape, layer.tokens, sizes.batch, compute, sized[name].earlier,
                                              _nbytes(sized[name].state)))
              for name, layer in layers.items()}
-    per_layer = max(sizes.batch * layer.stats * compute.itemsize + hints[name].update + hints[name].new_state
+    unfolds = fit_pass.reads_raw_statistics  # the covariance products read a convolution's patches
+    per_layer = max(sizes.batch * layer.passed(unfolds) * compute.itemsize + hints[name].update + hints[name].new_state
                     for name, layer in layers.items())
     kept = 0 if fit_pass.statistic is not None else sizes.inputs(sizes.batch, compute.itemsize, model_dtype.itemsize)
     batch_peak = sizes.act(sizes.batch) + kept + per_layer
@@ -355,7 +367,7 @@ def _self_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, co
     """Per batch, the forward+backward with every layer's inputs kept until the backward pass and, one layer at a
     time, its statistics and ``self_score``'s transients; the scores."""
     hints = _score_hints(estimator, factors, layers, sizes.batch, compute)
-    rotations = max(sizes.batch * layer.stats * compute.itemsize + hint.self_score
+    rotations = max(sizes.batch * layer.passed(False) * compute.itemsize + hint.self_score
                     for layer, hint in zip(layers.values(), hints))
     return PhaseEstimate("self", {
         "model forward+backward": sizes.act(sizes.batch),
@@ -367,13 +379,14 @@ def _self_phase(estimator, factors, layers: Dict[str, _Layer], sizes: _Sizes, co
 def _discovery_phase(model: nn.Module, layers: Dict[str, _Layer], sizes: _Sizes, model_dtype: torch.dtype
                      ) -> PhaseEstimate:
     """One forward without gradients on the first batch (which holds every tracked call's input, to check that no
-    later op modifies it in place), then the exactness check: a forward+backward for autograd's weight gradients
-    (which keeps the layers' inputs too), then one under the tap for its summed ``(a, g)`` products."""
+    later op modifies it in place), then the exactness check: a forward+backward for autograd's weight gradients,
+    kept while a streamed one under the tap makes its summed ``(a, g)`` products (zero accumulators, their
+    gradients and the sums with their scale: four tensors of the weights' size in all)."""
     inputs = sizes.inputs(sizes.batch, model_dtype.itemsize, model_dtype.itemsize)
     tracked = sum(p.numel() * p.element_size() for p in model.parameters())
     return PhaseEstimate(DISCOVERY, {
         "exactness check: forward+backward": sizes.act(sizes.batch), "layer inputs": inputs,
-        "exactness check: weight gradients": 2 * tracked})
+        "exactness check: weight gradients": 4 * tracked})
 
 
 def _check_pass_names(estimator: CurvatureEstimator) -> None:
@@ -441,19 +454,31 @@ def estimate_memory(
     return MemoryEstimate(phases, resident, settings, fit_phases=(DISCOVERY, *(p.name for p in estimator.passes)))
 
 
-def fit_phase_peak(estimate: MemoryEstimate) -> int:
-    """The peak of a whole ``fit_factors`` call: its passes run one after the other."""
-    return max(estimate.phases[p].peak for p in estimate.fit_phases if p in estimate.phases)
+def _discovery_peak(estimate: MemoryEstimate, checked: bool) -> int:
+    """Discovery's peak; ``checked``: without the exactness check (it already ran in this process)."""
+    discovery = estimate.phases[DISCOVERY]
+    return discovery.breakdown["layer inputs"] if checked else discovery.peak
 
 
-def self_call_peak(estimate: MemoryEstimate) -> int:
+def fit_phase_peak(estimate: MemoryEstimate, checked: bool = False) -> int:
+    """The peak of a whole ``fit_factors`` call: discovery, then its passes one after the other.
+
+    ``checked`` (here and in the other call peaks): the process already ran discovery's exactness check for the
+    same model and task objects and unchanged parameters (an earlier fit or scoring call), so the call skips it.
+    """
+    passes = [estimate.phases[p].peak for p in estimate.fit_phases if p in estimate.phases and p != DISCOVERY]
+    return max([_discovery_peak(estimate, checked), *passes])
+
+
+def self_call_peak(estimate: MemoryEstimate, checked: bool = False) -> int:
     """The peak of a whole ``self_scores`` call: discovery (with its exactness check), then the pass."""
-    return max(estimate.phases[DISCOVERY].peak, estimate.phases["self"].peak)
+    return max(_discovery_peak(estimate, checked), estimate.phases["self"].peak)
 
 
-def pairwise_call_peak(estimate: MemoryEstimate) -> int:
-    """The peak of a whole ``pairwise_scores`` call: query gradients first, then the pass over the training data."""
-    return max(estimate.phases[DISCOVERY].peak, estimate.phases["query gradients"].peak,
+def pairwise_call_peak(estimate: MemoryEstimate, checked: bool = False) -> int:
+    """The peak of a whole ``pairwise_scores`` call: discovery, query gradients, then the pass over the training
+    data."""
+    return max(_discovery_peak(estimate, checked), estimate.phases["query gradients"].peak,
                estimate.phases["pairwise"].peak)
 
 

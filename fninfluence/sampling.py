@@ -287,6 +287,11 @@ class SeededTask:
         self.task = task
         self.seed = int(seed)
 
+    @property
+    def wraps(self) -> Any:
+        """The user's task (what decides which code runs)."""
+        return self.task
+
     def compute_train_loss(self, batch, model, sample: bool = False):
         inner, ids = batch
         if not sample:

@@ -156,6 +156,41 @@ def test_a_use_the_tap_cannot_see_is_caught_by_the_exactness_check(dtype):
         _identity_scores(Escapes().to(dtype), CrossEntropy(["fc"]), data)
 
 
+class SwitchesToAnEscape(Escapes):
+    """Exact until ``escape`` is set: then it uses the weight where the tap cannot see it, as Escapes does."""
+
+    escape = False
+
+    def forward(self, x):
+        return super().forward(x) if self.escape else self.head(torch.tanh(self.fc(x)))
+
+
+def test_the_exactness_check_runs_once_per_model_task_and_parameters_and_again_when_they_change():
+    """The check is repeated only when its answer could differ: another task object, or parameters changed in
+    place (a training step) or replaced. (Code that switches paths on an attribute is checked on first use only.)"""
+    from fninfluence.capture import engine
+
+    calls = []
+    original = engine.ModelTap._check_exact
+    engine.ModelTap._check_exact = lambda self, *args: calls.append(args[0]) or original(self, *args)
+    try:
+        torch.manual_seed(0)
+        model, data, task = SwitchesToAnEscape().double(), _vectors(), CrossEntropy(["fc"])
+        _identity_scores(model, task, data)
+        first = len(calls)
+        _identity_scores(model, task, data)
+        assert first > 0 and len(calls) == first  # the same model, task and parameters: not checked again
+        _identity_scores(model, CrossEntropy(["fc"]), data)
+        assert len(calls) == 2 * first  # another task object
+        model.escape = True
+        with torch.no_grad():
+            model.fc.weight.mul_(1.0)  # a parameter changed in place: checked again, and the escape is caught
+        with pytest.raises(InfluenceError, match="'fc' differs from autograd's"):
+            _identity_scores(model, task, data)
+    finally:
+        engine.ModelTap._check_exact = original
+
+
 def test_the_exactness_check_leaves_the_random_state_alone():
     """True-Fisher label sampling draws from the global generator: the check must not draw more than the pass."""
     from fninfluence.capture import ModelTap

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fninfluence as fi
 from fninfluence import InfluenceError
+from fninfluence.precision import Precision
 from models import ClassificationTask, SmallCNN, classification_data, float64, image_data, mlp
 
 QUIET = dict(progress=False)
@@ -197,7 +198,13 @@ def test_computation_follows_the_model_dtype():
     model, task = mlp().float().eval(), ClassificationTask()
     data = classification_data(dtype=torch.float32)
     factors = fi.fit_factors(model, task, data, strategy="ekfac", **QUIET)
-    assert factors["0"]["activation_eigenvectors"].dtype == torch.float64  # eigendecomposition in float64
+    wide = fi.fit_factors(model, task, data, strategy="ekfac", precision=Precision(eigenvector_dtype=torch.float64),
+                          **QUIET)
+    # the eigendecomposition runs in float64 either way; the default keeps its eigenvectors in the dtype they are
+    # read in (float32 here), i.e. the float64 ones rounded once
+    assert factors["0"]["activation_eigenvectors"].dtype == torch.float32
+    assert wide["0"]["activation_eigenvectors"].dtype == torch.float64
+    assert torch.equal(factors["0"]["activation_eigenvectors"], wide["0"]["activation_eigenvectors"].float())
     assert fi.pairwise_scores(model, task, factors, data, data, **QUIET).dtype == torch.float32
 
 

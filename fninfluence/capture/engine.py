@@ -675,19 +675,26 @@ class _CheckedObjectives:
         self._by_model = weakref.WeakKeyDictionary()
 
     @staticmethod
-    def _key(tap: "ModelTap", objective: str) -> Tuple:
+    def _task(tap: "ModelTap"):
+        """The user's task object inside the pipeline's wrappers (seeded labels, renamed modules: see ``wraps``)."""
+        task = tap.task
+        while getattr(type(task), "wraps", None) is not None:
+            task = task.wraps
+        return task
+
+    def _key(self, tap: "ModelTap", objective: str) -> Tuple:
         layers = tuple(sorted(tap.specs))
         parameters = tuple((id(p), p._version) for p in tap.model.parameters())
         forward = (type(tap.model).forward, tap.model.__dict__.get("forward"))  # a patched forward is new code
-        return objective, id(tap.task), layers, tap.per_example, tap.amp_dtype, parameters, forward
+        return objective, id(self._task(tap)), layers, tap.per_example, tap.amp_dtype, parameters, forward
 
     def seen(self, tap: "ModelTap", objective: str) -> bool:
         entry = self._by_model.get(tap.model, {}).get(self._key(tap, objective))
-        return entry is not None and entry() is tap.task
+        return entry is not None and entry() is self._task(tap)
 
     def remember(self, tap: "ModelTap", objective: str) -> None:
         try:
-            task = weakref.ref(tap.task)
+            task = weakref.ref(self._task(tap))
         except TypeError:  # a task that cannot be referenced weakly is checked every time
             return
         self._by_model.setdefault(tap.model, {})[self._key(tap, objective)] = task

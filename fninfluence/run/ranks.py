@@ -292,6 +292,11 @@ class _RenamedTask(Task):
     def __init__(self, task: Task, names: List[str]):
         self._task, self._names = task, names
 
+    @property
+    def wraps(self) -> Task:
+        """The user's task (what decides which code runs)."""
+        return self._task
+
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
         return self._task.compute_train_loss(batch, model, sample)
 
