@@ -124,14 +124,15 @@ def _fninfluence(work, device, recorder: Recorder, train, warm, compiled: bool) 
     fit(warm)
     factors = recorder.measure("fit", lambda: fit(train))
     recorder.results["fit"]["factors_bytes"] = _tensor_bytes(factors.tensors)
-    if not compiled:  # estimate_memory's prediction of each call's peak, from one example batch
-        for phase, predicted in _predicted(work, model, train).items():
-            recorder.results[phase]["predicted_bytes"] = predicted
+    # estimate_memory's prediction of each call's peak, from one example batch
+    predictions = {} if compiled else _predicted(work, model, train)
     fninfluence.pairwise_scores(model, work.task, factors, work.queries, warm, **options)
     recorder.measure("pairwise", lambda: fninfluence.pairwise_scores(model, work.task, factors, work.queries,
                                                                      train, **options))
     fninfluence.self_scores(model, work.task, factors, warm, **options)
     recorder.measure("self", lambda: fninfluence.self_scores(model, work.task, factors, train, **options))
+    for phase, predicted in predictions.items():
+        recorder.results[phase]["predicted_bytes"] = predicted
 
 
 def _predicted(work, model, train) -> Dict[str, int]:
