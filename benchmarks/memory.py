@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from benchmarks.run import (WORKLOADS, _rss_bytes, _rss_peak_bytes, _run_subprocess, _slice, all_sizes,
-                            machine_description, reset_rss_peak, workloads_for)
+from benchmarks.run import (WORKLOADS, _rss_bytes, _rss_peak_bytes, _save_json, _slice, all_sizes, failed_lines,
+                            machine_description, measure_all, reset_rss_peak, workloads_for)
 
 SYSTEMS = ("floor", "kronfluence", "fninfluence", "fninfluence-compiled")
 PHASES = ("fit", "pairwise", "self")
@@ -216,7 +216,7 @@ def summarise(raw: Dict[str, Dict[str, List[Dict[str, Dict[str, float]]]]]) -> D
     keys = ("peak_bytes", "rss_above_start_bytes", "factors_bytes", "predicted_bytes")
     return {workload: {system: {phase: {key: max(run[phase][key] for run in runs)
                                         for key in keys if all(key in run[phase] for run in runs)}
-                                for phase in runs[0]}
+                                for phase in (runs[0] if runs else ())}
                        for system, runs in systems.items() if runs}
             for workload, systems in raw.items()}
 
@@ -298,30 +298,19 @@ def main(argv=None) -> int:
         return 0
 
     workloads = workloads_for(parser, args.workloads, args.size)
-    raw: Dict[str, Dict[str, List]] = {w: {s: [] for s in args.systems} for w in workloads}
-    for repeat in range(args.repeats):
-        for workload in workloads:
-            shift = repeat % len(args.systems)
-            for system in args.systems[shift:] + args.systems[:shift]:
-                started = time.perf_counter()
-                raw[workload][system].append(_run_subprocess(
-                    workload, args.size, system, args.device, args.threads, module="benchmarks.memory",
-                    extra=["--batches", str(args.batches)]))
-                print(f"[{repeat + 1}/{args.repeats}] {workload}/{args.size} {system}: "
-                      f"{time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
-    summary = summarise(raw)
     command = "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_description(args.device, args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"memory-{args.size}-{args.device.replace(':', '')}"
-    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "command": command, "size": args.size,
-                                                  "batches": args.batches, "raw": raw, "summary": summary},
-                                                 indent=1))
-    table = markdown(summary, machine, command, args.size, args.batches)
-    (out / f"{stem}.md").write_text(table)
+    path = Path(args.out) / f"memory-{args.size}-{args.device.replace(':', '')}.json"
+    header = dict(machine=machine, command=command, size=args.size, batches=args.batches)
+    raw, failures = measure_all(workloads, args.systems, args.repeats, args.size, args.device, args.threads,
+                                "benchmarks.memory", ["--batches", str(args.batches)],
+                                lambda raw, failures: _save_json(path, **header, raw=raw, failures=failures))
+    summary = summarise(raw)
+    _save_json(path, **header, raw=raw, failures=failures, summary=summary)
+    table = markdown(summary, machine, command, args.size, args.batches) + failed_lines(failures)
+    path.with_suffix(".md").write_text(table)
     print(table)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

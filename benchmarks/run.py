@@ -36,7 +36,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 SYSTEMS = ("floor", "kronfluence", "fninfluence", "fninfluence-compiled")
 PHASES = ("covariance", "eigendecomposition", "lambda", "pairwise", "self")
@@ -264,6 +264,35 @@ def _run_subprocess(workload, size, system, device, threads, module: str = "benc
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
+def _save_json(path: Path, **content) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=1))
+
+
+def measure_all(workloads, systems, repeats: int, size: str, device: str, threads: int, module: str,
+                extra: Sequence[str], save: Callable[[Dict, List[str]], None]):
+    """Every (repeat, workload, system) in a fresh process, the systems' order rotated per repeat. After each one
+    ``save(raw, failures)`` writes what is measured so far, so a run that stops (killed, out of memory) keeps it;
+    a system whose process fails is reported in ``failures`` and the others go on."""
+    raw: Dict[str, Dict[str, List]] = {w: {s: [] for s in systems} for w in workloads}
+    failures: List[str] = []
+    for repeat in range(repeats):
+        for workload in workloads:
+            shift = repeat % len(systems)
+            for system in systems[shift:] + systems[:shift]:
+                started = time.perf_counter()
+                try:
+                    raw[workload][system].append(_run_subprocess(workload, size, system, device, threads,
+                                                                 module=module, extra=extra))
+                    status = f"{time.perf_counter() - started:.1f}s"
+                except RuntimeError as error:
+                    failures.append(f"{workload}/{size} {system} (repeat {repeat + 1}): {error}")
+                    status = f"FAILED after {time.perf_counter() - started:.1f}s (see the JSON's failures)"
+                print(f"[{repeat + 1}/{repeats}] {workload}/{size} {system}: {status}", file=sys.stderr, flush=True)
+                save(raw, failures)
+    return raw, failures
+
+
 def _summary(values: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -390,28 +419,28 @@ def main(argv=None) -> int:
     if args.batches is not None and args.batches < 1:
         parser.error("--batches must be at least 1")
     extra = [] if args.batches is None else ["--batches", str(args.batches)]
-    raw: Dict[str, Dict[str, List]] = {w: {s: [] for s in args.systems} for w in args.workloads}
-    for repeat in range(args.repeats):
-        for workload in args.workloads:
-            shift = repeat % len(args.systems)
-            for system in args.systems[shift:] + args.systems[:shift]:
-                started = time.perf_counter()
-                raw[workload][system].append(_run_subprocess(workload, args.size, system, args.device, args.threads,
-                                                             extra=extra))
-                print(f"[{repeat + 1}/{args.repeats}] {workload}/{args.size} {system}: "
-                      f"{time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
-    summary = summarise(raw)
+    stem = f"{args.size}-{args.device.replace(':', '')}" + ("" if args.batches is None else f"-{args.batches}batches")
+    out = Path(args.out)
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_description(args.device, args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.size}-{args.device.replace(':', '')}" + ("" if args.batches is None else f"-{args.batches}batches")
-    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "command": command, "raw": raw,
-                                                  "summary": summary}, indent=1))
-    table = markdown(summary, machine, command)
+    save = lambda raw, failures: _save_json(out / f"{stem}.json", machine=machine, command=command,  # noqa: E731
+                                            raw=raw, failures=failures)
+    raw, failures = measure_all(args.workloads, args.systems, args.repeats, args.size, args.device, args.threads,
+                                "benchmarks.run", extra, save)
+    summary = summarise(raw)
+    _save_json(out / f"{stem}.json", machine=machine, command=command, raw=raw, failures=failures, summary=summary)
+    table = markdown(summary, machine, command) + failed_lines(failures)
     (out / f"{stem}.md").write_text(table)
     print(table)
-    return 0
+    return 1 if failures else 0
+
+
+def failed_lines(failures: List[str]) -> str:
+    """The runs that failed, first line of each error, for the Markdown tables (the JSON has the whole error)."""
+    if not failures:
+        return ""
+    return "\n\nFailed runs (their cells are empty):\n\n" + "\n".join(
+        f"- {failure.splitlines()[0]}" for failure in failures) + "\n"
 
 
 if __name__ == "__main__":

@@ -34,3 +34,24 @@ def test_compare_runs_tabulates_the_ratio_of_each_run():
     rows = table(run(1.0, 0.5, 0.25), run(1.2, 0.3, 0.4)).splitlines()
     assert rows[2] == "| mlp | fit | 2.00× | 4.00× | 4.00× | 3.00× | 0.500 → 0.300 | 0.250 → 0.400 |"
     assert len(rows) == 3  # phases a run lacks are left out
+
+
+def test_a_failed_system_is_reported_and_what_was_measured_before_it_is_saved(monkeypatch):
+    import benchmarks.run as runner
+
+    def fake_run(workload, size, system, device, threads, module, extra):
+        if system == "kronfluence":
+            raise RuntimeError("killed: out of memory\nthe rest of the error")
+        return {"fit": {"seconds": 1.0}}
+
+    saved = []
+    monkeypatch.setattr(runner, "_run_subprocess", fake_run)
+    raw, failures = runner.measure_all(["mlp", "cnn"], ["floor", "kronfluence", "fninfluence"], 1, "small", "cpu", 2,
+                                       "benchmarks.run", [], lambda raw, failures: saved.append(
+                                           (sum(len(runs) for systems in raw.values() for runs in systems.values()),
+                                            len(failures))))
+    assert [len(raw[w]["fninfluence"]) for w in ("mlp", "cnn")] == [1, 1] and raw["mlp"]["kronfluence"] == []
+    assert len(failures) == 2 and failures[0].startswith("mlp/small kronfluence")
+    assert saved == [(1, 0), (1, 1), (2, 1), (3, 1), (3, 2), (4, 2)]  # after every system, failed ones included
+    table = runner.markdown(runner.summarise(raw), "test machine", "cmd") + runner.failed_lines(failures)
+    assert "- mlp/small kronfluence (repeat 1): killed: out of memory" in table and "the rest" not in table
