@@ -471,7 +471,8 @@ def fit_phase_peak(estimate: MemoryEstimate, checked: bool = False) -> int:
 
 
 def self_call_peak(estimate: MemoryEstimate, checked: bool = False) -> int:
-    """The peak of a whole ``self_scores`` call: discovery (with its exactness check), then the pass."""
+    """The peak of a whole ``self_scores`` call: discovery (with its exactness check unless ``checked``), then the
+    pass."""
     return max(_discovery_peak(estimate, checked), estimate.phases["self"].peak)
 
 
