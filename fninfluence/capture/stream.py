@@ -34,8 +34,8 @@ def all_finite_values(tensor: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool tensor: is every element of the floating-point ``tensor`` finite?
 
     Read off the sum, one reduction without a tensor of flags: a sum is NaN or infinite exactly when some element
-    is (NaN and Inf propagate, Inf - Inf is NaN), or when finite elements overflow it, which the accumulation in
-    float32 at least (float64 for float64) makes need elements near 1e34."""
+    is (NaN and Inf propagate, Inf - Inf is NaN), or when finite elements overflow it: their sum must pass float32's
+    3.4e38 (float64's for float64), e.g. 10^4 elements near 1e34, which is then reported as non-finite."""
     wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     return torch.isfinite(tensor.sum(dtype=wide))
 
