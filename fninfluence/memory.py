@@ -24,6 +24,11 @@ the data; for scoring, also the factors). ``MemoryEstimate.resident`` holds thos
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -31,6 +36,7 @@ import opt_einsum
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, Dataset
 
 from .capture import ModelTap, batch_examples, unfused
 from .curvature import CurvatureEstimator, FitPass, MetaPass, ScoreMemory, Workspace, get_estimator, meta_passes
@@ -38,12 +44,45 @@ from .curvature.base import LayerShape, Tensors, is_one_hot
 from .core.statistics import LayerStatistic, of_stats
 from .errors import InfluenceError
 from .precision import Precision
+from .run.data import as_loader, to_device
 from .task import Task
 
 MiB = 2 ** 20
 DISCOVERY = "discovery"
 SCORE_PHASES = ("query gradients", "pairwise", "self")
 _META = torch.device("meta")
+
+
+# What the profiler's C++ backend (kineto) logs on its own at every start and stop, straight to file descriptor 2
+# ("USDT:... profiler_start", and on a machine without a GPU "ERROR:... gpuGetDeviceCount failed"): noise to a
+# user of estimate_memory, so it is dropped; anything else written to stderr meanwhile is passed on.
+_PROFILER_LOG = re.compile(r"^(USDT|INFO|WARNING|ERROR|STAGE):\d{4}-\d\d-\d\d [\d:.]+ \d+:\d+ \w+\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _without_profiler_log():
+    """Run the body with file descriptor 2 captured; afterwards, write back the lines that are not profiler log."""
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (a notebook kernel's stream, say): nothing to do
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(stderr_fd)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), stderr_fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, stderr_fd)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _PROFILER_LOG.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def measure_peak(fn: Callable[[], Any], device: Optional[torch.device] = None) -> Tuple[Any, int]:
@@ -61,7 +100,7 @@ def measure_peak(fn: Callable[[], Any], device: Optional[torch.device] = None) -
         return result, torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     current = peak = 0
@@ -69,6 +108,17 @@ def measure_peak(fn: Callable[[], Any], device: Optional[torch.device] = None) -
         current += nbytes
         peak = max(peak, current)
     return result, peak
+
+
+def format_bytes(nbytes: float) -> str:
+    """``nbytes`` in the largest binary unit that keeps it at or above 1 (``"0 B"``, ``"812 B"``, ``"3.4 KiB"``,
+    ``"1.2 GiB"``), so that a small model's estimate does not print as 0.0 MiB."""
+    value, units = float(nbytes), ("B", "KiB", "MiB", "GiB", "TiB")
+    for unit in units:
+        if abs(value) < 1024 or unit == units[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -106,14 +156,14 @@ class MemoryEstimate:
         return self.peak <= budget_bytes
 
     def __str__(self) -> str:
-        lines = [f"{'phase':<16}{'peak MiB':>10}  largest terms"]
+        lines = [f"{'phase':<16}{'peak':>10}  largest terms"]
         for phase in self.phases.values():
             top = sorted(phase.breakdown.items(), key=lambda kv: -kv[1])[:3]
-            terms = ", ".join(f"{k} {v / MiB:.1f}" for k, v in top if v > 0)
-            lines.append(f"{phase.name:<16}{phase.peak / MiB:>10.1f}  {terms}")
-        lines.append(f"{'resident':<16}{sum(self.resident.values()) / MiB:>10.1f}  "
-                     + ", ".join(f"{k} {v / MiB:.1f}" for k, v in self.resident.items()))
-        lines.append(f"{'total peak':<16}{self.peak / MiB:>10.1f}")
+            terms = ", ".join(f"{k} {format_bytes(v)}" for k, v in top if v > 0)
+            lines.append(f"{phase.name:<16}{format_bytes(phase.peak):>10}  {terms}")
+        lines.append(f"{'resident':<16}{format_bytes(sum(self.resident.values())):>10}  "
+                     + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.resident.items()))
+        lines.append(f"{'total peak':<16}{format_bytes(self.peak):>10}")
         return "\n".join(lines)
 
 
@@ -416,7 +466,8 @@ def estimate_memory(
     ``lambda`` for EKFAC; ``fit_factors``), ``query gradients`` and ``pairwise`` (``pairwise_scores``), ``self``
     (``self_scores``).
 
-    ``example_batch`` is one batch as the data yields it (any size; its shapes are what matter). ``batch_size``
+    ``example_batch`` is one batch as the data yields it (any size; its shapes are what matter), or the Dataset /
+    DataLoader itself (its first batch is used, and its length is the default ``num_train``). ``batch_size``
     (default: that batch's size) and ``query_batch_size`` (default ``batch_size``) are the settings to estimate;
     ``num_queries`` and ``num_train`` size the query gradients kept and the score matrix. ``strategy`` is one
     name or a :class:`~fninfluence.CurvatureEstimator` (a user's one is sized as the built-ins are: its passes'
@@ -426,6 +477,8 @@ def estimate_memory(
     precision = precision or Precision()
     estimator = get_estimator(strategy)
     _check_pass_names(estimator)
+    example_batch, data_size = _one_batch(example_batch, batch_size, model)
+    num_train = num_train or data_size
     tap = _tap or ModelTap(model, task, amp_dtype=precision.amp_dtype)
     tap.discover("train", example_batch)
     layers = _layers(tap, example_batch)
@@ -499,6 +552,25 @@ class Suggestion:
         return f"{self.settings}\n{self.estimate}"
 
 
+def _one_batch(example: Any, batch_size: Optional[int], model: nn.Module) -> Tuple[Any, Optional[int]]:
+    """``(a batch, the number of examples in the data set or None)`` from what the user passed as the example batch:
+    a batch as it is, or the first batch of a Dataset / DataLoader (whose length then sizes the training set)."""
+    if not isinstance(example, (Dataset, DataLoader)):
+        return example, None
+    loader = as_loader(example, None if isinstance(example, DataLoader) else batch_size, "example_batch")
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        raise InfluenceError("example_batch is an empty data set: pass one batch, or a data set with examples.") \
+            from None
+    try:
+        size = len(loader.dataset)
+    except TypeError:  # an IterableDataset without a length
+        size = None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return to_device(batch, device), size
+
+
 def _halvings(start: int) -> Sequence[int]:
     sizes = []
     while start >= 1:
@@ -530,6 +602,8 @@ def suggest(
     Measures the model's forward+backward once (see :func:`estimate_memory`) and reuses it for every candidate.
     """
     precision = precision or Precision()
+    example_batch, data_size = _one_batch(example_batch, None, model)
+    num_train = num_train or data_size
     tap = ModelTap(model, task, amp_dtype=precision.amp_dtype)
     tap.discover("train", example_batch)
     activation = _activation_bytes(tap, example_batch, "train")

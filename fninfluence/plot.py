@@ -7,7 +7,8 @@ save it with ``figure.savefig("influence.png")``.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Tuple
+import math
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -136,6 +137,7 @@ def score_distribution(scores: torch.Tensor, *, queries: Optional[Sequence[int]]
         values = scores[q][torch.isfinite(scores[q])].numpy()
         axis.hist(values, bins=edges, histtype="step", linewidth=1.4, label=f"query {q}")
     axis.set_xscale("symlog", linthresh=threshold)
+    axis.set_xticks(_symlog_ticks(limit, threshold))
     axis.set_yscale("log")
     axis.axvline(0.0, color="grey", linestyle="--", linewidth=1)
     axis.set_xlabel("influence score (> 0: the training example helps the query)")
@@ -144,6 +146,20 @@ def score_distribution(scores: torch.Tensor, *, queries: Optional[Sequence[int]]
         axis.legend(fontsize=8)
     axis.set_title(title or "Distribution of influence scores", fontsize=10)
     return figure
+
+
+def _symlog_ticks(limit: float, threshold: float, most_per_side: int = 5) -> List[float]:
+    """0 and the powers of ten of ``(3 * threshold, limit]`` on both sides, every other one where there are many.
+
+    The default symlog ticks put ``+-10^k`` inside the linear region around 0 too, where their labels overlap the
+    0 label; beyond ``3 * threshold`` a label is at least half a decade of axis away from 0.
+    """
+    first = math.ceil(math.log10(3 * threshold))
+    last = math.floor(math.log10(limit)) if limit > 0 else first - 1
+    decades = list(range(first, last + 1))
+    step = max(1, math.ceil(len(decades) / most_per_side))
+    positive = [10.0 ** k for k in decades[::-1][::step][::-1]]
+    return [-x for x in reversed(positive)] + [0.0] + positive
 
 
 def _symlog_edges(limit: float, threshold: float, bins: int):

@@ -123,7 +123,7 @@ class Precision:
         if scores is None:
             return None
         if isinstance(scores, dict):
-            return {name: value.to(dtype) for name, value in scores.items()}
+            return type(scores)((name, value.to(dtype)) for name, value in scores.items())
         return scores.to(dtype)
 
     def compute(self, requested: Optional[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:

@@ -87,6 +87,27 @@ def spread_to_tokens(scores: torch.Tensor, tokens: int) -> torch.Tensor:
     return (scores / tokens).unsqueeze(-1).expand(*scores.shape, tokens)
 
 
+class ModuleScores(dict):
+    """Per-layer scores, ``{layer name: scores}``, that also answer ``["all_modules"]`` (and ``.total``) with their
+    sum over layers, as :func:`~fninfluence.store.scores_store.read_scores` does for a store.
+
+    ``"all_modules"`` is not one of the keys: iterating, ``len`` and ``sum(scores.values())`` see the layers only, so
+    code that adds the layers up does not count them twice.
+    """
+
+    TOTAL = "all_modules"
+
+    def __missing__(self, key):
+        if key == self.TOTAL:
+            return self.total
+        raise KeyError(key)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """The scores summed over layers."""
+        return total(self)
+
+
 def total(per_layer: Dict[str, torch.Tensor]) -> torch.Tensor:
     values = list(per_layer.values())
     if len({tuple(v.shape) for v in values}) > 1:

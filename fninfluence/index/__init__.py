@@ -34,7 +34,7 @@ from ..run.options import Execution, Targets
 from ..run.queries import query_gradients
 from ..run.slices import first_batch, length, subset
 from ..precision import Precision
-from ..core.scores import pairwise_layer_scores, total
+from ..core.scores import ModuleScores, pairwise_layer_scores, total
 from ..store.fingerprint import model_fingerprint
 from ..store.index_store import IndexStore, load_index, open_index
 from ..task import Task
@@ -192,4 +192,4 @@ def index_scores(
         bar.update(1)
     bar.close()
     result = {layer: torch.cat(blocks, dim=1) for layer, blocks in per_layer.items()}
-    return result if per_module else total(result)
+    return ModuleScores(result) if per_module else total(result)

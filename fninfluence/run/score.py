@@ -19,7 +19,8 @@ from ..capture import ModelTap, batch_examples, check_finite
 from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
-from ..core.scores import example_grad_dot, example_gradients, pairwise_layer_scores, summed_train_scores, total
+from ..core.scores import (ModuleScores, example_grad_dot, example_gradients, pairwise_layer_scores,
+                           summed_train_scores, total)
 from ..core.statistics import LayerStatistic, in_dtype, of_stats
 from ..store import fingerprint, scores_store
 from . import cells as places
@@ -82,7 +83,7 @@ def _output(call: ScoreCall, tap: ModelTap, result: Optional[places.Scores]):
     if result is None:
         return None
     if call.per_module:
-        scores = {layer: result.per_layer[layer] for layer in tap.specs}
+        scores = ModuleScores((layer, result.per_layer[layer]) for layer in tap.specs)
     else:
         scores = total(result.per_layer) if result.summed is None else result.summed
     return call.execution.precision.scores_out(scores, tap.dtype)
@@ -134,8 +135,9 @@ def _reuse(call: ScoreCall) -> Optional[Union[torch.Tensor, PerLayer]]:
         per_module=call.per_module, shape=shape, arguments=kind.recorded(call.execution.precision), dtype=None)
     if result is None:
         return None
-    return {layer: value for layer, value in result.items() if layer != "all_modules"} if call.per_module \
-        else result["all_modules"]
+    if call.per_module:
+        return ModuleScores((layer, value) for layer, value in result.items() if layer != "all_modules")
+    return result["all_modules"]
 
 
 def _sizes(call: ScoreCall) -> Tuple[int, Callable[[], int]]:
@@ -178,8 +180,15 @@ class PairwiseCell:
         queries = compress(self.queries, kind.rank, kind.full_svd, execution.precision, tap.dtype)
         results: Dict[str, List[torch.Tensor]] = {}
         step = pairwise_step(tap, kind, execution.precision)
-        settings = PassSettings(label, execution.batch_size, execution.compile, execution.progress, "train_data")
-        for queries_block in query_blocks(queries, kind.queries_per_pass):
+        query_passes = query_blocks(queries, kind.queries_per_pass)
+        total_queries, first = sum(_block_rows(block) for block in query_passes), 0
+        for queries_block in query_passes:
+            count = _block_rows(queries_block)
+            block_label = label if len(query_passes) == 1 else \
+                f"{label} queries {first}-{first + count - 1} of {total_queries}"  # which pass of several this is
+            first += count
+            settings = PassSettings(block_label, execution.batch_size, execution.compile, execution.progress,
+                                    "train_data")
             (columns, _), _ = run_pass(tap, train_data, step, ({layer: [] for layer in tap.specs}, queries_block),
                                        settings)
             for layer, blocks in columns.items():
@@ -192,6 +201,11 @@ class PairwiseCell:
             return {layer: torch.zeros(shape, dtype=dtype, device=tap.device) for layer in tap.specs}
         per_layer = {layer: torch.cat(blocks, dim=0) for layer, blocks in results.items()}
         return align_tokens(per_layer, kind.tokens) if kind.per_token else per_layer
+
+
+def _block_rows(block) -> int:
+    """The number of queries in a block of query batches."""
+    return sum(rows(next(iter(chunk.values()))) for chunk in block)
 
 
 def pairwise_step(tap: ModelTap, kind: PairwiseKind, precision) -> BatchStep:
