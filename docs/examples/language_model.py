@@ -20,14 +20,17 @@ TEMPLATES = [
     "a {a} likes the {b} .",
     "count {n} {n1} {n2} {n3} .",
     "the {b} is under the {a} .",
+    "the {a} lives in the {home} .",  # a fact per animal: where it lives
+    "the {a} sleeps in the {home} .",
 ]
 ANIMALS, THINGS = ["cat", "dog", "fox", "owl"], ["mat", "box", "hat", "rug"]
+HOMES = {"cat": "house", "dog": "yard", "fox": "den", "owl": "barn"}
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
 
 
 def sentence(rng: random.Random) -> str:
-    n = rng.randrange(len(NUMBERS) - 3)
-    return rng.choice(TEMPLATES).format(a=rng.choice(ANIMALS), b=rng.choice(THINGS), n=NUMBERS[n],
+    n, a = rng.randrange(len(NUMBERS) - 3), rng.choice(ANIMALS)
+    return rng.choice(TEMPLATES).format(a=a, b=rng.choice(THINGS), home=HOMES[a], n=NUMBERS[n],
                                         n1=NUMBERS[n + 1], n2=NUMBERS[n + 2], n3=NUMBERS[n + 3])
 
 
@@ -73,10 +76,42 @@ class NextToken(fi.Task):
         return batch[1]
 
 
+class AnswerToken(NextToken):
+    """The same training loss; the measurement is the loss of the answer alone: the last word before the final
+    ".", predicted from everything before it ("barn" in "the owl sleeps in the barn .")."""
+
+    def compute_measurement(self, batch, model):
+        ids, mask = batch
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        rows = torch.arange(len(ids))
+        answer = mask.sum(1) - 2  # position of the word before the final "."
+        return F.cross_entropy(logits[rows, answer - 1], ids[rows, answer], reduction="sum")
+
+
+def fact_share(scores: torch.Tensor, texts, animal: str) -> float:
+    """The share of the positive influence (the sum of the positive scores) that goes to training sequences stating
+    where ``animal`` lives."""
+    fact = (f"{animal} lives in the {HOMES[animal]}", f"{animal} sleeps in the {HOMES[animal]}")
+    states_fact = torch.tensor([any(f in text for f in fact) for text in texts])
+    positive = scores.clamp(min=0)
+    return float(positive[states_fact].sum() / positive.sum())
+
+
+def distinct_top(scores: torch.Tensor, texts, count: int):
+    """The ``count`` highest-scored distinct texts (the templates repeat sentences) with their scores."""
+    shown = []
+    for n in scores.argsort(descending=True).tolist():
+        if texts[n] not in [t for t, _ in shown]:
+            shown.append((texts[n], scores[n].item()))
+        if len(shown) == count:
+            return shown
+    return shown
+
+
 def main(seed: int = 0, train_size: int = 400):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    queries = ["the owl sat on the rug .", "count three four five six ."]
+    queries = ["the owl sat on the rug .", "count three four five six .", "the owl sleeps in the barn ."]
     texts = []
     while len(texts) < train_size:  # the queries themselves are held out
         text = sentence(rng)
@@ -91,7 +126,7 @@ def main(seed: int = 0, train_size: int = 400):
     task = NextToken(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(300):
+    for step in range(400):
         batch = torch.randint(0, train_size, (32,))
         loss = task.compute_train_loss((ids[batch], mask[batch]), model) / mask[batch, 1:].sum()
         optimizer.zero_grad()
@@ -125,6 +160,16 @@ def main(seed: int = 0, train_size: int = 400):
         shown = "  ".join(f"{w}:{c:+.0f}" for w, c in zip(words, contributions.tolist()))
         print(f"  per-token view of #1 (score by the position whose next-token prediction carries it): {shown}")
 
+    # The fact query again, measured on its answer token alone ("barn" after "the owl sleeps in the"), with the
+    # same factors: only the measurement's gradient changes.
+    fact_query = torch.utils.data.TensorDataset(query_ids[2:], query_mask[2:])
+    answer = fi.pairwise_scores(model, AnswerToken(model), factors, fact_query, train, batch_size=50,
+                                progress=False)[0]
+    print(f"\nquery {queries[2]!r}, measured on the answer token alone:")
+    for rank, (text, value) in enumerate(distinct_top(answer, texts, 3), 1):
+        print(f"  {rank}. {value:+9.1f}  {text!r} (x{texts.count(text)})")
+    print(f"share of the positive influence on training sequences that state where the owl lives: whole-sequence "
+          f"loss {fact_share(scores[2], texts, 'owl'):.2f}, answer-token loss {fact_share(answer, texts, 'owl'):.2f}")
 
 if __name__ == "__main__":
     main()
