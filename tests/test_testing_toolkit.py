@@ -19,9 +19,9 @@ import fninfluence as fi
 from fninfluence.curvature import default_self_score
 from fninfluence.curvature.eigenbasis import lambda_finalize, lambda_init, precondition_in_basis
 from fninfluence.curvature.kfac import covariance_init, covariance_update, kfac_finalize
-from fninfluence.testing import (CHECKS, EstimatorCheckError, SummedCrossEntropy, check_estimator, dense_ggn,
-                                 exact_ggn_influence, ridge_influence, ridge_leave_one_out, ridge_leverages,
-                                 ridge_solution, standard_cases)
+from fninfluence.testing import (CHECKS, Case, EstimatorCheckError, SummedCrossEntropy, check_estimator,
+                                 damping_law_distances, dense_ggn, exact_ggn_influence, ridge_influence,
+                                 ridge_leave_one_out, ridge_leverages, ridge_solution, standard_cases)
 from fninfluence.testing.strategies import ridge_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,21 +128,50 @@ def test_pipeline_scores_of_a_ridge_model_predict_exact_leave_one_out():
 
 # -- the property suite ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy,exact", [("diagonal", False), ("kfac", True), ("ekfac", True)])
+@pytest.mark.parametrize("strategy,exact", [("identity", False), ("diagonal", False), ("kfac", True), ("ekfac", True)])
 def test_built_in_estimators_pass_the_suite(strategy, exact):
-    """EKFAC on both cases (an MLP and a CNN with positions); the others on the MLP, to keep the suite quick."""
-    results = check_estimator(fi.get_estimator(strategy), exact_for_one_example=exact,
-                              cases=None if strategy == "ekfac" else standard_cases()[:1])
+    """Every built-in on every default case (an MLP, a CNN with positions, a grouped and a depthwise conv), with
+    every check, the damping law and the groups check included."""
+    results = check_estimator(fi.get_estimator(strategy), exact_for_one_example=exact)
     assert {r.check.split(",")[0] for r in results} == set(CHECKS) - ({"one example exact"} if not exact else set())
+    assert {r.case for r in results} == {"mlp", "cnn", "grouped conv"}
     assert all(r.passed for r in results)
+
+
+def test_the_default_cases_have_grouped_layers_and_their_one_group_twin():
+    case = standard_cases()[-1]
+    factors = fi.fit_factors(case.model, case.task, case.train, strategy="ekfac", progress=False)
+    groups = {layer: spec.shape[0] for layer, spec in factors.layers.items()}
+    assert groups == {"grouped": 2, "depthwise": 4, "head": 1}
+    twin, split = case.ungrouped
+    assert split == {"grouped": ("grouped.0", "grouped.1"), "depthwise": tuple(f"depthwise.{g}" for g in range(4))}
+    x = case.train.tensors[0]
+    torch.testing.assert_close(twin(x), case.model(x), rtol=0, atol=0)
 
 
 def test_identity_passes_all_but_the_exactness_check():
     """Identity satisfies every invariance, and the exactness check can fail: identity ignores the curvature."""
-    results = check_estimator(fi.identity, cases=standard_cases()[:1], exact_for_one_example=True,
-                              raise_on_failure=False)
+    results = check_estimator(fi.identity, exact_for_one_example=True, raise_on_failure=False)
     failed = {r.check for r in results if not r.passed}
     assert failed == {"one example exact"}
+
+
+def test_the_damping_law_holds_of_a_damped_inverse_and_of_identity():
+    """``damping_law_distances`` is non-increasing for (C + l I)^{-1}, falls as 1/l, and is 0 for P(G) = G."""
+    g = torch.Generator().manual_seed(0)
+    root = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    curvature = root @ root.T
+    grads = torch.randn(4, 1, 2, 3, generator=g, dtype=torch.float64)
+    solve = lambda x, damping: torch.linalg.solve(curvature + damping * torch.eye(6, dtype=torch.float64),
+                                                   x.flatten(1).T).T.reshape(x.shape)
+    dampings = [0.01 * 10.0 ** k for k in range(10)]
+    distances = damping_law_distances(solve, grads, dampings)
+    assert bool((distances[1:] <= distances[:-1] + 1e-14).all())
+    torch.testing.assert_close(distances[-1] / distances[-2], torch.full((4,), 0.1, dtype=torch.float64), rtol=1e-3,
+                               atol=0)
+    assert float(damping_law_distances(lambda x, damping: x, grads, dampings).abs().max()) == 0.0
+    fixed = damping_law_distances(lambda x, damping: solve(x, 0.1), grads, dampings)  # ignores the damping
+    assert bool((fixed == fixed[0]).all()) and float(fixed.min()) > 0.01
 
 
 def test_the_documented_user_estimator_passes_and_matches_the_dense_oracle():
@@ -158,6 +187,50 @@ def test_the_documented_user_estimator_passes_and_matches_the_dense_oracle():
                               factors.layers)
     expected = sum(dense_influence(queries[l], train[l], dense_fisher(train[l]), 0.1) for l in factors.layers)
     torch.testing.assert_close(scores, expected, rtol=1e-10, atol=0)
+
+
+class _Bag(nn.Module):
+    """Token ids -> an embedding (or its one-hot ``Linear`` twin: weight = embedding.weight^T) -> mean -> head."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed, self.head = embed, nn.Linear(3, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids) if isinstance(self.embed, nn.Embedding) else self.embed(F.one_hot(ids, 7).double())
+        return self.head(torch.tanh(x).mean(1))
+
+
+class _BagTask(SummedCrossEntropy):
+    def tracked_modules(self):
+        return ["embed", "head"]
+
+
+def test_the_documented_user_estimator_handles_embeddings():
+    """On an embedding (one-hot statistics) it scores as on the same layer written as a one-hot ``Linear``."""
+    estimator = _load_example("custom_estimator").dense_layer_fisher
+    torch.manual_seed(0)
+    model = _Bag(nn.Embedding(7, 3)).double().eval()
+    twin = _Bag(nn.Linear(7, 3, bias=False)).double().eval()
+    with torch.no_grad():
+        twin.embed.weight.copy_(model.embed.weight.T)
+        twin.head.load_state_dict(model.head.state_dict())
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 5, (9, 4), generator=g), torch.randint(0, 3, (9,), generator=g))
+    task = _BagTask()
+    fit = lambda m: fi.fit_factors(m, task, data, strategy=estimator, use_empirical_fisher=True, batch_size=4, **QUIET)
+    factors, twin_factors = fit(model), fit(twin)
+    assert factors.layers["embed"].shape == (1, 3, 7) and getattr(factors.layers["embed"].shape, "one_hot", False)
+    scores = fi.pairwise_scores(model, task, factors, data, data, damping=0.1, batch_size=4, **QUIET)
+    torch.testing.assert_close(scores, fi.pairwise_scores(twin, task, twin_factors, data, data, damping=0.1,
+                                                          batch_size=4, **QUIET), rtol=1e-10, atol=0)
+    torch.testing.assert_close(fi.self_scores(model, task, factors, data, damping=0.1, batch_size=4, **QUIET),
+                               torch.diagonal(scores), rtol=1e-10, atol=0)
+    # and the suite runs on a case of one's own with an embedding, as docs/testing.md shows
+    queries = TensorDataset(torch.randint(0, 5, (3, 4), generator=g), torch.randint(0, 3, (3,), generator=g))
+    results = check_estimator(estimator, cases=[Case("embedding", model, task, data, queries)],
+                              exact_for_one_example=True)
+    assert len(results) == 15 and {r.case for r in results} == {"embedding"}
 
 
 def _per_batch_mean_update(state, stats, factors):
@@ -180,28 +253,72 @@ def _untransposed_precondition(factors, grads, damping):
     return torch.einsum("gop,ngpj,gji->ngoi", qs, rotated * inverse, qa)
 
 
+# Wrong: drops the damping argument (always the heuristic damping), in precondition and self_score alike, so the
+# two stay consistent and every invariance holds; only the damping law sees it (and, on the grouped case, the
+# groups check: the heuristic is a mean over the layer's groups).
+IGNORES_DAMPING = fi.CurvatureEstimator("ignores_damping", fi.kfac.passes,
+                                        lambda factors, grads, damping: fi.kfac.precondition(factors, grads, None),
+                                        lambda factors, stats, damping: fi.kfac.self_score(factors, stats, None),
+                                        fi.kfac.memory)
+
+
+def _group_zero_everywhere(finalize):
+    """Wrong: every factor with a group dimension gets group 0's value in all groups (indistinguishable from KFAC
+    on layers of one group)."""
+    def wrong_finalize(state, factors):
+        return {name: value[:1].expand_as(value).clone() if value.dim() else value
+                for name, value in finalize(state, factors).items()}
+    return wrong_finalize
+
+
+GROUP_ZERO = fi.CurvatureEstimator(
+    "group_zero", tuple(p._replace(finalize=_group_zero_everywhere(p.finalize)) for p in fi.kfac.passes),
+    fi.kfac.precondition, fi.kfac.self_score, fi.kfac.memory)
+
+MLP = lambda: standard_cases()[:1]
+GROUPED = lambda: [case for case in standard_cases() if case.name == "grouped conv"]
+
+# name: (estimator, cases, exact_for_one_example, failures expected, failures allowed, a failure's message)
 WRONG = {
     "per_batch_mean": (fi.CurvatureEstimator("per_batch_mean", (fi.FitPass("lambda", lambda_init, _per_batch_mean_update,
                                                                           lambda_finalize),),
                                              precondition_in_basis, default_self_score(precondition_in_basis)),
-                       {"batch size", "partitions", "duplication"}, {"batch size", "partitions", "duplication", "order"}),
+                       MLP, False, {"batch size", "partitions", "duplication"},
+                       {"batch size", "partitions", "duplication", "order"}, "batch size [mlp]"),
     "undamped_self": (fi.CurvatureEstimator("undamped_self", fi.diagonal.passes, precondition_in_basis,
-                                            _undamped_self_score), {"self = diag(pairwise)"}, {"self = diag(pairwise)"}),
+                                            _undamped_self_score), MLP, False, {"self = diag(pairwise)"},
+                      {"self = diag(pairwise)"}, "self = diag(pairwise), damping=0.1 [mlp]"),
     "untransposed": (fi.CurvatureEstimator("untransposed", (fi.FitPass("covariance", covariance_init, covariance_update,
                                                                        kfac_finalize),),
                                            _untransposed_precondition, default_self_score(_untransposed_precondition)),
-                     {"symmetric"}, {"symmetric", "positive"}),
+                     MLP, False, {"symmetric"}, {"symmetric", "positive", "damping law"}, "symmetric, damping=0.1 [mlp]"),
+    "ignores_damping": (IGNORES_DAMPING, MLP, False, {"damping law"}, {"damping law"}, "damping law [mlp]"),
+    "ignores_damping_everywhere": (IGNORES_DAMPING, lambda: None, False, {"damping law"},
+                                   {"damping law", "groups = separate layers"}, "damping law [grouped conv]"),
+    "group_zero": (GROUP_ZERO, GROUPED, False, {"groups = separate layers"}, {"groups = separate layers"},
+                   "groups = separate layers [grouped conv]"),
+    "group_zero_exact": (GROUP_ZERO, GROUPED, True, {"groups = separate layers", "one example exact"},
+                         {"groups = separate layers", "one example exact"}, "one example exact [grouped conv]"),
 }
 
 
 @pytest.mark.parametrize("name", list(WRONG))
 def test_the_suite_catches_a_wrong_estimator(name):
-    estimator, expected_failures, possible_failures = WRONG[name]
+    estimator, cases, exact, expected_failures, possible_failures, message = WRONG[name]
     with pytest.raises(EstimatorCheckError) as caught:
-        check_estimator(estimator, cases=standard_cases()[:1])
+        check_estimator(estimator, cases=cases(), exact_for_one_example=exact)
     failed = {f.check.split(",")[0] for f in caught.value.failures}
     assert expected_failures <= failed <= possible_failures, failed  # specific: correct properties are not reported
-    assert name in str(caught.value) and "relative error" in str(caught.value)
+    assert estimator.name in str(caught.value) and "relative error" in str(caught.value)
+    assert message in str(caught.value)  # the failure names the law and the case
+
+
+@pytest.mark.parametrize("estimator", [IGNORES_DAMPING, GROUP_ZERO], ids=lambda e: e.name)
+def test_the_old_suite_could_not_see_the_wrong_estimators(estimator):
+    """Without the damping law and the grouped case, both pass: every other check holds of them."""
+    old_checks = set(CHECKS) - {"damping law", "groups = separate layers", "one example exact"}
+    results = check_estimator(estimator, cases=standard_cases()[:2], raise_on_failure=False)
+    assert all(r.passed for r in results if r.check.split(",")[0] in old_checks)
 
 
 def test_check_estimator_rejects_what_is_not_an_estimator():

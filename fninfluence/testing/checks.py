@@ -12,9 +12,14 @@ states are sums over examples, factors are averages, ``precondition`` is a dampe
 * ``symmetric, positive, linear``: ``<P(G1), G2> = <G1, P(G2)>``, ``<P(G), G> > 0``, ``P`` is linear;
 * ``meta sizes``: each pass's ``init`` and ``finalize`` run on the meta device give the fitted factors' names,
   shapes and dtypes (what :func:`fninfluence.estimate_memory` and the factor stores size and lay out);
+* ``damping law``: as the damping grows, ``P_damping(G)`` turns toward ``G`` itself (``damping * P_damping(G) -> G``
+  for a damped inverse ``(C + damping I)^{-1}``): the distance of ``G`` from the line through ``P_damping(G)`` never
+  grows and falls toward 0 (:func:`damping_law_distances`); an estimator that ignores ``damping`` fails it;
+* ``groups = separate layers`` (cases with an ``ungrouped`` model, e.g. the default ``grouped conv`` case): a layer of
+  G groups scores as G separate layers, one per group (the factors of group g come from group g's statistics);
 * ``one example exact`` (opt-in with ``exact_for_one_example=True``): on a single example, each layer with one
-  token (position) per example scores as with its exact dense Fisher (true of KFAC and EKFAC, whose per-example
-  gradient ``g a^T`` is then rank one; not of identity or diagonal).
+  token (position) per example scores as with its exact dense Fisher, one block per group (true of KFAC and EKFAC,
+  whose per-example gradient ``g a^T`` is then rank one in each group; not of identity or diagonal).
 
 It needs no hypothesis; :mod:`fninfluence.testing.strategies` draws random models for property tests
 that do.
@@ -23,7 +28,10 @@ that do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +69,20 @@ class SummedCrossEntropy(Task):
 
 @dataclass
 class Case:
-    """A model, a task and data to run the checks on (float64 keeps the comparisons near machine precision)."""
+    """A model, a task and data to run the checks on (float64 keeps the comparisons near machine precision).
+
+    ``ungrouped`` (optional) enables the ``groups = separate layers`` check: ``(model, {grouped layer: its
+    per-group layers})``, the same function as ``model`` with each tracked layer of G > 1 groups written as G
+    layers of one group (group g's weights, fed group g's input channels), named in group order. Every other
+    tracked layer keeps its name.
+    """
 
     name: str
     model: nn.Module
     task: Task
     train: Dataset
     queries: Dataset
+    ungrouped: Optional[Tuple[nn.Module, Dict[str, Sequence[str]]]] = None
 
 
 class _TinyCNN(nn.Module):
@@ -80,6 +95,63 @@ class _TinyCNN(nn.Module):
         return self.head(torch.tanh(self.conv(x)).mean(dim=(2, 3)))
 
 
+class _GroupedCNN(nn.Module):
+    """A grouped conv (2 groups, one position per example on 3 x 3 inputs) beside a depthwise conv (4 groups,
+    9 positions per example), and a linear head on both."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 6, 3, groups=2)
+        self.depthwise = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return _head_on(self.head, self.grouped(x), self.depthwise(x))
+
+
+def _head_on(head: nn.Module, grouped: torch.Tensor, depthwise: torch.Tensor) -> torch.Tensor:
+    return head(torch.cat([torch.tanh(grouped).flatten(1), torch.tanh(depthwise).mean(dim=(2, 3))], dim=1))
+
+
+def _one_conv_per_group(conv: nn.Conv2d) -> nn.ModuleList:
+    """``conv`` (G groups) as G convolutions of one group, group g's weights in the g-th."""
+    groups, out = conv.groups, conv.out_channels // conv.groups
+    convs = nn.ModuleList()
+    for g in range(groups):
+        single = nn.Conv2d(conv.in_channels // groups, out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                           bias=conv.bias is not None, padding_mode=conv.padding_mode).to(conv.weight.dtype)
+        with torch.no_grad():
+            single.weight.copy_(conv.weight[g * out:(g + 1) * out])
+            if conv.bias is not None:
+                single.bias.copy_(conv.bias[g * out:(g + 1) * out])
+        convs.append(single)
+    return convs
+
+
+class _UngroupedCNN(nn.Module):
+    """:class:`_GroupedCNN` with each group of its grouped convs as a conv of its own: the same function."""
+
+    def __init__(self, model: _GroupedCNN):
+        super().__init__()
+        self.grouped = _one_conv_per_group(model.grouped)
+        self.depthwise = _one_conv_per_group(model.depthwise)
+        self.head = copy.deepcopy(model.head)
+
+    @staticmethod
+    def _apply(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([conv(part) for conv, part in zip(convs, x.chunk(len(convs), dim=1))], dim=1)
+
+    def forward(self, x):
+        return _head_on(self.head, self._apply(self.grouped, x), self._apply(self.depthwise, x))
+
+
+def _ungrouped_twin(model: _GroupedCNN) -> Tuple[nn.Module, Dict[str, Tuple[str, ...]]]:
+    """``(the same model with one conv per group, {grouped layer: its per-group layers})``."""
+    split = _UngroupedCNN(model).eval()
+    return split, {name: tuple(f"{name}.{g}" for g in range(getattr(model, name).groups))
+                   for name in ("grouped", "depthwise")}
+
+
 def _data(shape, n, seed) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, *shape, generator=g, dtype=torch.float64),
@@ -87,13 +159,18 @@ def _data(shape, n, seed) -> TensorDataset:
 
 
 def standard_cases(seed: int = 0) -> List[Case]:
-    """An MLP (rank-one per-example gradients) and a CNN (a conv layer with 16 positions per example)."""
+    """An MLP (rank-one per-example gradients), a CNN (a conv layer with 16 positions per example) and a grouped
+    CNN: ``Conv2d(4, 6, 3, groups=2)`` with one position per example beside a depthwise ``Conv2d(4, 4, 3,
+    groups=4, padding=1)`` with 9, with its ``ungrouped`` twin (one conv per group) for the groups check."""
     torch.manual_seed(seed)
     mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
     cnn = _TinyCNN().double().eval()
+    grouped = _GroupedCNN().double().eval()
     return [
         Case("mlp", mlp, SummedCrossEntropy(), _data((4,), 10, seed), _data((4,), 3, seed + 1)),
         Case("cnn", cnn, SummedCrossEntropy(), _data((2, 4, 4), 7, seed), _data((2, 4, 4), 2, seed + 1)),
+        Case("grouped conv", grouped, SummedCrossEntropy(), _data((4, 3, 3), 7, seed), _data((4, 3, 3), 2, seed + 1),
+             ungrouped=_ungrouped_twin(grouped)),
     ]
 
 
@@ -244,7 +321,9 @@ def _check_meta_sizes(run: _Run) -> None:
 
 
 def _check_one_example(run: _Run, damping: float, rtol: float) -> None:
-    """Layers with one token per example only: there ``G = g a^T`` is rank one and the Kronecker basis exact."""
+    """Layers with one token per example only: there ``G = g a^T`` is rank one in each group and the Kronecker basis
+    exact. The oracle is the exact Fisher of each group, the groups being independent blocks (as the layer shape
+    ``(G, out, in)`` has them)."""
     one = Subset(run.case.train, [1])
     factors = run.fit(train=one)
     tap = ModelTap(run.case.model, run.case.task)
@@ -255,13 +334,73 @@ def _check_one_example(run: _Run, damping: float, rtol: float) -> None:
     train, queries = grads(one, "train"), grads(run.case.queries, "measurement")
     per_layer = run.pairwise(factors, damping, train=one, per_module=True)
     for layer in layers:
-        expected = dense_influence(queries[layer], train[layer], dense_fisher(train[layer]), damping)
+        expected = sum(dense_influence(queries[layer][:, g], train[layer][:, g], dense_fisher(train[layer][:, g]),
+                                       damping) for g in range(train[layer].shape[1]))
         run.record("one example exact", per_layer[layer], expected, rtol,
-                   f"Layer {layer!r}: on one example the scores differ from the exact Fisher's.")
+                   f"Layer {layer!r}: on one example the scores differ from the exact Fisher's (per group).")
+
+
+DAMPING_DECADES = 12  # the damping law runs over damping * 10^k, k = 0 .. DAMPING_DECADES
+
+
+def damping_law_distances(precondition: Callable[[torch.Tensor, float], torch.Tensor], grads: torch.Tensor,
+                          dampings: Sequence[float]) -> torch.Tensor:
+    """``[len(dampings), N]``: for each damping ``l`` and gradient ``G_n``, the distance of ``G_n`` from the line
+    through ``P_l(G_n)``, relative to ``|G_n|``: the sine of the angle between them, ``min_c |c P_l(G_n) - G_n| /
+    |G_n|`` (1 where ``P_l(G_n) = 0``).
+
+    For ``P_l = (C + l I)^{-1}`` with ``C`` symmetric and ``C + l I`` positive definite it never grows with ``l``
+    (with weights ``w_i`` = the squared coordinates of ``G_n`` in C's eigenbasis and ``s_i = 1 / (c_i + l)``, the
+    squared cosine is ``m_1^2 / (m_0 m_2)`` with ``m_k = sum_i w_i s_i^k``; its derivative in ``l`` has the sign of
+    ``m_1 m_3 - m_2^2 >= 0``, Cauchy-Schwarz) and falls as ``|C| / l`` once ``l >> |C|``: ``l P_l(G) -> G``. It is
+    scale free, so it holds equally when the damping is scaled (e.g. by a mean eigenvalue) and for identity
+    (``P(G) = G``, distance 0).
+    """
+    flat = grads.flatten(1)
+    rows = []
+    for damping in dampings:
+        p = precondition(grads, damping).flatten(1).to(flat.dtype)
+        along = (p * flat).sum(1) / p.square().sum(1).clamp_min(1e-300)
+        distance = (flat - along[:, None] * p).norm(dim=1) / flat.norm(dim=1).clamp_min(1e-300)
+        rows.append(torch.where(torch.isfinite(distance), distance, torch.ones_like(distance)))
+    return torch.stack(rows)
+
+
+def _check_damping(run: _Run, damping: float, rtol: float) -> None:
+    """The damping law: over ``damping * 10^k`` the distances never grow (by more than ``rtol``) and in the last
+    decade they fall by half at least, or are below ``rtol`` (the asymptotic ``|C| / l`` falls tenfold a decade)."""
+    factors = run.fit()
+    grads = _random_grads(factors, 3, 3)
+    dampings = [(damping if damping > 0 else 0.1) * 10.0 ** k for k in range(DAMPING_DECADES + 1)]
+    distances = torch.cat([
+        damping_law_distances(lambda g, d: factors.estimator_for(layer).precondition(factors[layer], g, d),
+                              grads[layer], dampings) for layer in factors.layers], dim=1)
+    growth = float((distances[1:] - distances[:-1]).max().clamp_min(0))
+    last, before = distances[-1], distances[-2]
+    converging = bool(((last <= 0.5 * before) | (last <= rtol)).all())
+    run.results.append(CheckResult(
+        "damping law", run.case.name, growth <= rtol and converging, max(growth, float(last.max())),
+        f"As the damping grows from {dampings[0]:g} to {dampings[-1]:g}, P_damping(G) must turn toward G "
+        f"(damping * P_damping(G) -> G): the largest growth of the distance was {growth:.3g}, the largest distance "
+        f"at the largest damping {float(last.max()):.3g}. Does precondition ignore its damping argument?"))
+
+
+def _check_groups(run: _Run, damping: float, rtol: float) -> None:
+    """A layer of G groups scores as its G one-group layers in the ``ungrouped`` twin (at a fixed damping: the
+    heuristic damping of None is a mean over the layer, hence over its groups)."""
+    twin, split = run.case.ungrouped
+    separate_run = _Run(run.estimator, dataclasses.replace(run.case, model=twin, ungrouped=None))
+    grouped = run.pairwise(run.fit(), damping, per_module=True)
+    separate = separate_run.pairwise(separate_run.fit(), damping, per_module=True)
+    actual = torch.stack([grouped[layer] for layer in grouped])
+    expected = torch.stack([sum(separate[name] for name in split.get(layer, (layer,))) for layer in grouped])
+    run.record("groups = separate layers", actual, expected, rtol,
+               f"The grouped layers {sorted(split)} score differently from one layer per group: are group g's "
+               "factors fitted from group g's statistics and applied to group g's gradients?")
 
 
 CHECKS = ("batch size", "order", "partitions", "duplication", "self = diag(pairwise)", "symmetric", "linear",
-          "positive", "meta sizes", "one example exact")
+          "positive", "meta sizes", "damping law", "groups = separate layers", "one example exact")
 
 
 def check_estimator(
@@ -276,7 +415,8 @@ def check_estimator(
     """Run ``estimator`` through every property check on ``cases`` (default: :func:`standard_cases`).
 
     ``damping`` is the fixed damping used by the checks (the self and operator checks also use the
-    heuristic, None). Returns every :class:`CheckResult`; with ``raise_on_failure`` (the default) raises
+    heuristic, None; the damping law runs over ``damping * 10^k``, k = 0 .. :data:`DAMPING_DECADES`, from 0.1 if
+    ``damping`` is 0). Returns every :class:`CheckResult`; with ``raise_on_failure`` (the default) raises
     :class:`EstimatorCheckError` naming each failed check instead. Use it in a test::
 
         def test_my_estimator():
@@ -296,7 +436,10 @@ def check_estimator(
             lambda: _check_self(run, (damping, None), rtol),
             lambda: _check_operator(run, (damping, None), rtol),
             lambda: _check_meta_sizes(run),
+            lambda: _check_damping(run, damping, rtol),
         ]
+        if case.ungrouped is not None:
+            checks.append(lambda: _check_groups(run, damping, rtol))
         if exact_for_one_example:
             checks.append(lambda: _check_one_example(run, damping, rtol))
         for check in checks:
