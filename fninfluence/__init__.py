@@ -8,7 +8,7 @@ The native API::
 """
 
 from .curvature import CurvatureEstimator, FitPass, diagonal, ekfac, get_estimator, identity, kfac
-from .errors import InfluenceError
+from .errors import InfluenceError, InfluenceWarning, Interrupted
 from .factors import Factors
 from .index import build_index, index_scores
 from .memory import estimate_memory
@@ -19,5 +19,6 @@ from .version import __version__
 __all__ = [
     "Task", "task_from_functions", "classification_task", "fit_factors", "pairwise_scores", "self_scores",
     "query_gradients", "build_index", "index_scores", "Factors", "CurvatureEstimator", "FitPass", "get_estimator",
-    "identity", "diagonal", "kfac", "ekfac", "InfluenceError", "estimate_memory", "__version__",
+    "identity", "diagonal", "kfac", "ekfac", "InfluenceError", "InfluenceWarning", "Interrupted", "estimate_memory",
+    "__version__",
 ]

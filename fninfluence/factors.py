@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from .capture import LayerSpec
 from .curvature import CurvatureEstimator, pass_order
-from .store import factors_store
+from .store import factors_store, fingerprint
 from .store.factors_store import StoredFactors
 
 
@@ -37,6 +39,11 @@ class Factors:
 
     ``estimators[layer]`` is the estimator of each layer (one for all unless ``fit_factors`` got a strategy
     per layer; ``strategy`` is then ``"mixed"``).
+
+    ``weights_fingerprint`` is a cheap fingerprint of the tracked weights of the model the factors were fitted on
+    (two float64 sums per parameter, :func:`fninfluence.store.fingerprint.weights_fingerprint`); scoring refuses a
+    model whose weights differ. ``None`` (factors built by hand, or read from a store written before it was kept)
+    checks nothing. :meth:`for_model` rebinds factors to another model on purpose.
     """
 
     strategy: str
@@ -47,6 +54,7 @@ class Factors:
     use_empirical_fisher: bool = False
     passes_done: Tuple[str, ...] = None
     estimators: Dict[str, CurvatureEstimator] = field(default=None, repr=False)
+    weights_fingerprint: Optional[Dict[str, Any]] = field(default=None, repr=False)
 
     def __post_init__(self):
         self.tensors = {layer: canonical_layout(tensors) for layer, tensors in self.tensors.items()}
@@ -74,6 +82,19 @@ class Factors:
         """Whether every pass of every layer's estimator has been fitted."""
         return all(name in self.passes_done for name in self.pass_names)
 
+    def for_model(self, model: nn.Module) -> "Factors":
+        """These factors, recording ``model``'s tracked weights as the ones they belong to.
+
+        Scoring with factors fitted on another model's weights is refused (scores would mix two models). When you
+        mean it, e.g. factors of an earlier checkpoint used for a later one, pass ``factors.for_model(model)``
+        instead. ``fit_factors`` returns factors already bound to the model it fitted.
+        """
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # the names the factors' layers use (see fninfluence.run.ranks.unwrap)
+        params = dict(model.named_parameters())
+        names = fingerprint.tracked_parameter_names(self.layers)
+        return dataclasses.replace(self, weights_fingerprint=fingerprint.weights_fingerprint(params, names))
+
     def save(self, path: Union[str, Path], *, overwrite: bool = False) -> None:
         """Write the factors to a Zarr v3 store at ``path`` (see docs/storage.md)."""
         factors_store.save_factors(self.as_stored(), Path(path), overwrite=overwrite)
@@ -83,7 +104,7 @@ class Factors:
         """Read factors from a store written by :meth:`save` or ``fit_factors(store=...)``.
 
         Only JSON attributes and numeric arrays are read: nothing is unpickled or executed. A custom
-        estimator is not stored by value: pass it as ``estimator``.
+        estimator is not stored by value: pass it as ``estimator``, ``Factors.load(path, estimator=mine)``.
         """
         return Factors.from_stored(factors_store.load_factors(Path(path), estimator))
 
@@ -92,12 +113,13 @@ class Factors:
         """The factors a store read back (:func:`fninfluence.store.factors_store.load_factors`,
         ``reuse_complete``); the estimator is the first layer's."""
         return Factors(stored.strategy, next(iter(stored.estimators.values())), stored.layers, stored.tensors,
-                       stored.num_examples, stored.use_empirical_fisher, stored.passes_done, stored.estimators)
+                       stored.num_examples, stored.use_empirical_fisher, stored.passes_done, stored.estimators,
+                       stored.weights_fingerprint)
 
     def as_stored(self) -> StoredFactors:
         """The fields a store writes (:func:`fninfluence.store.factors_store.save_factors`)."""
         return StoredFactors(self.strategy, self.layers, self.tensors, self.num_examples, self.use_empirical_fisher,
-                             tuple(self.passes_done), self.estimators)
+                             tuple(self.passes_done), self.estimators, self.weights_fingerprint)
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{name}: {spec.op} {spec.shape}" for name, spec in self.layers.items())
@@ -114,4 +136,4 @@ class Factors:
             for layer, tensors in self.tensors.items()
         }
         return Factors(self.strategy, self.estimator, dict(self.layers), moved, self.num_examples,
-                       self.use_empirical_fisher, self.passes_done, dict(self.estimators))
+                       self.use_empirical_fisher, self.passes_done, dict(self.estimators), self.weights_fingerprint)

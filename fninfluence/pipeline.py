@@ -22,6 +22,7 @@ from .run.data import Data
 from .factors import Factors
 from .precision import Precision
 from .run.fit import FitRequest, fit
+from .run.cells import reported_interrupts
 from .run.loop import CompileOption
 from .run.options import Execution, Layout, PairwiseKind, PerPass, SelfKind, Targets
 from .run.queries import query_gradients as _query_gradients
@@ -53,16 +54,14 @@ def fit_factors(
     per_example_vmap: bool = False,
     distributed: Optional[bool] = None,
     seed: int = 0,
+    fisher_samples: int = 1,
 ) -> Optional[Factors]:
     """Fit the curvature factors of ``strategy`` on ``data``.
 
-    With ``use_empirical_fisher=False`` (the default) the task is asked for labels sampled from the
-    model (``sample=True``), which gives the true Fisher; with True the batch's own labels are used.
-    Sampled labels are reproducible: while ``compute_train_loss(..., sample=True)`` runs, PyTorch's random
-    functions (``torch.multinomial``, ``bernoulli``, ``rand``, ``randn``, ...) draw from a generator keyed by
-    (``seed``, the example's index in ``data``), so batch size, partitions, resume, order of cells and ranks do
-    not change the factors (see :mod:`fninfluence.sampling` for the exact rule and its fallback).
-    ``compile`` may be True or a dict of ``torch.compile`` options (``fullgraph=True`` is always set).
+    ``use_empirical_fisher=False`` (the default): labels sampled from the model (``sample=True``, the true Fisher),
+    keyed by (``seed``, the example's index in ``data``) so that batches, partitions, resume and ranks do not change
+    them (:mod:`fninfluence.sampling`); ``fisher_samples=S`` averages S draws per example (docs/concepts.md). True:
+    the batch's own labels. ``compile``: True or a dict of ``torch.compile`` options (``fullgraph=True`` always).
 
     ``strategy`` may be a dict ``{layer name: strategy}`` with ``"*"`` for the others, e.g.
     ``{"*": "ekfac", "ln_f": "diagonal"}``: each layer is fitted and preconditioned by its own estimator.
@@ -89,8 +88,10 @@ def fit_factors(
     layout = Layout.parse(store, overwrite, data_partitions, module_partitions, target_data_partitions,
                           target_module_partitions)
     model, task = parallel.unwrap(model, task)
-    return fit(model, task, data, FitRequest(strategy, use_empirical_fisher, passes, max_examples, seed), execution,
-               layout)
+    request = FitRequest(strategy, use_empirical_fisher, passes, max_examples, seed, fisher_samples)
+    with reported_interrupts(layout.store):
+        factors = fit(model, task, data, request, execution, layout)
+    return factors if factors is None or factors.weights_fingerprint else factors.for_model(model)
 
 
 def query_gradients(
@@ -174,7 +175,8 @@ def pairwise_scores(
     layout = Layout.parse(store, overwrite, data_partitions, module_partitions, target_data_partitions,
                           target_module_partitions)
     model, task = parallel.unwrap(model, task)
-    return score(ScoreCall(model, task, factors, train_data, query_data, kind, execution, layout, per_module))
+    with reported_interrupts(layout.store):
+        return score(ScoreCall(model, task, factors, train_data, query_data, kind, execution, layout, per_module))
 
 
 def self_scores(
@@ -210,5 +212,6 @@ def self_scores(
     layout = Layout.parse(store, overwrite, data_partitions, module_partitions, target_data_partitions,
                           target_module_partitions)
     model, task = parallel.unwrap(model, task)
-    return score(ScoreCall(model, task, factors, data, None, SelfKind(damping, use_measurement), execution, layout,
-                           per_module))
+    with reported_interrupts(layout.store):
+        return score(ScoreCall(model, task, factors, data, None, SelfKind(damping, use_measurement), execution, layout,
+                               per_module))

@@ -78,7 +78,8 @@ def influential_examples(
     if queries.shape[0] != scores.shape[0] or train.shape[0] != scores.shape[1]:
         raise InfluenceError(
             f"scores have shape {tuple(scores.shape)} but there are {queries.shape[0]} query images and "
-            f"{train.shape[0]} training images: pass the images the scores were computed on, in the same order."
+            f"{train.shape[0]} training images: pass as query_images and train_images the images the scores were "
+            "computed on, in the same order."
         )
     proponents, opponents = top_indices(scores, k)
     rows = scores.shape[0]

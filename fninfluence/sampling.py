@@ -7,10 +7,12 @@ uninterrupted one. Instead, while the sampled objective runs, :class:`ExampleDra
 answers the random functions of PyTorch itself with counter-based draws: element ``j`` of example ``n``'s share of
 the ``c``-th random call of the objective is
 
-    u = H(seed, c, stream, n, j) / 2^52,      H = a chain of 32-bit integer finalisers (``lowbias32``),
+    u = H(seed, c, stream, [s,] n, j) / 2^52,      H = a chain of 32-bit integer finalisers (``lowbias32``),
 
 computed with plain int64 tensor ops, so it is exact and identical on every device and batch layout, traceable by
-``torch.func`` transforms and compiled by ``torch.compile(fullgraph=True)``. From ``u``:
+``torch.func`` transforms and compiled by ``torch.compile(fullgraph=True)``. ``s`` is the draw index of
+``fit_factors(fisher_samples=S)``, which runs the sampled objective S times per batch (draws ``s = 0 .. S-1``)
+and averages the statistics; draw 0 absorbs no ``s``, so it draws what a single-draw fit draws. From ``u``:
 
 * ``multinomial(p, k)``: inverse CDF, ``min {i : P_i >= u P_C}`` with ``P = cumsum(p)`` (with replacement or
   ``k = 1``), or the Gumbel top-k of ``log p - log(-log u)`` (without replacement);
@@ -25,7 +27,8 @@ batches (resume, partitions at batch boundaries) but not across batch sizes.
 
 Random functions not listed above (``randperm``, dropout, ``poisson``, ...) still use PyTorch's generators; the
 pipeline seeds those from ``(seed, first example of the batch)`` around each batch (:func:`batch_generator_seed`),
-with the same guarantee as the batch-keyed case. The draws are the same in every pass (covariance, Lambda), so
+with the same guarantee as the batch-keyed case (with several draws per example, the draws ``s = 0 .. S-1`` read
+that batch's generators in turn). The draws are the same in every pass (covariance, Lambda), so
 EKFAC's eigenvalue correction sees the same sampled Fisher as its eigenbasis. Random calls made inside the user's
 model rather than the task's own code (noise in a forward pass) are not answered: the tap refuses them, since
 they would make the scores random.
@@ -68,18 +71,19 @@ def _absorb(state, value):
     return _mix(_mix(state ^ (value & _MASK)) ^ ((value >> 32) & _MASK))
 
 
-def _key(seed: int, call: int, stream: int) -> int:
-    """The hash state of one random call: a Python int, so it is a constant of a compiled graph."""
+def _key(seed: int, call: int, stream: int, draw: int = 0) -> int:
+    """The hash state of one random call: a Python int, so it is a constant of a compiled graph. Draw 0 absorbs
+    nothing more, so its draws are those of a single-draw fit (``fit_factors(fisher_samples=1)``)."""
     state = _mix(0x9E3779B9)
     for value in (seed % (1 << 64), call, stream):
         state = _absorb(state, value)
-    return state
+    return _absorb(state, draw) if draw else state
 
 
-def uniforms(seed: int, call: int, stream: int, examples: torch.Tensor, count: int) -> torch.Tensor:
-    """``[B, count]`` float64 uniforms in (0, 1): entry ``[b, j]`` is a function of (seed, call, stream,
+def uniforms(seed: int, call: int, stream: int, examples: torch.Tensor, count: int, draw: int = 0) -> torch.Tensor:
+    """``[B, count]`` float64 uniforms in (0, 1): entry ``[b, j]`` is a function of (seed, call, stream, draw,
     ``examples[b]``, j) only. 52 random bits each (two hashed words), so ``(m + 1/2) / 2^52`` is exact."""
-    state = _absorb(torch.full_like(examples, _key(seed, call, stream)), examples)[:, None]
+    state = _absorb(torch.full_like(examples, _key(seed, call, stream, draw)), examples)[:, None]
     offsets = torch.arange(count, device=examples.device, dtype=torch.int64)[None, :]
     first = _mix(state ^ offsets)
     second = _mix(first ^ 0x5BD1E995)
@@ -143,12 +147,14 @@ class ExampleDraws(TorchFunctionMode):
 
     ``examples``: the ``[B]`` int64 indices (in the whole dataset) of the batch's examples. One mode per
     objective call: its call counter starts at 0, so the ``c``-th random call gets the same draws every time.
+    ``draw``: which of an example's independent draws (0 for the first, the only one by default).
     """
 
-    def __init__(self, examples: torch.Tensor, seed: int = 0):
+    def __init__(self, examples: torch.Tensor, seed: int = 0, draw: int = 0):
         super().__init__()
         self.examples = examples
         self.seed = int(seed)
+        self.draw = int(draw)
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -173,7 +179,7 @@ class ExampleDraws(TorchFunctionMode):
             keys, count = self.examples, numel // batch  # example-major: each example its own block
         else:
             keys, count = self.examples[:1], numel  # no example dimension: keyed by the batch's first example
-        return tuple(uniforms(self.seed, call, s, keys, count).reshape(shape) for s in range(streams))
+        return tuple(uniforms(self.seed, call, s, keys, count, self.draw).reshape(shape) for s in range(streams))
 
     def _normals(self, shape: Sequence[int]) -> torch.Tensor:
         u1, u2 = self._draw(shape, streams=2)
@@ -281,11 +287,13 @@ def with_example_ids(batch: Any, first: int, examples: int, device: torch.device
 
 class SeededTask:
     """The user's task, fed ``(batch, ids)`` batches; ``compute_train_loss(..., sample=True)`` runs under
-    :class:`ExampleDraws`. Everything else is the user's task, called with the plain batch."""
+    :class:`ExampleDraws` with draw index ``draw`` (set by a fit step that draws several labels per example, see
+    :func:`set_draw`). Everything else is the user's task, called with the plain batch."""
 
     def __init__(self, task: Any, seed: int = 0):
         self.task = task
         self.seed = int(seed)
+        self.draw = 0
 
     @property
     def wraps(self) -> Any:
@@ -296,7 +304,7 @@ class SeededTask:
         inner, ids = batch
         if not sample:
             return self.task.compute_train_loss(inner, model, sample=False)
-        with ExampleDraws(ids, self.seed):
+        with ExampleDraws(ids, self.seed, self.draw):
             return self.task.compute_train_loss(inner, model, sample=True)
 
     def compute_measurement(self, batch, model):
@@ -309,6 +317,12 @@ class SeededTask:
         if name == "task":
             raise AttributeError(name)
         return getattr(self.task, name)
+
+
+def set_draw(task: Any, draw: int) -> None:
+    """The draw index the sampled objective of ``task`` (a :class:`SeededTask`) uses from now on. A plain
+    attribute, set inside the (possibly compiled) step: each draw's index is a constant of the graph."""
+    task.draw = draw
 
 
 def batch_generator_seed(seed: int, first: int) -> int:

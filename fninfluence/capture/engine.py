@@ -33,6 +33,8 @@ from .ops import HANDLERS_BY_NAME as _HANDLERS_BY_NAME
 from .ops import layout, weight_as_matrix
 from .sharded import CallTimeWeights, check_shardable, is_fully_sharded
 from .stream import Stream, accumulators_for, combine, finite, layer_mask, masked_grads, masked_inputs
+from .summed import check_summed, tolerance
+from .vmapped import run_vmapped
 from .tap import ObjectiveMode, Tap, TapRecord, TrackedWeight
 
 
@@ -267,9 +269,26 @@ class ModelTap:
             return self._batch_stats(objective, params, buffers, single, probes)
 
         in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
-        losses, stats = torch.func.vmap(one, in_dims=(in_dims,), randomness="different")(batch)
+        losses, stats = run_vmapped(torch.func.vmap(one, in_dims=(in_dims,), randomness="different"), (batch,),
+                                    self.model, *self._vmap_reasons())
         stats = {layer: from_single_examples(s) for layer, s in stats.items()}
         return losses.sum(), stats
+
+    def _vmap_reasons(self) -> Tuple[str, str]:
+        """``(why, instead)`` for :func:`.vmapped.explained`: what runs the model under vmap, and how to do without."""
+        layers = sorted(self.parameter_layers)
+        if self.per_example and layers:
+            why = f"With per_example_vmap=True, and for the per-example gradients of the parameter layers {layers},"
+        elif self.per_example:
+            why = "With per_example_vmap=True (each example alone),"
+        else:
+            why = f"For the per-example gradients of the parameter layers {layers},"
+        ways = (["drop per_example_vmap=True (only needed where a tracked layer does not see the batch in dimension "
+                 "0)"] if self.per_example else []) + \
+               ([f"leave {layers} out of Task.tracked_modules() (Linear, Conv and Embedding layers need no vmap)"]
+                if layers else []) + ["change that code so that it does not read tensor values in Python"]
+        instead = ", ".join(ways[:-1]) + (", or " if len(ways) > 1 else "") + ways[-1]
+        return f"{why} the model runs under torch.func.vmap", f"{instead[0].upper()}{instead[1:]}."
 
     def _batch_stats(self, objective: str, params, buffers, batch, probes):
         return self._run(objective, params, buffers, batch, probes, {})[:2]
@@ -384,8 +403,9 @@ class ModelTap:
                 return self._call(objective, {**params, **subset}, buffers, single)
 
         in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, batch)
-        grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, in_dims), randomness="different")(
-            {n: params[n] for n in names}, batch)
+        grads = run_vmapped(torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, in_dims),
+                                            randomness="different"),
+                            ({n: params[n] for n in names}, batch), self.model, *self._vmap_reasons())
         stats = {}
         for layer, group in self.parameter_layers.items():
             flat = torch.cat([grads[n].flatten(1) for n in group], dim=1)  # [B, P]
@@ -422,11 +442,11 @@ class ModelTap:
         if self._whole is not None:
             probes = self._whole.probes_for(objective, batch)
             return {layer: calls for layer, calls in probes.items() if layer in self.specs}
-        batch = self._as_probed(batch)
-        key = (objective, batch_signature(batch))
+        probed = self._as_probed(batch)
+        key = (objective, batch_signature(probed))
         probes = self._probes.get(key)
         if probes is None:
-            probes = self._discover(objective, batch)
+            probes = self._discover(objective, probed, batch)
             self._probes[key] = probes
         return probes
 
@@ -441,9 +461,9 @@ class ModelTap:
         together whenever one of them needs one, see :func:`fninfluence.run.loop.run_pass`)."""
         if self._whole is not None:
             return self._whole.rediscover(objective, batch)
-        batch = self._as_probed(batch)
-        probes = self._discover(objective, batch)
-        self._probes.setdefault((objective, batch_signature(batch)), probes)
+        probed = self._as_probed(batch)
+        probes = self._discover(objective, probed, batch)
+        self._probes.setdefault((objective, batch_signature(probed)), probes)
 
     def _as_probed(self, batch: Any) -> Any:
         """The batch probes are made for: per example, the first example alone."""
@@ -489,20 +509,43 @@ class ModelTap:
             return False
         return compile
 
-    def _discover(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
+    def _discover(self, objective: str, batch: Any, whole: Any = None) -> Dict[str, List[torch.Tensor]]:
+        """Discovery on ``batch`` (per example: the first example of ``whole``, the batch as it came), and, once per
+        model, task and objective, the checks that depend on the code and not on a batch's shapes: the tap is exact,
+        and the objective is a sum over examples (:mod:`.summed`)."""
         checkpoints_before = direct_checkpoints.calls()
         try:
-            probes = self._discover_once(objective, batch)  # its record (every layer's input) is freed here
+            probes, loss = self._discover_once(objective, batch)  # its record (every layer's input) is freed here
             if objective not in self._exact:  # a use that escapes the tap is in the code, not in a batch's shapes
                 if not _EXACT.seen(self, objective):
                     self._check_exact(objective, batch, probes)
+                    self._check_summed(objective, batch if whole is None else whole,
+                                       loss if whole is None or whole is batch else None)
                     _EXACT.remember(self, objective)
                 self._exact.add(objective)
             return probes
         finally:
             self.checkpointed |= direct_checkpoints.calls() > checkpoints_before
 
-    def _discover_once(self, objective: str, batch: Any) -> Dict[str, List[torch.Tensor]]:
+    def _check_summed(self, objective: str, batch: Any, loss: Optional[torch.Tensor]) -> None:
+        """Refuse an objective that is a mean over the batch (warn if it is no sum at all): :mod:`.summed`. One forward
+        pass over the batch's two halves (two over the whole batch when ``loss``, its value, is not known yet), no
+        gradients, the random state left as it was. Not for a sharded model, whose forward passes are collectives."""
+        if self.sharded:
+            return
+        accelerator = self.device.type != "cpu"
+
+        def value(part):
+            with torch.random.fork_rng(devices=[self.device] if accelerator else [], device_type=self.device.type), \
+                    unfused(), ObjectiveMode():
+                return self._call(objective, self.params, self.buffers, part)
+
+        dtypes = (self.dtype, self.amp_dtype, None if loss is None else loss.dtype)
+        check_summed(value, batch, batch_examples(batch), _OBJECTIVE_NAMES[objective], _SUM_FIX[objective], loss,
+                     self.task.get_attention_mask(batch), tolerance(*dtypes, accelerator=accelerator),
+                     warn=objective != "train_sampled")
+
+    def _discover_once(self, objective: str, batch: Any) -> Tuple[Dict[str, List[torch.Tensor]], torch.Tensor]:
         examples = batch_examples(batch)
         tap = Tap(self._tracked(self.params), None, discover=True, examples=examples, per_example=self.per_example,
                   outer=self._callers[objective])
@@ -529,7 +572,7 @@ class ModelTap:
             layer: [torch.zeros((), dtype=c.output_dtype, device=self.device).expand(c.output_shape) for c in calls]
             for layer, calls in record.calls.items()
         }
-        return probes
+        return probes, loss
 
     def _check_record(self, record, objective: str, examples: int) -> None:
         """Refuse a discovery record the tap cannot compute exactly from: a tracked layer not called with its
@@ -745,6 +788,12 @@ _OBJECTIVE_NAMES = {
     "train_sampled": "training loss with sampled labels (Task.compute_train_loss, sample=True)",
     "measurement": "measurement (Task.compute_measurement)",
 }
+
+_SUM_FIX = {
+    "train": "Return the summed loss, e.g. F.cross_entropy(logits, labels, reduction='sum').",
+    "measurement": "Return the summed measurement, e.g. .sum() instead of .mean() over the examples.",
+}
+_SUM_FIX["train_sampled"] = _SUM_FIX["train"]
 
 
 def _check_random(random_calls: Sequence[Tuple[str, bool]], objective: str) -> None:

@@ -24,7 +24,8 @@ def get_estimator(strategy: Union[str, CurvatureEstimator]) -> CurvatureEstimato
     estimator = ESTIMATORS.get(str(strategy).lower())
     if estimator is None:
         raise InfluenceError(
-            f"Unknown strategy {strategy!r}: choose one of {sorted(ESTIMATORS)} or pass a CurvatureEstimator."
+            f"Unknown strategy {strategy!r}: choose one of {sorted(ESTIMATORS)} or pass a CurvatureEstimator as the "
+            "strategy (e.g. fit_factors(..., strategy=my_estimator))."
         )
     return estimator
 

@@ -40,3 +40,13 @@ def check_per_pass(value: Any, name: str, allow_none: bool) -> None:
     else:
         check_positive(value, name, allow_none)
 
+
+def check_fisher_samples(value: Any, use_empirical_fisher: bool) -> None:
+    """Labels drawn per example for the true Fisher: a positive integer, and 1 with the empirical Fisher (the
+    data's own labels are drawn by no one)."""
+    check_positive(value, "fisher_samples", allow_none=False)
+    if use_empirical_fisher and value != 1:
+        raise InfluenceError(
+            f"fisher_samples={value} draws labels for the true Fisher, but use_empirical_fisher=True uses the data's "
+            "labels: drop fisher_samples, or set use_empirical_fisher=False."
+        )

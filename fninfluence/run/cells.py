@@ -22,14 +22,18 @@ The fit and score code above them never asks which place it has.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from . import ranks as parallel
 from .ranks import Ranks
+from ..errors import InfluenceError, Interrupted
 from ..partitions import Cell
+from ..store.describe import describe
 from ..store.fingerprint import DataDigest
 from ..store.scores_store import read_scores
 
@@ -275,3 +279,42 @@ def score_cells(open_store: Optional[Callable[[bool], Any]], overwrite: bool, ra
     if open_store is not None:
         return ScoresInStore(parallel.open_in_turn(ranks, open_store, overwrite), ranks)
     return ScoresInMemory(join) if ranks is None else ScoresOnRanks(join, ranks, device, cells, partition_layers)
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def reported_interrupts(store: Optional[Path]) -> Iterator[None]:
+    """Ctrl-C during a call with a store: re-raised as :class:`~fninfluence.errors.Interrupted` (a
+    ``KeyboardInterrupt``) whose message says how many cells the store has kept and that the same call resumes,
+    instead of a traceback through the library. Nothing is caught: every certified cell stays certified, a cell
+    being written when the interrupt came has no marker and is computed again by the rerun."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        message = None if store is None or isinstance(interrupt, Interrupted) else interrupted_message(Path(store))
+        if message is None:
+            raise
+        raise Interrupted(message) from None
+
+
+def interrupted_message(store: Path) -> Optional[str]:
+    """What an interrupted call with ``store`` has kept, and how to go on; None when the store says nothing (it was
+    never laid out, or cannot be read)."""
+    try:
+        info = describe(store) if store.exists() else None
+    except (InfluenceError, OSError):
+        return None
+    if info is None or info.get("kind") == "unfinished":
+        return None
+    if info["kind"] == "factors":
+        parts = [(entry["name"], entry.get("cells_done", []), entry.get("cells_missing", []))
+                 for entry in info["passes"]]
+    else:
+        parts = [(info["kind"], info.get("cells_done", []), info.get("cells_missing", []))]
+    done = sum(len(d) for _, d, _ in parts)
+    total = sum(len(d) + len(m) for _, d, m in parts)
+    detail = ", ".join(f"{name} {len(d)}/{len(d) + len(m)}" for name, d, m in parts)
+    advice = " (more data_partitions= make smaller cells, so less is lost)" if total == len(parts) else ""
+    return (f"{store} keeps {done} of {total} cells ({detail}). Run the same call again to resume: only the missing "
+            f"cells are computed{advice}.")

@@ -25,13 +25,15 @@ def as_loader(data: Data, batch_size: Optional[int], argument: str = "data") -> 
         if any(isinstance(s, _RANDOM_SAMPLERS) for s in samplers):
             raise InfluenceError(
                 f"{argument} is a DataLoader that shuffles or samples at random; influence scores are indexed by "
-                "example, so the order must be fixed. Build it with shuffle=False (or pass the Dataset)."
+                "example, so the order must be fixed. Build it with shuffle=False (or pass the Dataset as "
+                f"{argument})."
             )
         _check_in_order(data, argument)
         if batch_size is not None and data.batch_size is not None and batch_size != data.batch_size:
             raise InfluenceError(
                 f"{argument} is a DataLoader with batch_size={data.batch_size}, but batch_size={batch_size} was "
-                "also given. Pass the Dataset with batch_size, or set the batch size on the DataLoader."
+                f"also given. Pass the Dataset as {argument} with batch_size=, or set the batch size on the "
+                "DataLoader."
             )
         return data
     if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
@@ -53,12 +55,13 @@ def _check_in_order(loader: DataLoader, argument: str) -> None:
     if loader.batch_size is None and loader.batch_sampler is None:
         raise InfluenceError(
             f"{argument} is a DataLoader with batch_size=None, which yields dataset items as they are, so items are "
-            "not examples. Pass a Dataset of single examples with batch_size, or a DataLoader with a batch_size."
+            f"not examples. Pass as {argument} a Dataset of single examples with batch_size=, or a DataLoader with "
+            "a batch_size."
         )
     if loader.drop_last:
         raise InfluenceError(
             f"{argument} is a DataLoader with drop_last=True: its last examples would get no scores. Build it with "
-            "drop_last=False (or pass the Dataset)."
+            f"drop_last=False (or pass the Dataset as {argument})."
         )
     batch_sampler = loader.batch_sampler
     if type(batch_sampler) is BatchSampler and type(batch_sampler.sampler) is SequentialSampler:

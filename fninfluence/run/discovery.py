@@ -14,6 +14,7 @@ from ..core.statistics import LayerStatistic, evaluate
 from .data import Data
 from ..errors import InfluenceError
 from ..factors import Factors
+from ..store import fingerprint
 from .slices import first_batch
 
 
@@ -37,7 +38,8 @@ def gradient_stats(tap: ModelTap, objective: str, params, buffers, batch, probes
     if post_process is not None and tap.per_example:
         raise InfluenceError(
             "per_example_vmap=True runs each example alone, so post_process_per_sample_gradient would see "
-            "per-example instead of per-row gradients. Drop per_example_vmap (or the post-processing)."
+            "per-example instead of per-row gradients. Drop per_example_vmap=True (or set the task's "
+            "enable_post_process_per_sample_gradient = False)."
         )
     if post_process is not None:
         stats = postprocess.post_processed_stats(post_process, tap.specs, stats, batch)
@@ -80,6 +82,27 @@ def check_layers(factors: Factors, tap: ModelTap) -> None:
     if not factors.complete:
         missing = [name for name in factors.pass_names if name not in factors.passes_done]
         raise InfluenceError(f"The factors are incomplete (passes {missing} missing): finish fit_factors first.")
+    check_weights(factors, tap)
+
+
+def check_weights(factors: Factors, tap: ModelTap) -> None:
+    """The model's tracked weights are those the factors were fitted on (:attr:`Factors.weights_fingerprint`; two
+    float64 sums per tracked parameter, one transfer), else an error naming the parameters that differ."""
+    fitted = factors.weights_fingerprint
+    if not fitted or tap.sharded:
+        return
+    names = [n for n in fingerprint.tracked_parameter_names(tap.specs) if n in fitted]
+    now = fingerprint.weights_fingerprint(tap.params, names) or {}
+    differ = fingerprint.weights_differences({n: fitted[n] for n in names}, now,
+                                             {n: tap.params[n].numel() for n in names})
+    if differ:
+        first = next(iter(differ))
+        shown = list(differ) if len(differ) <= 4 else list(differ)[:4] + [f"{len(differ) - 4} more"]
+        raise InfluenceError(
+            f"The factors were fitted on other weights than this model's: {shown} differ ({first}: {differ[first]}). "
+            "Fit factors on this model, or, if you mean it (e.g. factors of an earlier checkpoint), pass "
+            "factors.for_model(model) instead of factors."
+        )
 
 
 def factors_on(factors: Factors, tap: ModelTap) -> Dict[str, Dict[str, torch.Tensor]]:

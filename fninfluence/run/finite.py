@@ -33,7 +33,7 @@ GRADIENTS = (
 )
 PRECONDITIONED = (
     "Their preconditioned gradients hold NaN or Inf although the gradients are finite: the curvature is singular "
-    "(some eigenvalues are 0) and the damping is 0 or too small to invert it. Pass a positive damping, or "
+    "(some eigenvalues are 0) and the damping is 0 or too small to invert it. Pass a positive damping=, or "
     "damping=None (0.1 x the mean eigenvalue per layer)."
 )
 STATISTICS = (

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from . import arguments
 from . import ranks as parallel
 from . import finite
 from .. import partitions as parts
@@ -55,22 +56,31 @@ class PassPlan(NamedTuple):
 @dataclass(frozen=True)
 class FitRequest:
     """What to fit: the strategy (one, or one per layer), which labels (sampled with ``seed`` for the true
-    Fisher, or the data's own), which passes now, and on how many examples of each pass."""
+    Fisher, ``fisher_samples`` draws per example whose statistics are averaged, or the data's own), which passes
+    now, and on how many examples of each pass."""
 
     strategy: Any
     use_empirical_fisher: bool
     passes: Optional[Sequence[str]]
     max_examples: Any
     seed: int
+    fisher_samples: int = 1
+
+    def __post_init__(self):
+        arguments.check_fisher_samples(self.fisher_samples, self.use_empirical_fisher)
 
     @property
     def objective(self) -> str:
         return "train" if self.use_empirical_fisher else "train_sampled"
 
     def recorded(self, execution: Execution) -> Dict[str, Any]:
-        """The arguments a store records (those that change the factors)."""
-        return {"use_empirical_fisher": self.use_empirical_fisher, "precision": execution.precision.as_dict(),
-                "seed": None if self.use_empirical_fisher else int(self.seed)}
+        """The arguments a store records (those that change the factors). ``fisher_samples`` only when it is not
+        1, so that stores fitted before it existed (one draw) are still found complete."""
+        recorded = {"use_empirical_fisher": self.use_empirical_fisher, "precision": execution.precision.as_dict(),
+                    "seed": None if self.use_empirical_fisher else int(self.seed)}
+        if self.fisher_samples != 1:
+            recorded["fisher_samples"] = int(self.fisher_samples)
+        return recorded
 
 
 @dataclass
@@ -248,13 +258,27 @@ def _fit_cell(fit_run: FitRun, tap: ModelTap, cell: parts.Cell, fit_passes, data
         compile=fit_run.execution.compile, progress=fit_run.execution.progress,
         first_example=examples.start if examples is not None else 0,
         seed=fit_run.request.seed if fit_run.request.objective == "train_sampled" else None, log=False)
+    draws = fit_run.request.fisher_samples
     step = fit_step(tap, cell.kind, fit_passes, fit_run.request.objective, fit_run.execution.precision,
-                    {layer: earlier.get(layer, {}) for layer in tap.specs})
-    return run_pass(tap, data, step, None, settings)
+                    {layer: earlier.get(layer, {}) for layer in tap.specs}, draws)
+    states, count = run_pass(tap, data, step, None, settings)
+    return (states if draws == 1 else mean_over_draws(states, draws)), count
 
 
-def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precision, earlier: States) -> BatchStep:
-    """The per-batch step of a fit pass: ``state + update(stats of the batch)`` for every layer of the tap."""
+def mean_over_draws(states: States, draws: int) -> States:
+    """The states of a pass that ran every example ``draws`` times (sums over those copies, their counts too)
+    divided by ``draws``: sums over the examples of the mean over draws, as a single-draw state is. In place."""
+    for state in states.values():
+        for key, value in state.items():
+            state[key] = value.div_(draws) if value.is_floating_point() else value.floor_divide_(draws)
+    return states
+
+
+def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precision, earlier: States,
+             draws: int = 1) -> BatchStep:
+    """The per-batch step of a fit pass: ``state + update(stats of the batch)`` for every layer of the tap. With
+    ``draws > 1`` (sampled labels only) the objective runs once per draw of the labels and the batch's parts are
+    summed over the draws (:func:`mean_over_draws` divides the pass's states by ``draws`` at the end)."""
     declared = pass_declaration(fit_passes)
     state_dtype, compute_dtype = precision.fit_dtypes(declared, tap.dtype)
     raw = declared.reads_raw_statistics  # e.g. sums of a a^T and g g^T: no per-example gradient to post-process
@@ -263,9 +287,17 @@ def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precisio
         state, earlier = inputs
         statistics = {layer: in_dtype(pass_statistic(fit_passes[layer], s, earlier[layer], layer), compute_dtype)
                       for layer, s in state.items()}
-        # eager: streamed layers add their batch's part into the state as it is formed, and return nothing
-        loss, contributions, flags = statistic_values(tap, objective, params, buffers, batch, probes[0], statistics,
-                                                      post_processed=not raw, into=state)
+        outcome = None
+        for draw in range(draws):  # unrolled when compiled: each draw index is a constant of the one graph
+            if draws > 1:
+                sampling.set_draw(tap.task, draw)
+            # eager: streamed layers add their batch's part into the state as it is formed, and return nothing
+            drawn = statistic_values(tap, objective, params, buffers, batch, probes[0], statistics,
+                                     post_processed=not raw, into=state)
+            outcome = drawn if outcome is None else added_draws(outcome, drawn)
+        if draws > 1:
+            sampling.set_draw(tap.task, 0)
+        loss, contributions, flags = outcome
         checked = (loss, finite.finite_flags(loss, flags))
         return checked, {layer: checked_contribution(fit_passes[layer], s, contributions[layer], layer)
                          for layer, s in state.items() if contributions[layer]}
@@ -286,3 +318,12 @@ def fit_step(tap: ModelTap, pass_name: str, fit_passes, objective: str, precisio
 
     return BatchStep(compute=compute, objectives=(objective,), fold=fold, check=check,
                      inputs=lambda state: (state, earlier), init=init)
+
+
+def added_draws(first, second):
+    """Two draws' ``(loss, contributions, flags)`` for one batch as one: the losses and each layer's contributions
+    added, a layer's flag true if it is for both."""
+    (loss, contributions, flags), (more_loss, more, more_flags) = first, second
+    summed = {layer: {key: value + more[layer][key] for key, value in part.items()}
+              for layer, part in contributions.items()}
+    return loss + more_loss, summed, {layer: flag & more_flags[layer] for layer, flag in flags.items()}

@@ -87,30 +87,32 @@ def run_pass(tap: ModelTap, data: Data, step: BatchStep, carry: Any, settings: P
                disable=not settings.progress, leave=False)
     started, examples = time.perf_counter(), 0
     lockstep = parallel.ranks(None) if tap.sharded else None  # FSDP: every rank runs every step (see _lockstep)
-    for index, batch, counted in _steps(tap, data, settings, lockstep):
-        if settings.owns is not None and not settings.owns(index):
-            carry = step.fold(carry, None)
-            continue
-        size = batch_examples(batch)
-        first = settings.first_example + examples
-        with on_batch(settings.label, index), _sampled_labels(settings.seed, first, tap.device):
-            if settings.seed is not None:  # each batch carries its examples' indices (see fninfluence.sampling)
-                batch = sampling.with_example_ids(batch, first, size, tap.device)
-            if lockstep is not None:
-                _discover_together(tap, lockstep, step.objectives, batch)
-            probes = tuple(tap.probes_for(objective, batch) for objective in step.objectives)
-            if carry is None and step.init is not None:
-                carry = step.init()
-            # a padding step of a sharded model runs on a scratch carry: an eager fit adds into its state in place
-            inputs = step.inputs(carry if counted or step.init is None else step.init())
-            checked, output = run(tap.params, tap.buffers, batch, probes, inputs)
-        if not counted:
-            continue
-        step.check(checked, index)
-        carry = step.fold(carry, output)
-        examples += size
-        bar.update(1)
-    bar.close()
+    try:  # an interrupted pass (Ctrl-C) leaves no progress bar behind
+        for index, batch, counted in _steps(tap, data, settings, lockstep):
+            if settings.owns is not None and not settings.owns(index):
+                carry = step.fold(carry, None)
+                continue
+            size = batch_examples(batch)
+            first = settings.first_example + examples
+            with on_batch(settings.label, index), _sampled_labels(settings.seed, first, tap.device):
+                if settings.seed is not None:  # each batch carries its examples' indices (see fninfluence.sampling)
+                    batch = sampling.with_example_ids(batch, first, size, tap.device)
+                if lockstep is not None:
+                    _discover_together(tap, lockstep, step.objectives, batch)
+                probes = tuple(tap.probes_for(objective, batch) for objective in step.objectives)
+                if carry is None and step.init is not None:
+                    carry = step.init()
+                # a padding step of a sharded model runs on a scratch carry: an eager fit adds into its state in place
+                inputs = step.inputs(carry if counted or step.init is None else step.init())
+                checked, output = run(tap.params, tap.buffers, batch, probes, inputs)
+            if not counted:
+                continue
+            step.check(checked, index)
+            carry = step.fold(carry, output)
+            examples += size
+            bar.update(1)
+    finally:
+        bar.close()
     if settings.log:
         log_phase(settings.label, examples, started, tap.device)
     return carry, examples
@@ -211,15 +213,38 @@ _UNSUPPORTED_AUTOGRAD = (
 )
 
 
+def _compile_failure(error: BaseException, what: str, index: int) -> Optional[InfluenceError]:
+    """The :class:`InfluenceError` for an error of ``torch.compile`` itself (a graph break is an error under
+    ``fullgraph=True``, e.g. data-dependent control flow in the model), or None for any other error."""
+    if not type(error).__module__.startswith("torch._dynamo"):
+        return None
+    message = str(error)
+    caused = next((line.strip() for line in message.splitlines() if line.strip().startswith("Caused by:")), None)
+    if "data-dependent" in message:
+        reason = "the code reads a tensor's value in Python (if x.any():, .item(), .tolist())"
+    else:
+        first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+        reason = first[:157] + "..." if len(first) > 160 else first
+    where = f" ({caused[:197] + '...' if len(caused) > 200 else caused})" if caused else ""
+    return InfluenceError(
+        f"torch.compile cannot compile {what} as one graph: {reason}{where} [batch {index}]. Pass compile=False: "
+        "the eager run gives the same results (and shows the model's own error, if there is one)."
+    )
+
+
 @contextlib.contextmanager
 def on_batch(what: str, index: int):
-    """Adds to any error raised while processing a batch which pass and which batch it was."""
+    """Adds to any error raised while processing a batch which pass and which batch it was; errors of
+    ``torch.compile`` itself and unsupported autograd functions become :class:`InfluenceError` s saying so."""
     try:
         yield
     except RuntimeError as error:
         message = str(error)
         if "setup_context staticmethod" in message or "saved tensor hooks" in message:
             raise InfluenceError(f"{_UNSUPPORTED_AUTOGRAD} [{what}, batch {index}]") from error
+        compiled = _compile_failure(error, what, index)
+        if compiled is not None:
+            raise compiled from error
         error.add_note(f"fninfluence: raised while computing {what} on batch {index}.")
         raise
     except Exception as error:

@@ -323,7 +323,8 @@ def check_data(data: Any, argument: str) -> None:
     if isinstance(sampler, torch.utils.data.distributed.DistributedSampler):
         raise InfluenceError(
             f"{argument} is a DataLoader with a DistributedSampler, so each rank sees a different part of the data. "
-            "Pass the whole Dataset (or a DataLoader without that sampler) on every rank: fninfluence deals the "
+            f"Pass the whole Dataset as {argument} (or a DataLoader without that sampler) on every rank: fninfluence "
+            "deals the "
             "data partitions to the ranks itself."
         )
 

@@ -3,7 +3,8 @@
 Layout (a Zarr v3 group; see docs/storage.md)::
 
     <store>/zarr.json                        attributes["fninfluence"]: kind, strategy, layers, arguments, plan,
-                                             data and model fingerprints, library and format versions
+                                             data and model fingerprints, library and format versions, and
+                                             "weights": the tracked weights' sums (checked when scoring)
     <store>/layers/<layer key>/<factor>      final factors, e.g. activation_eigenvectors [groups, in, in]
     <store>/passes/<pass>/<layer key>/<state> partial sums, one chunk per data partition: [partitions, ...]
     <store>/_done/<cell>.json                a cell's completion marker (written after its chunks)
@@ -26,11 +27,12 @@ import zarr
 from torch import nn
 
 from ..capture import LayerSpec
-from ..curvature import CurvatureEstimator, get_estimator, meta_passes, pass_order
+from ..curvature import ESTIMATORS, CurvatureEstimator, get_estimator, meta_passes, pass_order
 from ..errors import InfluenceError
 from ..partitions import Cell, cell_grid, data_ranges, module_groups
 from ..version import __version__
-from .fingerprint import EXAMPLE_DIGEST_BYTES, DataDigest, data_fingerprint, jsonable, model_fingerprint
+from .fingerprint import (EXAMPLE_DIGEST_BYTES, DataDigest, data_fingerprint, jsonable, model_fingerprint,
+                          tracked_parameter_names, weights_fingerprint)
 from .zarr_io import (_READY, FORMAT_VERSION, ArraySpec, Markers, check_allocation, check_array, chunk_files,
                       done_cells, identity_digest, numpy_dtype, open_store, read_array, read_header, read_marker,
                       remove_store, write_array)
@@ -51,6 +53,7 @@ class StoredFactors:
     use_empirical_fisher: bool
     passes_done: Tuple[str, ...]
     estimators: Dict[str, CurvatureEstimator]
+    weights_fingerprint: Optional[Dict[str, Any]] = None  # of the model fitted on (fingerprint.weights_fingerprint)
 
     @property
     def complete(self) -> bool:
@@ -166,7 +169,7 @@ class FitStore:
                 raise InfluenceError(
                     f"{self.path}: cell {cell} read other data than cell {other} of this store: example {first} (of "
                     f"the examples {lo}..{hi - 1} both read) has other values. A store holds results of one dataset: "
-                    "pass the same data (same values, same order) as the run that wrote the store, or overwrite=True "
+                    "pass the same data= (same values, same order) as the run that wrote the store, or overwrite=True "
                     "(or another store) to compute everything on the new data."
                 )
 
@@ -268,6 +271,7 @@ def _fit_header(*, model, data, estimators, specs: Dict[str, LayerSpec], plan, a
                  for name, (e, d, m) in plan.items()},
         "data": data_fingerprint(data),
         "model": model_fingerprint(model),
+        "weights": weights_fingerprint(dict(model.named_parameters()), tracked_parameter_names(specs)),
     }
 
 
@@ -344,6 +348,8 @@ def save_factors(factors: StoredFactors, path: Path, *, overwrite: bool = False)
         "arguments": {"use_empirical_fisher": factors.use_empirical_fisher},
         "num_examples": factors.num_examples,
     }
+    if factors.weights_fingerprint is not None:
+        header["weights"] = factors.weights_fingerprint
     group = open_store(path, header, arrays, overwrite=False, identity_keys=IDENTITY)
     markers = Markers(path, identity_digest(header, IDENTITY))
     for layer, tensors in factors.tensors.items():
@@ -388,8 +394,14 @@ def load_factors(path: Path, estimator: Optional[CurvatureEstimator] = None) -> 
         for record in header["layers"]:
             spec = _spec_from_record(record)
             strategy = header.get("strategies", {}).get(spec.name, header["strategy"])
+            if estimator is None and str(strategy).lower() not in ESTIMATORS:
+                raise InfluenceError(
+                    f"{path} holds factors of the custom strategy {strategy!r}, and a custom estimator is not stored "
+                    f"by value: pass it as estimator=, e.g. Factors.load({str(path)!r}, estimator=my_estimator).")
             estimators[spec.name] = estimator or get_estimator(strategy)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, InfluenceError):
+            raise
         raise _malformed(path, error) from None
     return _load(path, header, estimators)
 
@@ -454,9 +466,11 @@ def _load(path: Path, header: Dict[str, Any], estimators: Dict[str, CurvatureEst
     examples = header.get("num_examples")
     if examples is None:
         examples = _certified_examples(path, markers, list(header.get("plan", {}))[-1]) if header.get("plan") else 0
+    weights = header.get("weights")  # absent before it was kept: then nothing is checked
     return StoredFactors(strategy=header["strategy"], layers=layers, tensors=tensors, num_examples=int(examples),
                          use_empirical_fisher=bool(header.get("arguments", {}).get("use_empirical_fisher")),
-                         passes_done=passes_done, estimators=estimators)
+                         passes_done=passes_done, estimators=estimators,
+                         weights_fingerprint=dict(weights) if isinstance(weights, dict) else None)
 
 
 def _certified_passes(path: Path, header: Dict[str, Any], markers: Markers) -> Tuple[str, ...]:

@@ -4,7 +4,9 @@
 * ``recording``: the content of the data, hashed as its batches are read anyway: one 8-byte BLAKE2b
   digest per example, of the bytes of every tensor of the batch at that example's row;
 * ``model_fingerprint``: a SHA-256 of every parameter and buffer (all their bytes, not a sample), and a
-  short digest per tensor so that an error can name what changed.
+  short digest per tensor so that an error can name what changed;
+* ``weights_fingerprint``: two float64 sums per tracked parameter, which :class:`fninfluence.Factors` keep so that
+  factors used with another model's weights are refused (cheap enough for every scoring call).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import contextlib
 import contextvars
 import hashlib
 import json
-from typing import Any, Dict, Iterator, List, Optional
+import math
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -190,3 +193,64 @@ def factors_fingerprint(factors: Any) -> Dict[str, Any]:
             digest.update(f"{layer}/{name}".encode())
             digest.update(sample.to("cpu", torch.float64).numpy().tobytes())
     return {"strategy": factors.strategy, "layers": sorted(factors.layers), "values_sha256": digest.hexdigest()}
+
+
+# -- the tracked weights of the model factors were fitted on, cheaply ---------------------------------
+
+#: relative difference of the float64 sums above which two tensors are different weights (reduction order and
+#: device change the sums by ~1e-15; a cast to float64 changes nothing; any training step or a cast to 16 bits more)
+WEIGHTS_RTOL = 1e-9
+_CHUNK = 1 << 22
+
+
+def tracked_parameter_names(specs: Mapping[str, Any]) -> List[str]:
+    """The parameters of the layers ``specs`` (:class:`~fninfluence.capture.LayerSpec`), each once, in order."""
+    names: List[str] = []
+    for spec in specs.values():
+        for name in (spec.weight, spec.bias, *getattr(spec, "parameters", ())):
+            if name is not None and name not in names:
+                names.append(name)
+    return names
+
+
+def weights_fingerprint(params: Mapping[str, torch.Tensor], names: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """``{parameter name: [sum, sum of squares]}`` of ``params[name]`` in float64, for ``names``: what factors keep of
+    the model they were fitted on. Cheap: two reductions per tensor on its own device (in chunks, so no float64 copy
+    of a whole tensor) and one transfer for all. None for sharded (DTensor) parameters; a non-finite tensor gets
+    None (never compared)."""
+    tensors = [(name, params[name].detach()) for name in names if name in params]
+    if not tensors or any(type(t).__name__ == "DTensor" for _, t in tensors):
+        return None
+    sums = []
+    for _, tensor in tensors:
+        flat = tensor.reshape(-1)
+        total = torch.zeros((), dtype=torch.float64, device=tensor.device)
+        squares = torch.zeros((), dtype=torch.float64, device=tensor.device)
+        for chunk in flat.split(_CHUNK):
+            wide = chunk.to(torch.float64)
+            total = total + wide.sum()
+            squares = squares + wide.square().sum()
+        sums.append(torch.stack([total, squares]).cpu())
+    values = torch.stack(sums).tolist()
+    return {name: (pair if all(math.isfinite(v) for v in pair) else None) for (name, _), pair in zip(tensors, values)}
+
+
+def weights_differences(fitted: Mapping[str, Any], now: Mapping[str, Any], sizes: Mapping[str, int]) -> Dict[str, str]:
+    """``{parameter: "sum a, sum of squares b when fitted; c, d now"}`` for every parameter whose fingerprints
+    (:func:`weights_fingerprint`) differ; parameters missing from either side, or non-finite, are not compared."""
+    differ = {}
+    for name, then in fitted.items():
+        current = now.get(name)
+        if not _pair(then) or not _pair(current):
+            continue
+        squares = max(then[1], current[1])
+        if abs(then[0] - current[0]) > WEIGHTS_RTOL * math.sqrt(max(sizes.get(name, 1), 1) * squares) or \
+                abs(then[1] - current[1]) > WEIGHTS_RTOL * squares:
+            differ[name] = (f"sum {then[0]:.6g}, sum of squares {then[1]:.6g} when fitted; "
+                            f"{current[0]:.6g}, {current[1]:.6g} now")
+    return differ
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)

@@ -92,8 +92,9 @@ class ScoreStore:
                 if mine is not None and isinstance(theirs, str) and mine != theirs:
                     raise InfluenceError(
                         f"{self.path}: cell {cell} read other {what} than cell {other} of this store (same size, other "
-                        "values or order), so the store would combine scores of different data. Pass the same query "
-                        "and training data as the run that wrote it, or overwrite=True (or another store) to compute "
+                        "values or order), so the store would combine scores of different data. Pass the same "
+                        "query_data and train_data (data= of self_scores) as the run that wrote it, or overwrite=True "
+                        "(or another store) to compute "
                         "everything on the new data."
                     )
 
