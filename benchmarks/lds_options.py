@@ -1,0 +1,222 @@
+"""LDS and cost of iterative refinement (``fninfluence.refine``) against the default EKFAC scores.
+
+    python -m benchmarks.lds_options                       # both workloads (~6 minutes on 2 shared cores, first run)
+    python -m benchmarks.lds_options --workloads digits --subsets 50      # a quicker look
+
+Workloads (each: a model trained on the full training set, queries from held-out data, the LDS over ``--subsets``
+random halves of the training set, retrained deterministically and cached on disk in ``--cache``):
+
+* ``digits``: the protocol of ``docs/examples/lds_digits.py`` (loaded from that file): an MLP 64-32-10 on 500
+  scikit-learn digits, 50 test digits, measurement minus the margin;
+* ``diabetes``: an MLP 10-32-1 (tanh) on 300 of scikit-learn's diabetes patients (standardised features and
+  target), full-batch Adam, squared error + L2; 50 other patients as queries, measurement the query's squared error.
+
+Rows: EKFAC factors fitted as ``fi.fit_factors`` fits them by default (true Fisher, seed 0), scored by
+``fi.pairwise_scores`` (the default) or by ``fninfluence.refine.refined_pairwise_scores`` with ``steps`` products with
+the exact damped GGN of the training set (conjugate gradients, or Richardson), on a random fifth of the training set
+(``curv=subset``), with the empirical Fisher (factors and products), the exact damped solve (CG run to
+convergence, ``steps=--exact-steps``, timed once), and, for comparison, EKFAC fitted with 4 label draws per example
+(``fisher_samples=4``, whose cost is in the fit, ~2.6x: ``benchmarks/fisher_samples.py``). ``seconds`` is the
+median of ``--repeats`` calls (factors fitted once, outside); ``x pairwise`` divides it by the median of
+``fi.pairwise_scores`` with the default factors. Results go to ``benchmarks/results/lds-options-<workload>-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+import fninfluence as fi
+from fninfluence.eval import lds_from_measurements, random_subsets, retrain_measurements
+from fninfluence.refine import refined_pairwise_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH_SIZE = 100
+
+
+def _digits_protocol():
+    spec = importlib.util.spec_from_file_location("lds_digits", ROOT / "docs" / "examples" / "lds_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Workload:
+    """A trained model, its task and data, and a retraining function of a subset's indices."""
+
+    def __init__(self, name, model, task, train_data, query_data, retrain: Callable, cache_key: str):
+        self.name, self.model, self.task = name, model, task
+        self.train_data, self.query_data, self.retrain, self.cache_key = train_data, query_data, retrain, cache_key
+
+
+def digits() -> Workload:
+    protocol = _digits_protocol()
+    train_data, query_data = protocol.digits()
+    model = protocol.train(train_data, torch.arange(protocol.TRAIN))
+    return Workload("digits", model, fi.classification_task(), train_data, query_data,
+                    lambda indices: protocol.train(train_data, indices),
+                    f"digits-mlp32-adam{protocol.STEPS}-wd{protocol.WEIGHT_DECAY}")
+
+
+class SquaredError(fi.Task):
+    """Summed ``(f - y)^2 / 2``; sampled targets ``f + N(0, 1)`` (the Gaussian's true Fisher); measurement: the
+    query's own squared error."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        out = model(x).squeeze(-1)
+        if sample:
+            with torch.no_grad():
+                y = out.detach() + torch.randn_like(out)
+        return 0.5 * (out - y).square().sum()
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model, sample=False)
+
+
+DIABETES_TRAIN, DIABETES_QUERIES, DIABETES_STEPS, DIABETES_WD = 300, 50, 500, 1e-2
+
+
+def _train_regression(data: TensorDataset, indices: torch.Tensor) -> nn.Module:
+    """Full-batch Adam from one fixed initialisation: mean squared error / 2 + L2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    x, y = data.tensors[0][indices], data.tensors[1][indices]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(DIABETES_STEPS):
+        optimizer.zero_grad()
+        loss = 0.5 * (model(x).squeeze(-1) - y).square().mean()
+        (loss + DIABETES_WD * sum(p.square().sum() for p in model.parameters())).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def diabetes() -> Workload:
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = order[:DIABETES_TRAIN], order[DIABETES_TRAIN:DIABETES_TRAIN + DIABETES_QUERIES]
+    train_data, query_data = TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+    model = _train_regression(train_data, torch.arange(DIABETES_TRAIN))
+    return Workload("diabetes", model, SquaredError(), train_data, query_data,
+                    lambda indices: _train_regression(train_data, indices),
+                    f"diabetes-mlp32-adam{DIABETES_STEPS}-wd{DIABETES_WD}")
+
+
+WORKLOADS = {"digits": digits, "diabetes": diabetes}
+
+
+FACTORS = {"true fisher": {}, "empirical": {"use_empirical_fisher": True}, "4 draws": {"fisher_samples": 4}}
+
+
+def _fit(w: Workload, options: Dict):
+    torch.manual_seed(0)
+    return fi.fit_factors(w.model, w.task, w.train_data, strategy="ekfac", batch_size=BATCH_SIZE, progress=False,
+                          **options)
+
+
+def variants(w: Workload, exact_steps: int) -> List[tuple]:
+    """``(label, factors, options)``; options None: ``fi.pairwise_scores``, else refinement's."""
+    subset = Subset(w.train_data, torch.randperm(len(w.train_data), generator=torch.Generator().manual_seed(1))
+                    [:len(w.train_data) // 5].tolist())
+    rows = [("ekfac (default)", "true fisher", None)]
+    rows += [(f"cg {s} (ggn)", "true fisher", dict(steps=s)) for s in (1, 2, 3, 5, 10)]
+    rows += [(f"cg {s} (ggn, curv=subset)", "true fisher", dict(steps=s, curvature_data=subset)) for s in (3, 10)]
+    rows += [(f"richardson {s} (ggn)", "true fisher", dict(steps=s, method="richardson")) for s in (3, 10)]
+    rows += [(f"exact damped ggn (cg {exact_steps})", "true fisher", dict(steps=exact_steps))]
+    rows += [("ekfac, empirical fisher", "empirical", None)]
+    rows += [(f"cg {s} (empirical fisher)", "empirical", dict(steps=s)) for s in (3, 10)]
+    rows += [(f"exact damped emp. fisher (cg {exact_steps})", "empirical", dict(steps=exact_steps))]
+    rows += [("ekfac, fisher_samples=4 (fit ~2.6x)", "4 draws", None)]
+    return rows
+
+
+def _scores(w: Workload, factors, options):
+    if options is None:
+        return fi.pairwise_scores(w.model, w.task, factors, w.query_data, w.train_data, batch_size=BATCH_SIZE,
+                                  progress=False)
+    return refined_pairwise_scores(w.model, w.task, factors, w.query_data, w.train_data, batch_size=BATCH_SIZE,
+                                   curvature_batch_size=len(w.train_data), progress=False, **options)
+
+
+def _timed(function, repeats: int):
+    seconds, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = function()
+        seconds.append(time.perf_counter() - started)
+    return result, statistics.median(seconds)
+
+
+def measure(w: Workload, args) -> Dict:
+    subsets = random_subsets(len(w.train_data), args.subsets, 0.5, seed=0)
+    started = time.perf_counter()
+    measurements = retrain_measurements(w.retrain, subsets, task=w.task, query_data=w.query_data,
+                                        cache_dir=args.cache, cache_key=w.cache_key)
+    retrain_seconds = time.perf_counter() - started
+    factors = {name: _fit(w, options) for name, options in FACTORS.items()}
+    _timed(lambda: _scores(w, factors["true fisher"], None), 2)  # warm-up
+    _timed(lambda: _scores(w, factors["true fisher"], dict(steps=1)), 2)
+    _, baseline = _timed(lambda: _scores(w, factors["true fisher"], None), args.repeats)
+    rows = []
+    for label, key, options in variants(w, args.exact_steps):
+        repeats = 1 if options and options["steps"] == args.exact_steps else args.repeats  # a reference, not an option
+        scores, seconds = _timed(lambda: _scores(w, factors[key], options), repeats)
+        lds = lds_from_measurements(scores, subsets, measurements)
+        rows.append({"row": label, "lds": lds.mean, "stderr": lds.stderr, "seconds": seconds,
+                     "x_pairwise": seconds / baseline})
+        print(f"{w.name:<9} {label:<40} LDS {lds.mean:.3f} ± {lds.stderr:.3f}  {seconds * 1e3:7.1f} ms "
+              f"{seconds / baseline:6.1f}x", flush=True)
+    return {"workload": w.name, "train": len(w.train_data), "queries": len(w.query_data), "subsets": args.subsets,
+            "pairwise_seconds": baseline, "retrain_seconds": retrain_seconds, "repeats": args.repeats,
+            "exact_steps": args.exact_steps, "rows": rows}
+
+
+def table(result: Dict) -> str:
+    lines = [f"| {result['workload']} | LDS (± s.e., {result['queries']} queries, {result['subsets']} subsets) "
+             "| seconds | × pairwise_scores |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {r['lds']:.3f} ± {r['stderr']:.3f} | {r['seconds']:.3f} "
+                     f"| {r['x_pairwise']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> List[Dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--exact-steps", type=int, default=400)
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fninfluence-lds-cache"))
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny matrices: threads cost more than they give (and the machine is shared)
+    results = []
+    for name in args.workloads:
+        result = {**measure(WORKLOADS[name](), args), "machine": platform.processor() or platform.machine(),
+                  "torch": torch.__version__, "command": "python -m benchmarks.lds_options"}
+        print("\n" + table(result) + "\n")
+        out = Path(args.out_dir) / f"lds-options-{name}-cpu.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()
