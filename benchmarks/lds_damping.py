@@ -27,7 +27,7 @@ import fninfluence as fi
 from fninfluence.damping import choose_damping
 from fninfluence.eval import lds_from_measurements, random_subsets, retrain_measurements
 
-from .lds_options import BATCH_SIZE, RESULTS, WORKLOADS, Workload, _fit, _timed
+from .lds_options import BATCH_SIZE, DEFAULT_WORKLOADS, RESULTS, WORKLOADS, Workload, _fit, _timed
 
 
 def _scores(w: Workload, factors, damping):
@@ -84,7 +84,7 @@ def table(results: List[Dict]) -> str:
 
 def main(argv=None) -> List[Dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, choices=list(WORKLOADS))
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fninfluence-lds-cache"))

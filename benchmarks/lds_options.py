@@ -9,7 +9,10 @@ random halves of the training set, retrained deterministically and cached on dis
 * ``digits``: the protocol of ``docs/examples/lds_digits.py`` (loaded from that file): an MLP 64-32-10 on 500
   scikit-learn digits, 50 test digits, measurement minus the margin;
 * ``diabetes``: an MLP 10-32-1 (tanh) on 300 of scikit-learn's diabetes patients (standardised features and
-  target), full-batch Adam, squared error + L2; 50 other patients as queries, measurement the query's squared error.
+  target), full-batch Adam, squared error + L2; 50 other patients as queries, measurement the query's squared error;
+* ``cnn`` (not run by default; ``--workloads cnn``): the digits protocol's data as 1x8x8 images, conv 1->8 (3x3,
+  padding 1), ReLU, conv 8->8 (3x3), ReLU, linear 288->10, trained like the digits MLP (full-batch Adam, 400 steps,
+  L2 1e-3); its 100 retrainings take ~4 minutes. ``benchmarks/lds_every_option.py`` measures it.
 
 Rows: EKFAC factors fitted as ``fi.fit_factors`` fits them by default (true Fisher, seed 0), scored by
 ``fi.pairwise_scores`` (the default) or by ``fninfluence.refine.refined_pairwise_scores`` with ``steps`` products with
@@ -118,7 +121,46 @@ def diabetes() -> Workload:
                     f"diabetes-mlp32-adam{DIABETES_STEPS}-wd{DIABETES_WD}")
 
 
-WORKLOADS = {"digits": digits, "diabetes": diabetes}
+CNN_STEPS, CNN_WD = 400, 1e-3
+
+
+def _cnn_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 10))
+
+
+def train_cnn(data: TensorDataset, indices: torch.Tensor, every: int = 0):
+    """Full-batch Adam (lr 1e-2, ``CNN_STEPS`` steps) from one fixed initialisation: mean cross-entropy + L2.
+    With ``every > 0`` also returns the weights after every ``every`` steps (``{step: state_dict}``)."""
+    torch.manual_seed(0)
+    model = _cnn_model()
+    x, y = data.tensors[0][indices], data.tensors[1][indices]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    states = {}
+    for step in range(1, CNN_STEPS + 1):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + CNN_WD * sum(p.square().sum() for p in model.parameters())
+        loss.backward()
+        optimizer.step()
+        if every and step % every == 0:
+            states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return (model.eval(), states) if every else model.eval()
+
+
+def cnn() -> Workload:
+    """A small CNN on the digits protocol's images (the same 500 training and 50 query digits, as 1x8x8 images):
+    conv 1->8 (3x3, padding 1), ReLU, conv 8->8 (3x3), ReLU, linear 288->10; measurement minus the margin."""
+    protocol = _digits_protocol()
+    flat_train, flat_query = protocol.digits()
+    train_data = TensorDataset(flat_train.tensors[0].reshape(-1, 1, 8, 8), flat_train.tensors[1])
+    query_data = TensorDataset(flat_query.tensors[0].reshape(-1, 1, 8, 8), flat_query.tensors[1])
+    model = train_cnn(train_data, torch.arange(len(train_data)))
+    return Workload("cnn", model, fi.classification_task(), train_data, query_data,
+                    lambda indices: train_cnn(train_data, indices), f"digits-cnn8-8-adam{CNN_STEPS}-wd{CNN_WD}")
+
+
+WORKLOADS = {"digits": digits, "diabetes": diabetes, "cnn": cnn}
+DEFAULT_WORKLOADS = ["digits", "diabetes"]  # the documented tables; ``--workloads cnn`` adds the CNN
 
 
 FACTORS = {"true fisher": {}, "empirical": {"use_empirical_fisher": True}, "4 draws": {"fisher_samples": 4}}
@@ -198,7 +240,7 @@ def table(result: Dict) -> str:
 
 def main(argv=None) -> List[Dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, choices=list(WORKLOADS))
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--exact-steps", type=int, default=400)
