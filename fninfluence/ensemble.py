@@ -187,8 +187,19 @@ def _combine(results: List[Scores], combine) -> Scores:
     return stack.sum(0) if combine == "sum" else stack.mean(0)
 
 
-def _run(kind: str, checkpoints, model, task: Task, fit_data, score, *, strategy, combine, store, overwrite,
-         factors_kwargs, score_kwargs) -> Optional[Scores]:
+class _Options(NamedTuple):
+    """The keywords of an ensemble call that shape the whole run."""
+
+    strategy: Any
+    combine: Optional[str]
+    store: Optional[Union[str, Path]]
+    overwrite: bool
+    factors_kwargs: Optional[Dict[str, Any]]
+    score_kwargs: Dict[str, Any]
+
+
+def _run(kind: str, checkpoints, model, task: Task, fit_data, score, options: _Options) -> Optional[Scores]:
+    strategy, combine, store, overwrite, factors_kwargs, score_kwargs = options
     _check_combine(combine)
     checkpoints = _materialise(checkpoints, model)
     fit_kwargs = {key: score_kwargs[key] for key in SHARED if key in score_kwargs}
@@ -247,8 +258,8 @@ def ensemble_pairwise_scores(
     def score(current, factors, **stored):
         return pairwise_scores(current, task, factors, query_data, train_data, **score_kwargs, **stored)
 
-    return _run("pairwise", checkpoints, model, task, train_data, score, strategy=strategy, combine=combine,
-                store=store, overwrite=overwrite, factors_kwargs=factors_kwargs, score_kwargs=score_kwargs)
+    options = _Options(strategy, combine, store, overwrite, factors_kwargs, score_kwargs)
+    return _run("pairwise", checkpoints, model, task, train_data, score, options)
 
 
 def ensemble_self_scores(
@@ -269,8 +280,8 @@ def ensemble_self_scores(
     def score(current, factors, **stored):
         return self_scores(current, task, factors, data, **score_kwargs, **stored)
 
-    return _run("self", checkpoints, model, task, data, score, strategy=strategy, combine=combine, store=store,
-                overwrite=overwrite, factors_kwargs=factors_kwargs, score_kwargs=score_kwargs)
+    options = _Options(strategy, combine, store, overwrite, factors_kwargs, score_kwargs)
+    return _run("self", checkpoints, model, task, data, score, options)
 
 
 def read_ensemble_scores(store: Union[str, Path], combine: Optional[str] = "manifest",
