@@ -213,6 +213,12 @@ def tracked_parameter_names(specs: Mapping[str, Any]) -> List[str]:
     return names
 
 
+def _chunk_size(numel: int) -> int:
+    """Elements per float64 chunk: a 64th of the tensor (at least 4096, at most ``_CHUNK``), so that the float64
+    temporaries stay a small fraction of the tensor itself (they count towards a scoring call's peak memory)."""
+    return min(_CHUNK, max(1 << 12, -(-numel // 64)))
+
+
 def weights_fingerprint(params: Mapping[str, torch.Tensor], names: Sequence[str]) -> Optional[Dict[str, Any]]:
     """``{parameter name: [sum, sum of squares]}`` of ``params[name]`` in float64, for ``names``: what factors keep of
     the model they were fitted on. Cheap: two reductions per tensor on its own device (in chunks, so no float64 copy
@@ -226,7 +232,7 @@ def weights_fingerprint(params: Mapping[str, torch.Tensor], names: Sequence[str]
         flat = tensor.reshape(-1)
         total = torch.zeros((), dtype=torch.float64, device=tensor.device)
         squares = torch.zeros((), dtype=torch.float64, device=tensor.device)
-        for chunk in flat.split(_CHUNK):
+        for chunk in flat.split(_chunk_size(flat.numel())):
             wide = chunk.to(torch.float64)
             total = total + wide.sum()
             squares = squares + wide.square().sum()
