@@ -152,3 +152,94 @@ def test_a_compiled_build_is_one_graph_with_the_eager_index(tmp_path):
         expected, actual = eager.read_rows(layer, slice(0, 14)), compiled.read_rows(layer, slice(0, 14))
         _close(torch.einsum("nkgo,nkgi->ngoi", actual["g"], actual["a"]),
                torch.einsum("nkgo,nkgi->ngoi", expected["g"], expected["a"]))
+
+
+def test_the_smaller_form_is_chosen_per_layer():
+    from fninfluence.index import choose_form
+    from fninfluence.store.index_store import example_bytes
+
+    # the issue's 32-channel 3x3 convolution at rank 32: 32 * (32 + 288) numbers factored, 32 * 288 dense
+    conv = {"form": "factored", "width": 32, "groups": 1, "out": 32, "in": 288}
+    assert example_bytes(conv, 4) - 8 == 40960 and example_bytes({**conv, "form": "dense"}, 4) - 8 == 36864
+    assert choose_form(32, 288, 32) == "dense"
+    assert choose_form(32, 288, 8) == "factored"  # 8 * 320 < 9216
+    assert choose_form(256, 785, 1) == "factored"  # a rank-one layer without tokens
+    assert choose_form(1, 40, 1) == "dense"  # a parameter layer (out = 1): 40 <= 41
+    assert choose_form(8, 8, 4) == "dense" and choose_form(8, 8, 3) == "factored"  # 64 <= 4 * 16, 64 > 48
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_dense_and_factored_layers_score_like_pairwise(rank, tmp_path):
+    """A layer forced dense, one forced factored, the rest by the rule: each layer's scores equal pairwise_scores
+    where the stored form is exact (dense always; factored at rank None or without tokens)."""
+    model, task, train, queries = _lm()
+    factors = fi.fit_factors(model, task, train, strategy="ekfac", batch_size=4, progress=False)
+    expected = fi.pairwise_scores(model, task, factors, queries, train, batch_size=4, per_module=True,
+                                  progress=False)
+    form = {"q": "dense", "up": "factored"}
+    index = build_index(model, task, train, tmp_path, rank=rank, dtype=torch.float64, batch_size=4, form=form,
+                        progress=False)
+    forms = {name: layer["form"] for name, layer in index.layers.items()}
+    assert forms["q"] == "dense" and forms["up"] == "factored"
+    from fninfluence.index import choose_form
+
+    for name, layer in index.layers.items():
+        if name not in form:
+            assert layer["form"] == choose_form(layer["out"], layer["in"], layer["width"])
+    stored = index.read_rows("q", slice(0, 5))
+    assert stored["grads"].shape == (5, 1, 8, 9)
+    scores = index_scores(model, task, factors, queries, tmp_path, batch_size=3, examples_per_read=5,
+                          per_module=True, progress=False)
+    exact = [layer for layer in expected if index.layers[layer]["form"] == "dense" or rank is None]
+    assert "q" in exact and (rank is None) == ("up" in exact)
+    for layer in exact:
+        _close(scores[layer], expected[layer])
+    assert index.residuals("q").abs().max() == 0
+
+
+def test_each_chunk_is_written_once_whatever_the_batches(tmp_path, monkeypatch):
+    """The build is linear: with chunks of 4 rows, batches of 3 and three data partitions, every chunk file of
+    every array is written exactly once (counted at zarr's store, not timed), and the partitions are whole chunks."""
+    from collections import Counter
+
+    import zarr.storage
+
+    import fninfluence.index as index_module
+
+    written = Counter()
+    original = zarr.storage.LocalStore.set
+
+    async def counted(self, key, value):
+        written[key] += 1
+        return await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counted)
+    torch.manual_seed(0)
+    model, train = mlp().double().eval(), classification_data(n=30)
+    # bytes per example of this MLP's three arrays per layer, float64: make a chunk hold 4 examples
+    monkeypatch.setattr(index_module, "CHUNK_BYTES", 4 * (8 * (5 + 7) + 8 + 8 * (3 + 6) + 8))
+    index = build_index(model, fi.classification_task(), train, tmp_path, rank=2, dtype=torch.float64,
+                        batch_size=3, data_partitions=3, progress=False)
+    assert index.chunk_rows == 4
+    assert [(r.start, r.stop) for r in index.ranges] == [(0, 12), (12, 24), (24, 30)]  # 10 rounded up to 12
+    chunks = {key: count for key, count in written.items() if "/c/" in key}
+    arrays = 3 * len(index.layers)  # g, a, residual
+    assert len(chunks) == arrays * 8 and set(chunks.values()) == {1}  # 8 chunks of 4 rows (the last of 2)
+    reference = build_index(model, fi.classification_task(), train, tmp_path / "one", rank=2, dtype=torch.float64,
+                            batch_size=7, progress=False)
+    for layer in index.layers:
+        for key in ("g", "a"):
+            assert torch.equal(index.read_rows(layer, slice(0, 30))[key], reference.read_rows(layer, slice(0, 30))[key])
+
+
+def test_rows_read_by_index_equal_rows_read_by_slice(tmp_path):
+    model, task, train, _ = _lm()
+    index = build_index(model, task, train, tmp_path, rank=2, dtype=torch.float64, batch_size=4,
+                        form={"q": "dense"}, progress=False)
+    picked = torch.tensor([1, 4, 5, 12])
+    for layer in ("q", "up"):
+        whole = index.read_gradients(layer, slice(0, 14))
+        assert torch.equal(index.read_gradients(layer, picked), whole[picked])
+    dense = index.read_gradients("q", slice(0, 14))
+    index.load_into_memory()
+    assert torch.equal(index.read_gradients("q", picked), dense[picked])
