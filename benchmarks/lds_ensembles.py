@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import fninfluence as fi
 from fninfluence.ensemble import ensemble_pairwise_scores
 from fninfluence.eval import lds_from_measurements, random_subsets, retrain_measurements
 
-from .lds_options import BATCH_SIZE, RESULTS, _digits_protocol
+from .lds_options import BATCH_SIZE, RESULTS, _digits_protocol, _timed
 
 EVERY = 50
 ROWS = [  # (label, checkpoint steps)
@@ -62,15 +61,6 @@ def train_with_checkpoints(protocol, data, indices, every: int = EVERY) -> Dict[
         if step % every == 0:
             states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return states
-
-
-def _timed(function, repeats: int):
-    seconds, result = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = function()
-        seconds.append(time.perf_counter() - started)
-    return result, statistics.median(seconds)
 
 
 def measure(args) -> Dict:
