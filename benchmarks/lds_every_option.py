@@ -2,24 +2,30 @@
 
     python -m benchmarks.lds_every_option                          # digits, diabetes, cnn (warm cache: ~2 minutes)
     python -m benchmarks.lds_every_option --workloads cnn --subsets 50
+    python -m benchmarks.lds_every_option --workloads lm --repeats 3   # the tiny LM: ~5 min warm, ~11 cold
 
 The workloads, retrained subsets and on-disk retraining cache are those of ``benchmarks/lds_options.py`` (imported
-from there; the CNN is its ``cnn`` workload). Rows, each timed end to end (factors fitted and scores computed, the
-median of ``--repeats`` calls, taken round robin over the rows; ``x default`` divides by the default row's
-median):
+from there; the CNN is its ``cnn`` workload, the tiny GPT-2 language model its ``lm`` workload). Every row passes
+``use_empirical_fisher`` to ``fi.fit_factors`` explicitly, so the rows mean the same whatever the library's default
+is. Rows, each timed end to end (factors fitted and scores computed, the median of ``--repeats`` calls, taken round
+robin over the rows; ``x default`` and the paired column are relative to the first row, ``ekfac, true fisher``):
 
-* ``ekfac (default)``: ``fi.fit_factors`` (EKFAC, true Fisher, one label draw, seed 0) + ``fi.pairwise_scores``;
-* ``ekfac, empirical fisher``: ``use_empirical_fisher=True``;
-* ``ekfac, fisher_samples=4``: four label draws per example;
-* ``kfac``: ``strategy="kfac"``;
-* ``cg 3`` / ``cg 10``: the default factors, then ``fninfluence.refine.refined_pairwise_scores`` (CG on the exact
-  damped GGN of the whole training set);
+* ``ekfac, true fisher``: ``fi.fit_factors`` (EKFAC, ``use_empirical_fisher=False``: one label draw from the model
+  per example, seed 0) + ``fi.pairwise_scores``;
+* ``ekfac, empirical fisher``: ``use_empirical_fisher=True`` (the training labels);
+* ``ekfac, fisher_samples=4``: four label draws per example (true Fisher);
+* ``kfac, true fisher`` / ``kfac, empirical fisher``: ``strategy="kfac"``, true / empirical Fisher;
+* ``cg 3 (ggn)`` / ``cg 10 (ggn)``: the true-Fisher factors, then ``fninfluence.refine.refined_pairwise_scores``
+  (CG on the exact damped GGN of the whole training set); ``cg 10 (empirical fisher)``: the empirical-Fisher
+  factors, CG on the exact damped empirical Fisher (refinement's default curvature for such factors);
 * ``ensemble 4``: ``fninfluence.ensemble.ensemble_pairwise_scores`` over 4 checkpoints of the one training run
-  (after 1/4, 2/4, 3/4 and all of its steps, replayed; the replay's final weights are checked against the model);
-* ``chosen damping``: the default factors, ``fninfluence.damping.choose_damping``, scores with the chosen damping.
+  (after 1/4, 2/4, 3/4 and all of its steps, replayed; the replay's final weights are checked against the model),
+  each checkpoint's factors fitted with the true Fisher (``factors_kwargs``);
+* ``chosen damping``: the true-Fisher factors, ``fninfluence.damping.choose_damping``, scores with the chosen damping.
 
-The paired column is the mean over queries of the per-query LDS difference to the default, ± its standard error.
-Results go to ``benchmarks/results/lds-every-option-<workload>-cpu.json``.
+``SKIP`` leaves rows out of a workload where they cost too much (none at present). The paired column is the mean
+over queries of the per-query LDS difference to the first row, ± its standard error. Results go to
+``benchmarks/results/lds-every-option-<workload>-cpu.json``.
 """
 
 from __future__ import annotations
@@ -75,12 +81,22 @@ def _states_cnn(w: Workload, every: int):
     return states, lds_options.CNN_STEPS
 
 
-CHECKPOINTS = {"digits": (_states_digits, 100), "diabetes": (_states_diabetes, 125), "cnn": (_states_cnn, 100)}
+def _states_lm(w: Workload, every: int):
+    _, states = lds_options.train_lm(w.train_data, torch.arange(len(w.train_data)), every=every)
+    return states, lds_options.LM_STEPS
 
 
-def _fit(w: Workload, **options):
+CHECKPOINTS = {"digits": (_states_digits, 100), "diabetes": (_states_diabetes, 125), "cnn": (_states_cnn, 100),
+               "lm": (_states_lm, lds_options.LM_STEPS // 4)}
+DEFAULT_WORKLOADS = ["digits", "diabetes", "cnn"]  # ``--workloads lm`` runs the language model (slower)
+SKIP: Dict[str, List[str]] = {}  # workload -> labels of rows left out of it (too slow there)
+
+
+def _fit(w: Workload, *, use_empirical_fisher: bool, **options):
+    """``fi.fit_factors`` seeded 0; ``use_empirical_fisher`` is required, so no row depends on the library default."""
     torch.manual_seed(0)
-    return fi.fit_factors(w.model, w.task, w.train_data, batch_size=BATCH_SIZE, progress=False, **options)
+    return fi.fit_factors(w.model, w.task, w.train_data, batch_size=BATCH_SIZE, progress=False,
+                          use_empirical_fisher=use_empirical_fisher, **options)
 
 
 def _pairwise(w: Workload, factors, **options):
@@ -88,13 +104,16 @@ def _pairwise(w: Workload, factors, **options):
                               progress=False, **options)
 
 
-def _refined(w: Workload, steps: int):
-    return refined_pairwise_scores(w.model, w.task, _fit(w), w.query_data, w.train_data, batch_size=BATCH_SIZE,
+def _refined(w: Workload, steps: int, use_empirical_fisher: bool = False):
+    """CG on the exact damped curvature refinement defaults to for the factors: the GGN for true-Fisher factors, the
+    empirical Fisher for empirical ones."""
+    factors = _fit(w, use_empirical_fisher=use_empirical_fisher)
+    return refined_pairwise_scores(w.model, w.task, factors, w.query_data, w.train_data, batch_size=BATCH_SIZE,
                                    curvature_batch_size=len(w.train_data), steps=steps, progress=False)
 
 
 def _chosen(w: Workload):
-    factors = _fit(w)
+    factors = _fit(w, use_empirical_fisher=False)
     choice = choose_damping(w.model, w.task, factors, w.train_data, batch_size=BATCH_SIZE)
     return _pairwise(w, factors, damping=choice.damping)
 
@@ -108,18 +127,23 @@ def rows(w: Workload):
     def ensemble():
         torch.manual_seed(0)
         return ensemble_pairwise_scores([states[s] for s in sorted(states)], w.task, w.query_data, w.train_data,
-                                        model=w.model, strategy="ekfac", batch_size=BATCH_SIZE, progress=False)
+                                        model=w.model, strategy="ekfac", batch_size=BATCH_SIZE, progress=False,
+                                        factors_kwargs=dict(use_empirical_fisher=False))
 
-    return [
-        ("ekfac (default)", lambda: _pairwise(w, _fit(w))),
+    every_row = [
+        ("ekfac, true fisher", lambda: _pairwise(w, _fit(w, use_empirical_fisher=False))),
         ("ekfac, empirical fisher", lambda: _pairwise(w, _fit(w, use_empirical_fisher=True))),
-        ("ekfac, fisher_samples=4", lambda: _pairwise(w, _fit(w, fisher_samples=4))),
-        ("kfac", lambda: _pairwise(w, _fit(w, strategy="kfac"))),
+        ("ekfac, fisher_samples=4", lambda: _pairwise(w, _fit(w, use_empirical_fisher=False, fisher_samples=4))),
+        ("kfac, true fisher", lambda: _pairwise(w, _fit(w, use_empirical_fisher=False, strategy="kfac"))),
+        ("kfac, empirical fisher", lambda: _pairwise(w, _fit(w, use_empirical_fisher=True, strategy="kfac"))),
         ("cg 3 (ggn)", lambda: _refined(w, 3)),
         ("cg 10 (ggn)", lambda: _refined(w, 10)),
+        ("cg 10 (empirical fisher)", lambda: _refined(w, 10, use_empirical_fisher=True)),
         (f"ensemble 4 (steps {', '.join(str(s) for s in sorted(states))})", ensemble),
         ("chosen damping", lambda: _chosen(w)),
     ]
+    skipped = SKIP.get(w.name, [])
+    return [(label, function) for label, function in every_row if label not in skipped]
 
 
 def measure(w: Workload, args) -> Dict:
@@ -155,20 +179,23 @@ def measure(w: Workload, args) -> Dict:
 
 
 def table(results: List[Dict]) -> str:
+    """One row per option (the union over the workloads, in order of first appearance); "–" where a workload
+    left the option out (``SKIP``)."""
+    labels = list(dict.fromkeys(row["row"] for r in results for row in r["rows"]))
     lines = ["| option | " + " | ".join(f"{r['workload']} LDS | × default" for r in results) + " |",
              "|---|" + "---|---|" * len(results)]
-    for i, row in enumerate(results[0]["rows"]):
+    for label in labels:
         cells = []
         for r in results:
-            x = r["rows"][i]
-            cells.append(f"{x['lds']:.3f} ± {x['stderr']:.3f} | {x['x_default']:.1f}")
-        lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+            x = next((row for row in r["rows"] if row["row"] == label), None)
+            cells.append("– | –" if x is None else f"{x['lds']:.3f} ± {x['stderr']:.3f} | {x['x_default']:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> List[Dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, choices=list(WORKLOADS))
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fninfluence-lds-cache"))

@@ -13,8 +13,15 @@ random halves of the training set, retrained deterministically and cached on dis
 * ``cnn`` (not run by default; ``--workloads cnn``): the digits protocol's data as 1x8x8 images, conv 1->8 (3x3,
   padding 1), ReLU, conv 8->8 (3x3), ReLU, linear 288->10, trained like the digits MLP (full-batch Adam, 400 steps,
   L2 1e-3); its 100 retrainings take ~4 minutes. ``benchmarks/lds_every_option.py`` measures it.
+* ``lm`` (not run by default; ``--workloads lm``): a tiny GPT-2 built from a config (``transformers``, random init
+  seed 0, 1 layer, width 32, 2 heads, vocabulary 32, 16 positions, dropout 0, LM head untied) on 300 sequences of
+  16 tokens from a fixed random sparse Markov chain (each token has 3 possible successors; :func:`lm_sequences`),
+  full-batch Adam (lr 1e-2, 200 steps) on the mean next-token cross-entropy + L2 1e-2; 50 other sequences as
+  queries, measurement the query's summed token loss; the task's loss is the summed next-token cross-entropy,
+  targets drawn from the model with ``sample=True``. Its 100 retrainings take ~6 minutes (~3.5 s each);
+  ``benchmarks/lds_every_option.py`` measures it (here the exact solve is slow: a GGN product costs ~4.5 s).
 
-Rows: EKFAC factors fitted as ``fi.fit_factors`` fits them by default (true Fisher, seed 0), scored by
+Rows: EKFAC factors fitted with the true Fisher (``use_empirical_fisher=False``, passed explicitly; seed 0), scored by
 ``fi.pairwise_scores`` (the default) or by ``fninfluence.refine.refined_pairwise_scores`` with ``steps`` products with
 the exact damped GGN of the training set (conjugate gradients, or Richardson), on a random fifth of the training set
 (``curv=subset``), with the empirical Fisher (factors and products), the exact damped solve (CG run to
@@ -159,11 +166,108 @@ def cnn() -> Workload:
                     lambda indices: train_cnn(train_data, indices), f"digits-cnn8-8-adam{CNN_STEPS}-wd{CNN_WD}")
 
 
-WORKLOADS = {"digits": digits, "diabetes": diabetes, "cnn": cnn}
+LM_VOCAB, LM_LENGTH, LM_TRAIN, LM_QUERIES, LM_SUCCESSORS = 32, 16, 300, 50, 3
+LM_WIDTH, LM_HEADS, LM_LAYERS, LM_STEPS, LM_LR, LM_WD = 32, 2, 1, 200, 1e-2, 1e-2
+
+
+def lm_sequences(count: int, seed: int = 0) -> torch.Tensor:
+    """``[count, LM_LENGTH]`` token ids from a fixed random sparse Markov chain: every token has ``LM_SUCCESSORS``
+    possible successors (a random choice of the vocabulary) with random probabilities (normalised exponentials),
+    the first token uniform; all drawn from one ``torch.Generator`` seeded ``seed`` (no downloads)."""
+    generator = torch.Generator().manual_seed(seed)
+    successors = torch.stack([torch.randperm(LM_VOCAB, generator=generator)[:LM_SUCCESSORS]
+                              for _ in range(LM_VOCAB)])
+    weights = -torch.rand(LM_VOCAB, LM_SUCCESSORS, generator=generator).log()
+    weights = weights / weights.sum(1, keepdim=True)
+    ids = torch.empty(count, LM_LENGTH, dtype=torch.long)
+    ids[:, 0] = torch.randint(LM_VOCAB, (count,), generator=generator)
+    for t in range(1, LM_LENGTH):
+        choice = torch.multinomial(weights[ids[:, t - 1]], 1, generator=generator).squeeze(1)
+        ids[:, t] = successors[ids[:, t - 1], choice]
+    return ids
+
+
+def lm_entropy_rate(seed: int = 0) -> float:
+    """The chain's mean per-token entropy (nats) over a uniform current token: the best achievable per-token loss
+    is about this (the stationary distribution weights the tokens a little differently)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(LM_VOCAB):
+        torch.randperm(LM_VOCAB, generator=generator)
+    weights = -torch.rand(LM_VOCAB, LM_SUCCESSORS, generator=generator).log()
+    weights = weights / weights.sum(1, keepdim=True)
+    return float(-(weights * weights.log()).sum(1).mean())
+
+
+def _lm_model() -> nn.Module:
+    """A GPT-2 causal LM from a config, randomly initialised (seed 0), dropout off, eager attention. The LM head is
+    not tied to the token embedding (``tie_word_embeddings=False``), so that it is a plain layer fninfluence tracks
+    (a tied head cannot be: its weight is also used by the embedding); the embeddings are left out, as by default.
+    ``use_cache=False``: the output is then tensors only, which the exact GGN products of refinement need."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=LM_VOCAB, n_positions=LM_LENGTH, n_embd=LM_WIDTH, n_layer=LM_LAYERS,
+                        n_head=LM_HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=LM_VOCAB - 1, eos_token_id=LM_VOCAB - 1, tie_word_embeddings=False,
+                        use_cache=False)
+    config._attn_implementation = "eager"
+    return GPT2LMHeadModel(config)
+
+
+class NextTokenLoss(fi.Task):
+    """Next-token cross-entropy summed over the sequences and tokens of a batch of ``(input_ids,)``; with
+    ``sample=True`` the targets are drawn from the model's own predictive distribution (the true Fisher).
+    Measurement: the query sequence's summed token loss (its own tokens, not sampled)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        (ids,) = batch
+        logits = model(input_ids=ids).logits[:, :-1].flatten(0, 1)
+        targets = ids[:, 1:].flatten()
+        if sample:
+            with torch.no_grad():
+                targets = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model, sample=False)
+
+
+def train_lm(data: TensorDataset, indices: torch.Tensor, every: int = 0):
+    """Full-batch Adam (lr ``LM_LR``, ``LM_STEPS`` steps) from one fixed initialisation: mean next-token
+    cross-entropy + ``LM_WD`` x L2. With ``every > 0`` also returns the weights after every ``every`` steps."""
+    model = _lm_model()
+    ids = data.tensors[0][indices]
+    optimizer = torch.optim.Adam(model.parameters(), lr=LM_LR)
+    states = {}
+    for step in range(1, LM_STEPS + 1):
+        optimizer.zero_grad()
+        logits = model(input_ids=ids).logits[:, :-1].flatten(0, 1)
+        loss = nn.functional.cross_entropy(logits, ids[:, 1:].flatten())
+        (loss + LM_WD * sum(p.square().sum() for p in model.parameters())).backward()
+        optimizer.step()
+        if every and step % every == 0:
+            states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return (model.eval(), states) if every else model.eval()
+
+
+def lm() -> Workload:
+    """A tiny GPT-2 (from a config) on sequences of a random sparse Markov chain (:func:`lm_sequences`)."""
+    ids = lm_sequences(LM_TRAIN + LM_QUERIES)
+    train_data, query_data = TensorDataset(ids[:LM_TRAIN]), TensorDataset(ids[LM_TRAIN:])
+    model = train_lm(train_data, torch.arange(LM_TRAIN))
+    key = (f"lm-gpt2-untied-v{LM_VOCAB}-t{LM_LENGTH}-d{LM_WIDTH}-l{LM_LAYERS}-markov{LM_SUCCESSORS}"
+           f"-adam{LM_STEPS}-lr{LM_LR}-wd{LM_WD}")
+    return Workload("lm", model, NextTokenLoss(), train_data, query_data, lambda indices: train_lm(train_data, indices),
+                    key)
+
+
+WORKLOADS = {"digits": digits, "diabetes": diabetes, "cnn": cnn, "lm": lm}
 DEFAULT_WORKLOADS = ["digits", "diabetes"]  # the documented tables; ``--workloads cnn`` adds the CNN
 
 
-FACTORS = {"true fisher": {}, "empirical": {"use_empirical_fisher": True}, "4 draws": {"fisher_samples": 4}}
+# use_empirical_fisher explicit in every fit, so that the labels hold whatever the library's default is
+FACTORS = {"true fisher": {"use_empirical_fisher": False}, "empirical": {"use_empirical_fisher": True},
+           "4 draws": {"use_empirical_fisher": False, "fisher_samples": 4}}
 
 
 def _fit(w: Workload, options: Dict):
