@@ -32,9 +32,10 @@ def main(argv=None) -> int:
     work = build(args.workload, args.size)
     train = Subset(work.train, range(min(args.examples, len(work.train))))
     options = dict(batch_size=work.batch_size, progress=False)
-    factors = fninfluence.fit_factors(work.model, work.task, train, strategy="ekfac", **options)  # also a warm-up
+    fit = dict(strategy="ekfac", use_empirical_fisher=False)  # the true Fisher, as benchmarks.run compares
+    factors = fninfluence.fit_factors(work.model, work.task, train, **fit, **options)  # also a warm-up
     run = {
-        "fit": lambda: fninfluence.fit_factors(work.model, work.task, train, strategy="ekfac", **options),
+        "fit": lambda: fninfluence.fit_factors(work.model, work.task, train, **fit, **options),
         "pairwise": lambda: fninfluence.pairwise_scores(work.model, work.task, factors, work.queries, train, **options),
         "self": lambda: fninfluence.self_scores(work.model, work.task, factors, train, **options),
     }[args.phase]

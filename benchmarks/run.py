@@ -161,7 +161,8 @@ def _measure_fninfluence(work, device, meter, compiled: bool, train, warm):
 
     model = work.model.to(device)
     options = dict(batch_size=work.batch_size, compile=compiled, progress=False)
-    warm_factors = fninfluence.fit_factors(model, work.task, warm, strategy="ekfac", **options)
+    fit_options = dict(strategy="ekfac", use_empirical_fisher=False)  # Kronfluence's default FactorArguments
+    warm_factors = fninfluence.fit_factors(model, work.task, warm, **fit_options, **options)
     fninfluence.pairwise_scores(model, work.task, warm_factors, work.queries, warm, **options)
     fninfluence.self_scores(model, work.task, warm_factors, warm, **options)
 
@@ -170,7 +171,7 @@ def _measure_fninfluence(work, device, meter, compiled: bool, train, warm):
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     with meter.phase("fit"):
-        factors = fninfluence.fit_factors(model, work.task, train, strategy="ekfac", **options)
+        factors = fninfluence.fit_factors(model, work.task, train, **fit_options, **options)
     logger.removeHandler(handler)
     passes = handler.passes
     meter.results["covariance"] = {"seconds": passes["covariance"]["seconds"]}

@@ -38,7 +38,7 @@ def fit_factors(
     data: Data,
     *,
     strategy: Union[str, CurvatureEstimator, Mapping[str, Union[str, CurvatureEstimator]]] = "ekfac",
-    use_empirical_fisher: bool = False,
+    use_empirical_fisher: bool = True,
     batch_size: Optional[int] = None,
     compile: CompileOption = False,
     progress: bool = True,
@@ -58,10 +58,10 @@ def fit_factors(
 ) -> Optional[Factors]:
     """Fit the curvature factors of ``strategy`` on ``data``.
 
-    ``use_empirical_fisher=False`` (the default): labels sampled from the model (``sample=True``, the true Fisher),
-    keyed by (``seed``, the example's index in ``data``) so that batches, partitions, resume and ranks do not change
-    them (:mod:`fninfluence.sampling`); ``fisher_samples=S`` averages S draws per example (docs/concepts.md). True:
-    the batch's own labels. ``compile``: True or a dict of ``torch.compile`` options (``fullgraph=True`` always).
+    ``use_empirical_fisher=True`` (the default): the batch's labels; it predicts retraining as well or better
+    (docs/evaluation.md). ``False``: labels sampled from the model (the true Fisher, Kronfluence's default), keyed by
+    (``seed``, example index) so batches, partitions, resume and ranks do not change them (:mod:`fninfluence.sampling`);
+    ``fisher_samples=S`` averages S draws per example. ``compile``: True or a dict of ``torch.compile`` options.
 
     ``strategy`` may be a dict ``{layer name: strategy}`` with ``"*"`` for the others, e.g.
     ``{"*": "ekfac", "ln_f": "diagonal"}``: each layer is fitted and preconditioned by its own estimator.

@@ -183,9 +183,10 @@ def fsdp_workload():
 def fsdp_results(model, data, queries) -> dict:
     """Factors (true Fisher, EKFAC; KFAC in two module partitions), pairwise, per-token and self scores."""
     task, score = StackTask(), dict(batch_size=BATCH, **QUIET)
-    factors = fi.fit_factors(model, task, data, strategy="ekfac", batch_size=BATCH, **QUIET)
+    factors = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=False, batch_size=BATCH, **QUIET)
     results = {f"factors/{k}": v for k, v in flat(factors).items()}
-    kfac = fi.fit_factors(model, task, data, strategy="kfac", module_partitions=2, batch_size=BATCH, **QUIET)
+    kfac = fi.fit_factors(model, task, data, strategy="kfac", use_empirical_fisher=False, module_partitions=2,
+                          batch_size=BATCH, **QUIET)
     results.update({f"kfac_modules/{k}": v for k, v in flat(kfac).items()})
     results["pairwise"] = fi.pairwise_scores(model, task, factors, queries, data, **score)
     results["per_token"] = fi.pairwise_scores(model, task, factors, queries, data, per_token=True, **score)

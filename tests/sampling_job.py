@@ -22,7 +22,7 @@ def fit_true_fisher(**kwargs) -> fi.Factors:
     torch.manual_seed(0)  # the same weights in every process
     model = mlp(d_in=6, hidden=5, classes=3).double().eval()
     return fi.fit_factors(model, ClassificationTask(), classification_data(n=18), batch_size=4, progress=False,
-                          data_partitions=2, seed=3, **kwargs)
+                          data_partitions=2, seed=3, use_empirical_fisher=False, **kwargs)
 
 
 if __name__ == "__main__":

@@ -352,6 +352,8 @@ def test_arguments_map_to_native_keywords():
         per_sample_gradient_dtype="torch.float16", lambda_dtype=torch.bfloat16)
     keywords = compat._fit_keywords(factor_args)
     assert keywords["strategy"] == "kfac" and keywords["use_empirical_fisher"] is True
+    # Kronfluence's default (the true Fisher) is passed on explicitly, whatever fit_factors' own default is
+    assert compat._fit_keywords(compat.FactorArguments())["use_empirical_fisher"] is False
     assert keywords["max_examples"] == {"covariance": 7, "lambda": None}
     assert keywords["data_partitions"] == {"covariance": 2, "lambda": 1}
     assert keywords["module_partitions"] == {"covariance": 1, "lambda": 3}

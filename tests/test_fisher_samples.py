@@ -16,7 +16,9 @@ from models import ClassificationTask, LMTask, TinyTransformerLM, classification
 
 
 def fit(model, task, data, **options):
+    """The true Fisher unless a test asks otherwise (the library's default is the empirical one)."""
     options.setdefault("batch_size", 4)
+    options.setdefault("use_empirical_fisher", False)
     return fi.fit_factors(model, task, data, progress=False, **options)
 
 
@@ -181,3 +183,48 @@ def test_the_benchmark_runs_and_tabulates(tmp_path):
     assert [r["fisher_samples"] for r in result["rows"]] == [1, 2, "empirical"]
     assert result["rows"][-1]["top10"] == 1.0 and (tmp_path / "r.json").exists()
     assert "| diagonal | 2 |" in fisher_samples.table(result)
+
+
+class LabelCallsTask(ClassificationTask):
+    """Records the ``sample`` argument of every training-loss call."""
+
+    def __init__(self):
+        super().__init__()
+        self.samples = []
+
+    def compute_train_loss(self, batch, model, sample=False):
+        self.samples.append(sample)
+        return super().compute_train_loss(batch, model, sample=sample)
+
+
+def test_the_default_is_the_empirical_fisher():
+    """fninfluence 0.2: ``fit_factors`` asks the task for the data's labels (``sample=False``) unless told otherwise,
+    and its factors are those of ``use_empirical_fisher=True`` bit for bit."""
+    model, data = float64(mlp()), classification_data(n=12)
+    task = LabelCallsTask()
+    default = fi.fit_factors(model, task, data, batch_size=4, progress=False)
+    assert task.samples and not any(task.samples)
+    assert default.use_empirical_fisher is True
+    assert_same_factors(default, fit(model, task, data, use_empirical_fisher=True), rtol=0, atol=0)
+    task.samples.clear()
+    fit(model, task, data, use_empirical_fisher=False)
+    assert any(task.samples)
+
+
+def test_a_store_of_the_old_default_names_the_argument_that_reuses_it(tmp_path):
+    """A store fitted with the true Fisher (the default before 0.2) is refused by a call with today's default, and
+    the refusal says to pass ``use_empirical_fisher=False``, which then reuses it."""
+    model, data, task = float64(mlp()), classification_data(n=12), ClassificationTask()
+    stored = fit(model, task, data, store=tmp_path / "factors", use_empirical_fisher=False)
+    with pytest.raises(InfluenceError, match=r"(?s)use_empirical_fisher: False \(stored\) vs True.*pass "
+                                             r"use_empirical_fisher=False to reuse it"):
+        fi.fit_factors(model, task, data, batch_size=4, progress=False, store=tmp_path / "factors")
+    assert_same_factors(fit(model, task, data, store=tmp_path / "factors", use_empirical_fisher=False), stored,
+                        rtol=0, atol=0)
+
+
+def test_several_draws_with_the_default_name_the_argument():
+    model, data, task = float64(mlp()), classification_data(n=4), ClassificationTask()
+    with pytest.raises(InfluenceError, match=r"use_empirical_fisher=True \(the default\).*pass "
+                                             r"use_empirical_fisher=False with fisher_samples"):
+        fi.fit_factors(model, task, data, batch_size=4, progress=False, fisher_samples=4)

@@ -32,7 +32,9 @@ def assert_same_factors(ours: fi.Factors, expected: fi.Factors, rtol=1e-10, atol
 
 
 def fit(model, task, data, **options):
+    """The true Fisher unless a test asks otherwise (the library's default is the empirical one)."""
     options.setdefault("batch_size", 4)
+    options.setdefault("use_empirical_fisher", False)
     return fi.fit_factors(model, task, data, progress=False, **options)
 
 

@@ -56,9 +56,10 @@ def test_module_partitions_share_one_discovery(monkeypatch):
     model, data = float64(mlp()), classification_data(n=16)
     task = ClassificationTask()
     calls = _counting_discovery(monkeypatch)
-    whole = fi.fit_factors(model, task, data, strategy="ekfac", batch_size=8, progress=False)
+    whole = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=False, batch_size=8, progress=False)
     calls.clear()
-    split = fi.fit_factors(model, task, data, strategy="ekfac", batch_size=8, module_partitions=2, progress=False)
+    split = fi.fit_factors(model, task, data, strategy="ekfac", use_empirical_fisher=False, batch_size=8,
+                           module_partitions=2, progress=False)
     assert calls == ["train_sampled"]
     for layer in whole.tensors:
         for name, value in whole.tensors[layer].items():

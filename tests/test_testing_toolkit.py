@@ -88,7 +88,7 @@ def test_kfac_equals_exact_ggn_influence_for_a_linear_layer():
     model = nn.Linear(3, 1).double()
     train, queries = TensorDataset(x, y[:, None]), TensorDataset(x[:4] + 1.0, y[:4, None])
     task = UnitResidualRegression()
-    factors = fi.fit_factors(model, task, train, strategy="kfac", batch_size=6, **QUIET)
+    factors = fi.fit_factors(model, task, train, strategy="kfac", use_empirical_fisher=False, batch_size=6, **QUIET)
     scores = fi.pairwise_scores(model, task, factors, queries, train, damping=0.05, **QUIET)
     torch.testing.assert_close(scores, exact_ggn_influence(model, task, queries, train, damping=0.05),
                                rtol=1e-9, atol=1e-12)
@@ -117,7 +117,7 @@ def test_pipeline_scores_of_a_ridge_model_predict_exact_leave_one_out():
     x_query = torch.randn(3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     train, queries = TensorDataset(x, y[:, None]), TensorDataset(x_query, torch.zeros(3, 1, dtype=x.dtype))
     task, n = UnitResidualRegression(), len(x)
-    factors = fi.fit_factors(model, task, train, strategy="ekfac", batch_size=5, **QUIET)
+    factors = fi.fit_factors(model, task, train, strategy="ekfac", use_empirical_fisher=False, batch_size=5, **QUIET)
     scores = fi.pairwise_scores(model, task, factors, queries, train, damping=l2 / n, **QUIET)
     query_design = torch.cat([x_query, torch.ones(3, 1, dtype=x.dtype)], dim=1)
     loo = ridge_leave_one_out(design, y, l2, query_design)

@@ -63,7 +63,7 @@ def main():
 
     print(f"{'strategy':<10} LDS (mean ± standard error over {QUERIES} queries, {args.subsets} subsets)")
     for strategy in ("identity", "diagonal", "kfac", "ekfac"):
-        torch.manual_seed(0)  # the true Fisher samples labels: the same draws whether or not retraining ran before
+        torch.manual_seed(0)  # with use_empirical_fisher=False the same label draws whether or not retraining ran
         factors = fi.fit_factors(model, task, train_data, strategy=strategy, batch_size=100, progress=False)
         scores = fi.pairwise_scores(model, task, factors, query_data, train_data, batch_size=100, progress=False)
         result = linear_datamodeling_score(scores, retrain, num_subsets=args.subsets, task=task, query_data=query_data,

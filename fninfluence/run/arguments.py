@@ -47,6 +47,6 @@ def check_fisher_samples(value: Any, use_empirical_fisher: bool) -> None:
     check_positive(value, "fisher_samples", allow_none=False)
     if use_empirical_fisher and value != 1:
         raise InfluenceError(
-            f"fisher_samples={value} draws labels for the true Fisher, but use_empirical_fisher=True uses the data's "
-            "labels: drop fisher_samples, or set use_empirical_fisher=False."
+            f"fisher_samples={value} draws labels for the true Fisher, but use_empirical_fisher=True (the default) "
+            "uses the data's labels: pass use_empirical_fisher=False with fisher_samples, or drop fisher_samples."
         )

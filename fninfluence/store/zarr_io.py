@@ -227,8 +227,18 @@ def _check_header(path: Path, stored: Dict[str, Any], header: Dict[str, Any], id
                                                 if len(lines) > MAX_DIFFERENCE_LINES else [])
         raise InfluenceError(
             f"{path} was computed with different arguments, data or model:\n  " + "\n  ".join(shown)
+            + _fisher_default_hint(lines)
             + "\nPass overwrite=True (Kronfluence API: overwrite_output_dir=True) to recompute it, or use another name."
         )
+
+
+def _fisher_default_hint(difference_lines: Iterable[str]) -> str:
+    """Stores written before 0.2 fitted the true Fisher by default; a call with today's default is refused by
+    them, and the refusal should say which argument brings the old result back."""
+    if any(line.endswith("use_empirical_fisher: False (stored) vs True (now)") for line in difference_lines):
+        return ("\nThe store fitted the true Fisher, and fit_factors now fits the empirical Fisher by default (since "
+                "fninfluence 0.2): pass use_empirical_fisher=False to reuse it.")
+    return ""
 
 
 def _start_time(pid: int) -> Optional[str]:
