@@ -11,8 +11,9 @@ memory events, every allocation and free in order; on CUDA ``torch.cuda.max_memo
 counted; what exists before it (the model, fninfluence's factors while scoring) is not.
 
 - fninfluence, fninfluence-compiled (``compile=True``): ``fit`` = ``fit_factors(strategy="ekfac")``, the true
-  Fisher; ``pairwise`` = ``pairwise_scores`` of the workload's queries against the training slice;
-  ``self`` = ``self_scores``; ``batch_size`` = the workload's, ``progress=False``.
+  Fisher (``use_empirical_fisher=False``, passed explicitly to both libraries, whatever their defaults);
+  ``pairwise`` = ``pairwise_scores`` of the workload's queries against the training slice; ``self`` =
+  ``self_scores``; ``batch_size`` = the workload's, ``progress=False``.
 - kronfluence: ``fit`` = ``fit_covariance_matrices`` + ``perform_eigendecomposition`` + ``fit_lambda_matrices``
   under one measurement; ``pairwise`` = ``compute_pairwise_scores`` with all queries in one query batch;
   ``self`` = ``compute_self_scores``; EKFAC and the settings of ``benchmarks.run``, written to a temporary
@@ -119,7 +120,9 @@ def _fninfluence(work, device, recorder: Recorder, train, warm, compiled: bool) 
     options = dict(batch_size=work.batch_size, compile=compiled, progress=False)
 
     def fit(data):
-        return fninfluence.fit_factors(model, work.task, data, strategy="ekfac", **options)
+        # the labels Kronfluence's fit uses (FactorArguments().use_empirical_fisher is False): sampled, the true Fisher
+        return fninfluence.fit_factors(model, work.task, data, strategy="ekfac", use_empirical_fisher=False,
+                                       **options)
 
     fit(warm)
     factors = recorder.measure("fit", lambda: fit(train))
@@ -157,7 +160,7 @@ def _kronfluence(work, device, recorder: Recorder, train, warm, directory: str) 
     model = prepare_model(work.kronfluence_model.to(device), work.kronfluence_task)
     analyzer = Analyzer("bench", model=model, task=work.kronfluence_task, cpu=device.type == "cpu",
                         disable_tqdm=True, output_dir=directory, log_level=logging.WARNING)
-    factor_args, score_args = FactorArguments(strategy="ekfac"), ScoreArguments()
+    factor_args, score_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False), ScoreArguments()
     batch, queries = work.batch_size, len(work.queries)
 
     def fit(data, name):

@@ -330,13 +330,17 @@ def _pass_phase(fit_pass: FitPass, sized: Dict[str, MetaPass], layers: Dict[str,
 
 def _fit_phases(estimator: CurvatureEstimator, sized, layers: Dict[str, _Layer], sizes: _Sizes,
                 precision: Precision, model_dtype: torch.dtype) -> Dict[str, PhaseEstimate]:
-    """One phase per pass, named as the pass; each holds the factors of the passes before it."""
-    phases, earlier = {}, 0
+    """One phase per pass, named as the pass; each holds the factors of the passes before it that it reads
+    (``FitPass.reads_factors``: the fit sets the others aside while the pass runs)."""
+    phases, earlier = {}, {name: {} for name in layers}
     for fit_pass in estimator.passes:
         compute = precision.fit_dtypes(fit_pass, model_dtype)[1]
-        phases[fit_pass.name] = _pass_phase(fit_pass, sized[fit_pass.name], layers, sizes, earlier, compute,
+        held = sum(_nbytes({key: value for key, value in factors.items() if fit_pass.reads_factor(key)})
+                   for factors in earlier.values())
+        phases[fit_pass.name] = _pass_phase(fit_pass, sized[fit_pass.name], layers, sizes, held, compute,
                                             model_dtype)
-        earlier += sum(_nbytes(s.outputs) for s in sized[fit_pass.name].values())
+        for name, meta_pass in sized[fit_pass.name].items():
+            earlier[name].update(meta_pass.outputs)
     return phases
 
 
@@ -508,9 +512,12 @@ def estimate_memory(
 
 
 def _discovery_peak(estimate: MemoryEstimate, checked: bool) -> int:
-    """Discovery's peak; ``checked``: without the exactness check (it already ran in this process)."""
+    """Discovery's peak; ``checked``: without the exactness check (it already ran in this process), discovery's
+    own forward pass on the first batch remains, bounded by the check's forward+backward on the same batch."""
     discovery = estimate.phases[DISCOVERY]
-    return discovery.breakdown["layer inputs"] if checked else discovery.peak
+    if not checked:
+        return discovery.peak
+    return max(discovery.breakdown["layer inputs"], discovery.breakdown["exactness check: forward+backward"])
 
 
 def fit_phase_peak(estimate: MemoryEstimate, checked: bool = False) -> int:

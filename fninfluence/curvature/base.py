@@ -54,6 +54,10 @@ built-ins declare all three, so renaming their passes changes nothing. The shell
   ``update(zeros, stats, factors)`` itself, keeping the layer's inputs until the backward pass reaches it.
   KFAC's covariance pass declares one: ``sum a a^T`` is taken when the layer is called, ``sum g g^T`` in the
   backward pass, and nothing of the forward pass is kept.
+* ``reads_factors`` (default None: all of them): the names of the earlier passes' factors that ``update``,
+  ``statistic`` and ``finalize`` read. The others are set aside while the pass runs (written to a temporary
+  file, or copied to the CPU from a GPU) and put back, unchanged, when it ends, so that they do not add to the
+  pass's peak memory. EKFAC's lambda pass reads only the eigenvectors: A and S are not held beside it.
 
 :class:`CurvatureEstimator` likewise takes ``memory(workspace) -> ScoreMemory`` (default
 :func:`default_score_memory`): the transient bytes of ``precondition`` on a block of ``workspace.rows`` query
@@ -177,6 +181,7 @@ class FitPass(NamedTuple):
     factor_dtypes: Optional[Mapping[str, str]] = None
     memory: Callable[[Workspace], PassMemory] = default_pass_memory
     statistic: Optional[Callable[[Tensors, Tensors], LayerStatistic]] = None
+    reads_factors: Optional[Tuple[str, ...]] = None
 
     @property
     def reads_raw_statistics(self) -> bool:
@@ -187,6 +192,10 @@ class FitPass(NamedTuple):
     def forms_dense_block(self) -> bool:
         """Whether the state holds a dense ``[G, in, in]`` block (``[P, P]`` on a parameter layer)."""
         return conventional_raw_pass(self.name) if self.dense_input_block is None else self.dense_input_block
+
+    def reads_factor(self, factor: str) -> bool:
+        """Whether the pass reads the earlier factor ``factor`` (every one unless ``reads_factors`` names them)."""
+        return self.reads_factors is None or factor in self.reads_factors
 
     def factor_dtype_field(self, factor: str) -> Optional[str]:
         """The Precision field output ``factor`` is stored in (None: the dtype ``finalize`` computed it in)."""

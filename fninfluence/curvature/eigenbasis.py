@@ -104,4 +104,4 @@ def basis_score_memory(workspace: Workspace) -> ScoreMemory:
 
 
 LAMBDA_PASS = FitPass("lambda", lambda_init, lambda_update, lambda_finalize, factor_dtypes={"lambda": "lambda_dtype"},
-                      memory=lambda_memory)
+                      memory=lambda_memory, reads_factors=EIGENVECTORS)

@@ -37,6 +37,7 @@ from . import cells as places
 from ..core.statistics import in_dtype
 from .discovery import check_sharded_layout, discover, statistic_values
 from .estimator_calls import checked_contribution, pass_statistic
+from .aside import set_aside
 from .loop import BatchStep, PassSettings, run_pass
 from .options import Execution, Layout, per_pass
 from .slices import length, subset
@@ -185,11 +186,20 @@ def _fit_passes(fit_run: FitRun, estimators: Dict[str, CurvatureEstimator]) -> O
                 raise InfluenceError(f"Pass {name!r} must be complete before the later passes {wanted}: run it "
                                      "first (with the same store).")
             continue
-        fitted = _fit_pass(fit_run, name, factors)
-        if fitted is None:
-            return None  # cells are missing: another job (or a rerun) completes them
-        outputs, examples = fitted
-        factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in fit_run.tap.specs}
+        # the earlier factors the pass does not read (EKFAC's A and S in the lambda pass) are held off the device
+        # meanwhile, not beside its accumulators and the model's forward and backward pass
+        factors, aside = set_aside(factors, _layer_passes(fit_run.estimators, name))
+        try:
+            fitted = _fit_pass(fit_run, name, factors)
+            if fitted is None:
+                return None  # cells are missing: another job (or a rerun) completes them
+            outputs, examples = fitted
+            del fitted  # not kept beyond the merge: the set-aside factors come back beside these only
+            factors = {layer: {**factors[layer], **outputs.get(layer, {})} for layer in fit_run.tap.specs}
+            del outputs
+            factors = aside.restore(factors)
+        finally:
+            aside.close()
         done.append(name)
     complete = len(done) == len(pass_names)
     result = Factors(strategy=fit_run.label, estimator=next(iter(estimators.values())), layers=dict(fit_run.tap.specs),
