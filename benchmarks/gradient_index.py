@@ -209,6 +209,9 @@ def main(argv=None) -> int:
                         help="also measure top_influences (recall, latency), at these ranks (none named: every rank)")
     parser.add_argument("--build-scaling", nargs="+", type=int, metavar="N",
                         help="only measure the build time on N examples (one partition and 250-example partitions)")
+    parser.add_argument("--empirical-fisher", action="store_true",
+                        help="fit the factors with the empirical Fisher (fit_factors' default since 0.2); without it "
+                             "the true Fisher, as the committed results were measured")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -225,14 +228,15 @@ def main(argv=None) -> int:
 
     work = _digits(args.size) if args.workload == "digits" else build(args.workload, args.size)
     options = dict(batch_size=work.batch_size, progress=False)
-    factors = fninfluence.fit_factors(work.model, work.task, work.train, strategy="ekfac", use_empirical_fisher=False,
-                                      **options)  # the true Fisher, as the committed results were measured
+    factors = fninfluence.fit_factors(work.model, work.task, work.train, strategy="ekfac",
+                                      use_empirical_fisher=args.empirical_fisher, **options)
     g = torch.Generator().manual_seed(7)
     second_queries = torch.utils.data.Subset(work.train, torch.randperm(len(work.train), generator=g)[:len(work.queries)].tolist())
     fninfluence.pairwise_scores(work.model, work.task, factors, work.queries, work.train, **options)  # warm-up
     exact, pairwise_seconds = _timed(lambda: fninfluence.pairwise_scores(work.model, work.task, factors, second_queries,
                                                                           work.train, **options), args.repeats)
-    results = {"workload": args.workload, "size": args.size, "examples": len(work.train),
+    results = {"workload": args.workload, "size": args.size, "empirical_fisher": args.empirical_fisher,
+               "examples": len(work.train),
                "queries": len(second_queries), "pairwise_seconds": pairwise_seconds, "ranks": []}
     print(f"{args.workload}/{args.size}: N={len(work.train)}, Q={len(second_queries)}; pairwise_scores "
           f"{pairwise_seconds:.2f} s", flush=True)
