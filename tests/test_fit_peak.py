@@ -146,3 +146,19 @@ def test_factors_stay_in_memory_when_no_temporary_file_can_be_written(monkeypatc
     kept, aside = set_aside(factors, passes)
     restored = aside.restore(kept)
     assert list(restored["a"]) == ["cov", "vec"] and restored["a"]["cov"] is factors["a"]["cov"]
+
+
+def test_second_moments_of_narrow_inputs_hold_no_wide_copy_of_them():
+    """KFAC/EKFAC's covariance of float32 inputs in float64: the column sums are taken a block of rows at a time,
+    so the float64 temporaries stay far below a float64 copy of the inputs (a conv layer's patches are the
+    largest tensor of a covariance pass), and the result equals the whole-tensor conversion's."""
+    from fninfluence.core.algebra import WIDE_SUM_ROWS, second_moment, wide_sum
+
+    x = torch.randn(6 * WIDE_SUM_ROWS + 5, 1, 64, generator=torch.Generator().manual_seed(0)) + 3.0
+    wide_copy = x.numel() * 8
+    result, peak = measure_peak(lambda: second_moment(x, torch.float64))
+    assert peak < 0.8 * wide_copy, (peak, wide_copy)  # the centred float32 copy (half of it) and small sums
+    torch.testing.assert_close(wide_sum(x, torch.float64), x.double().sum(0), rtol=1e-15, atol=0)
+    small = x[:WIDE_SUM_ROWS]
+    assert torch.equal(wide_sum(small, torch.float64), small.double().sum(0))  # one block: exactly as before
+    torch.testing.assert_close(result, torch.einsum("ngi,ngj->gij", x.double(), x.double()), rtol=1e-6, atol=0)

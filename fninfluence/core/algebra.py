@@ -327,6 +327,20 @@ def own_columns(matrices: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 # -- second moments (KFAC's covariance pass) -------------------------------------------------------
 
+WIDE_SUM_ROWS = 8192
+
+
+def wide_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.sum(0)`` in the wider ``dtype``, converting ``WIDE_SUM_ROWS`` rows at a time: a whole-tensor conversion
+    would hold a copy of ``x`` twice its size (a conv layer's patches: the largest tensor of a covariance pass).
+    Up to that many rows it is exactly ``x.to(dtype).sum(0)``."""
+    chunks = x.split(WIDE_SUM_ROWS)
+    total = chunks[0].to(dtype).sum(0)
+    for chunk in chunks[1:]:
+        total = total + chunk.to(dtype).sum(0)
+    return total
+
+
 def second_moment(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``sum_n x_n x_n^T`` per group (``x: [K, G, d]``), in ``dtype``, from a product in ``x.dtype``.
 
@@ -341,7 +355,7 @@ def second_moment(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if x.dtype == dtype:
         return torch.einsum("ngi,ngj->gij", x, x)
-    total = x.to(dtype).sum(0)  # [G, d]
+    total = wide_sum(x, dtype)  # [G, d]
     shift = (total / max(x.shape[0], 1)).to(x.dtype)
     centred = x - shift
     wide_shift = shift.to(dtype)
