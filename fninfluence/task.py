@@ -21,8 +21,9 @@ class Task:
 
     ``compute_train_loss`` must return the loss **summed** over the examples (and tokens) of the batch:
     per-example gradients are read off the gradient of that sum, so a mean would scale every score by
-    the batch size. With ``sample=True`` it must draw the labels from the model's own predictive
-    distribution (this gives the true Fisher); with ``sample=False`` it uses the labels in the batch.
+    the batch size. With ``sample=False`` it uses the labels in the batch (all that the default empirical-Fisher
+    fit asks for); with ``sample=True`` (``fit_factors(use_empirical_fisher=False)``, the true Fisher) it must draw
+    the labels from the model's own predictive distribution.
     """
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
