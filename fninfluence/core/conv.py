@@ -100,14 +100,40 @@ def example_grads(x: torch.Tensor, g: torch.Tensor, settings: ConvSettings) -> t
     padding = [before for before, _ in settings.padding] if symmetric else [0] * len(settings.kernel)
     x = x if symmetric else _padded(x, settings)  # the kernel pads symmetrically itself, without a copy
     grad_output = g.permute(0, 2, 3, 1).reshape(1, batch * groups * out, *spatial_out)
-    weight = x.new_empty((batch * groups * out, channels // groups, *settings.kernel))
-    _, grads, _ = torch.ops.aten.convolution_backward(
-        grad_output.contiguous(), x.reshape(1, batch * channels, *x.shape[2:]), weight, None, list(settings.stride),
-        padding, list(settings.dilation), False, [0] * len(settings.kernel), batch * groups, [False, True, False])
+    weight_shape = [batch * groups * out, channels // groups, *settings.kernel]
+    grads = _weight_grads(grad_output.contiguous(), x.reshape(1, batch * channels, *x.shape[2:]), weight_shape,
+                          list(settings.stride), padding, list(settings.dilation), batch * groups)
     grads = grads.reshape(batch, groups, out, -1)
     if settings.bias:
         grads = torch.cat([grads, g.sum(1)[..., None]], dim=-1)
     return grads
+
+
+def _weight_grads_eager(grad_output: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding, dilation,
+                        groups: int) -> torch.Tensor:
+    weight = x.new_empty(weight_shape)
+    return torch.ops.aten.convolution_backward(grad_output, x, weight, None, stride, padding, dilation, False,
+                                               [0] * len(stride), groups, [False, True, False])[1]
+
+
+@torch.library.custom_op("fninfluence::conv_weight_grads", mutates_args=())
+def _weight_grads_op(grad_output: torch.Tensor, x: torch.Tensor, weight_shape: list[int], stride: list[int],
+                     padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    # contiguous: the layout the fake below promises (a kernel may pick another, e.g. channels-last on a GPU)
+    return _weight_grads_eager(grad_output, x, weight_shape, stride, padding, dilation, groups).contiguous()
+
+
+@_weight_grads_op.register_fake
+def _(grad_output, x, weight_shape, stride, padding, dilation, groups):
+    return x.new_empty(weight_shape)
+
+
+def _weight_grads(grad_output, x, weight_shape, stride, padding, dilation, groups):
+    """The weight-gradient kernel; under ``torch.compile`` as an opaque op, so that inductor passes the batch-as-groups
+    views to it as they are instead of materialising its own copies of the input and output gradient."""
+    if torch.compiler.is_compiling():
+        return _weight_grads_op(grad_output.detach(), x.detach(), weight_shape, stride, padding, dilation, groups)
+    return _weight_grads_eager(grad_output, x, weight_shape, stride, padding, dilation, groups)
 
 
 def in_features(channels: int, settings: ConvSettings) -> int:
