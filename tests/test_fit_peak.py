@@ -147,6 +147,16 @@ def test_factors_stay_in_memory_when_no_temporary_file_can_be_written(monkeypatc
     restored = aside.restore(kept)
     assert list(restored["a"]) == ["cov", "vec"] and restored["a"]["cov"] is factors["a"]["cov"]
 
+    def full_disk(value, file):  # torch.save's zip writer reports a failed write as a RuntimeError
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(aside_module.torch, "save", full_disk)
+    kept, aside = set_aside(factors, passes)
+    assert aside.file is None
+    restored = aside.restore(kept)
+    assert list(restored["a"]) == ["cov", "vec"] and restored["a"]["cov"] is factors["a"]["cov"]
+
 
 def test_second_moments_of_narrow_inputs_hold_no_wide_copy_of_them():
     """KFAC/EKFAC's covariance of float32 inputs in float64: the column sums are taken a block of rows at a time,

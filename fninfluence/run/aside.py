@@ -33,7 +33,8 @@ class Aside:
                 self.file = tempfile.TemporaryFile()
                 torch.save(aside, self.file)
                 self.file.flush()
-            except OSError:  # no temporary directory to write to (or it is full): they stay where they are
+            except (OSError, RuntimeError):  # no temporary directory to write to, or it is full (torch.save's
+                # zip writer reports a failed write as a RuntimeError): they stay where they are
                 self.close()
                 self.moved = aside
         else:
