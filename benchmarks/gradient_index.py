@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.lds_options import _timed  # (result, median seconds)
+
 
 def _size_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "retrieval" not in p.parts)
@@ -100,15 +102,6 @@ def _digits(kind: str):
         train_x, train_y = torch.cat([train_x] + jittered), y[:1500].repeat(copies)
     return Workload(f"digits-{kind}", model, model, task, task, TensorDataset(train_x, train_y),
                     TensorDataset(x[1500:1532], y[1500:1532]), 100)
-
-
-def _timed(fn, repeats: int = 1):
-    times, result = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - started)
-    return result, statistics.median(times)
 
 
 def retrieval(work, factors, index, exact_scores: torch.Tensor, options, single: int = 8, dim: int = 512) -> dict:

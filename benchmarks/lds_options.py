@@ -300,7 +300,8 @@ def _scores(w: Workload, factors, options):
                                    curvature_batch_size=len(w.train_data), progress=False, **options)
 
 
-def _timed(function, repeats: int):
+def _timed(function, repeats: int = 1):
+    """``(the last result, the median seconds over repeats calls)``."""
     seconds, result = [], None
     for _ in range(repeats):
         started = time.perf_counter()
